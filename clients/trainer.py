@@ -1,0 +1,124 @@
+"""Local training and evaluation of the recommender on one node's sequences.
+
+The same loop serves a federated node (a few local epochs on the received
+global model) and the centralized baseline (one node that holds everything).
+Privacy is added by wrapping (``privacy.dp.make_private``), never inside the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from clients.sequences import Split, TrainDataset, eval_batches
+from federation.metrics import RankingMetrics, popularity_scores, ranks
+from federation.model import SASRec
+
+__all__ = [
+    "OptimConfig",
+    "make_optimizer",
+    "make_loader",
+    "train_epoch",
+    "evaluate",
+    "evaluate_popularity",
+    "seed_everything",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 128
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.batch_size < 1 or self.weight_decay < 0:
+            raise ValueError("need lr > 0, batch_size >= 1 and weight_decay >= 0")
+
+
+def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
+
+
+def make_loader(dataset: TrainDataset, batch_size: int, seed: int) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=g, drop_last=False)
+
+
+def train_epoch(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    *,
+    per_example_loss: bool = False,
+) -> dict[str, float]:
+    """One pass over ``loader``; returns mean loss, steps and examples seen.
+
+    ``per_example_loss`` asks the model for a (b,) loss and averages it here; Opacus's
+    ghost clipping wraps such a loss itself.
+    """
+    model.train()
+    total, steps, examples = 0.0, 0, 0
+    for inputs, targets in loader:
+        if len(inputs) == 0:  # Poisson sampling may draw an empty batch
+            continue
+        inputs, targets = (
+            inputs.to(device, non_blocking=True),
+            targets.to(device, non_blocking=True),
+        )
+        optimizer.zero_grad(set_to_none=True)
+        _, loss = model(inputs, targets, reduction="none" if per_example_loss else "mean")
+        if per_example_loss:
+            loss = loss.mean()
+        loss.backward()
+        optimizer.step()
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError("training loss is not finite; lower the learning rate")
+        total += loss.item()
+        steps += 1
+        examples += len(inputs)
+    return {"loss": total / max(steps, 1), "steps": steps, "examples": examples}
+
+
+@torch.no_grad()
+def evaluate(
+    model: SASRec,
+    split: Split,
+    which: str,
+    device: torch.device,
+    *,
+    batch_size: int = 256,
+    ks=(10,),
+) -> dict[str, float]:
+    """Full-ranking HR@K, NDCG@K, MRR on ``which`` in {valid, test}, seen items masked."""
+    model.eval()
+    m = RankingMetrics(ks)
+    for batch in eval_batches(split, which, model.config.max_len, batch_size):
+        scores = model.score_last(batch.inputs.to(device)).cpu()
+        m.update(ranks(scores, batch.targets, batch.seen))
+    return m.compute()
+
+
+def evaluate_popularity(split: Split, num_items: int, which: str, *, ks=(10,)) -> dict[str, float]:
+    """The popularity baseline (training counts), evaluated exactly like the model."""
+    counts = split.item_counts(num_items)
+    m = RankingMetrics(ks)
+    for batch in eval_batches(split, which, max_len=1, batch_size=512):
+        # max_len=1 keeps tensors small; `seen` still carries each user's full history.
+        m.update(ranks(popularity_scores(counts, len(batch.targets)), batch.targets, batch.seen))
+    return m.compute()
+
+
+def seed_everything(seed: int) -> None:
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

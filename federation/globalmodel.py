@@ -1,0 +1,93 @@
+"""Building the global model from config, and moving its weights in and out.
+
+Weights travel as a flat ``{name: ndarray}`` (a Flower ``ArrayRecord`` on the wire)
+and rest as safetensors. Frozen buffers (title embeddings) are rebuilt from the
+public catalog on each side and never travel.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+
+from federation.catalog import Catalog
+from federation.model import SASRec, SASRecConfig
+
+__all__ = [
+    "model_config",
+    "build_model",
+    "get_weights",
+    "set_weights",
+    "save_weights",
+    "load_weights",
+]
+
+log = logging.getLogger(__name__)
+
+
+def model_config(catalog: Catalog, model_cfg: dict[str, Any], max_len: int) -> SASRecConfig:
+    from federation.text import TEXT_DIM
+
+    return SASRecConfig(
+        num_items=catalog.num_items,
+        max_len=int(max_len),
+        hidden=int(model_cfg.get("hidden", 64)),
+        layers=int(model_cfg.get("layers", 2)),
+        heads=int(model_cfg.get("heads", 2)),
+        dropout=float(model_cfg.get("dropout", 0.2)),
+        attn_dropout=float(model_cfg.get("attn_dropout", model_cfg.get("dropout", 0.2))),
+        text_dim=TEXT_DIM if model_cfg.get("text", False) else 0,
+    )
+
+
+def build_model(
+    catalog: Catalog,
+    model_cfg: dict[str, Any],
+    max_len: int,
+    *,
+    seed: int = 0,
+    text_cache: str | Path | None = None,
+) -> SASRec:
+    """A freshly initialised model (deterministic in ``seed``) sized by the catalog."""
+    cfg = model_config(catalog, model_cfg, max_len)
+    text = None
+    if cfg.text_dim:
+        from federation.text import title_embeddings
+
+        text = title_embeddings(catalog.title, cache=text_cache)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return SASRec(cfg, text_embeddings=text)
+
+
+def get_weights(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """Trainable state as float32 NumPy arrays (CPU copies), in a stable order."""
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def set_weights(model: torch.nn.Module, weights: dict[str, np.ndarray]) -> None:
+    """Load ``weights`` strictly: a missing, extra or mis-shaped tensor is an error."""
+    state = model.state_dict()
+    if set(state) != set(weights):
+        missing, extra = sorted(set(state) - set(weights)), sorted(set(weights) - set(state))
+        raise ValueError(f"weights do not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    for k, v in weights.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise ValueError(f"weight {k!r} has shape {tuple(v.shape)}, the model expects {tuple(state[k].shape)}")
+    model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in weights.items()})
+
+
+def save_weights(weights: dict[str, np.ndarray], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, str(path), metadata=metadata)
+    return path
+
+
+def load_weights(path: str | Path) -> dict[str, np.ndarray]:
+    return load_file(str(path))

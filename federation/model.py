@@ -1,0 +1,150 @@
+"""The global model: a SASRec-style next-item transformer from ``transformers`` BERT blocks.
+
+Item-ID embeddings (optionally plus projected, frozen all-MiniLM-L6-v2 title
+embeddings) go through causal BERT layers; an ``nn.Linear`` head scores every
+item of the catalog; the loss is full-softmax cross-entropy at every position.
+
+Made to run under Opacus as it stands (see DESIGN.md):
+
+* ``position_ids``/``token_type_ids`` are materialised per example (``repeat``,
+  not ``expand``), otherwise Opacus fails with "stack expects each tensor to be
+  equal size";
+* logits come from an ``nn.Linear`` head, never ``h @ emb.weight.T``, so every
+  parameter's gradient passes through Opacus's per-sample hooks and clipping;
+* ``forward(..., reduction="none")`` gives one loss per example (per user), which
+  ghost clipping needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BertConfig, BertModel
+
+__all__ = ["SASRecConfig", "SASRec"]
+
+
+@dataclass
+class SASRecConfig:
+    num_items: int  # real items; index 0 is padding
+    max_len: int = 50
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 2
+    dropout: float = 0.2
+    attn_dropout: float = 0.2
+    text_dim: int = 0  # >0: add projected frozen title embeddings of this width
+
+    def __post_init__(self) -> None:
+        if self.num_items < 1:
+            raise ValueError("num_items must be >= 1")
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+        if self.max_len < 2:
+            raise ValueError("max_len must be >= 2")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class SASRec(nn.Module):
+    def __init__(self, config: SASRecConfig, text_embeddings: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.item_emb = nn.Embedding(c.num_items + 1, c.hidden, padding_idx=0)
+        if c.text_dim:
+            if text_embeddings is None or text_embeddings.shape != (c.num_items + 1, c.text_dim):
+                raise ValueError(
+                    f"text_dim={c.text_dim} needs text_embeddings of shape ({c.num_items + 1}, {c.text_dim})"
+                )
+            # Frozen and not a parameter: never trained, never sent over the wire.
+            self.register_buffer("text_emb", text_embeddings.float(), persistent=False)
+            self.text_proj = nn.Linear(c.text_dim, c.hidden)
+        bert_cfg = BertConfig(
+            vocab_size=1,  # unused: we feed inputs_embeds
+            hidden_size=c.hidden,
+            num_hidden_layers=c.layers,
+            num_attention_heads=c.heads,
+            intermediate_size=4 * c.hidden,
+            hidden_dropout_prob=c.dropout,
+            attention_probs_dropout_prob=c.attn_dropout,
+            max_position_embeddings=c.max_len,
+            type_vocab_size=1,
+            is_decoder=True,  # causal self-attention
+            use_cache=False,
+        )
+        self.encoder = BertModel(bert_cfg, add_pooling_layer=False)
+        self.head = nn.Linear(c.hidden, c.num_items + 1)
+        nn.init.normal_(self.item_emb.weight, std=0.02)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+
+    def hidden_states(self, seq: torch.Tensor) -> torch.Tensor:
+        """(b, t) item indices, left-padded with 0 -> (b, t, d) causal states."""
+        b, t = seq.shape
+        x = self.item_emb(seq)  # (b, t, d)
+        if self.config.text_dim:
+            x = x + self.text_proj(self.text_emb[seq])  # (b, t, d)
+        pos = torch.arange(t, device=seq.device).repeat(b, 1)  # (b, t), materialised for Opacus
+        token_type = torch.zeros_like(seq)  # (b, t)
+        mask = (seq > 0).long()  # (b, t), pads neither attend nor are attended
+        return self.encoder(
+            inputs_embeds=x, attention_mask=mask, position_ids=pos, token_type_ids=token_type
+        ).last_hidden_state
+
+    def forward(
+        self, seq: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scores for the next item at every position, and the loss if ``targets`` is given.
+
+        Parameters
+        ----------
+        seq : (b, t) long
+        targets : (b, t) long, 0 where there is nothing to predict
+        reduction : "mean" (mean over all target positions) or "none" (one loss per
+            example: mean over that example's positions, shape (b,))
+
+        Returns
+        -------
+        logits : (b, t, num_items + 1), padding column forced to -inf, without targets;
+            (b, t, num_items + 1) with ``reduction="none"``; (positions with a target,
+            num_items + 1) with ``reduction="mean"``
+        loss : scalar, (b,), or None
+        """
+        h = self.hidden_states(seq)  # (b, t, d)
+        if targets is None:
+            logits = self.head(h)  # (b, t, n + 1)
+            return logits.masked_fill(_pad_column(logits), float("-inf")), None
+        # The padding column stays in the softmax: no target is 0, so training simply
+        # pushes it down, and we avoid a masked copy of the largest tensor.
+        if reduction == "mean":
+            # Score only positions with a target: pads are half or more of a batch. Not
+            # used under DP, where Opacus needs every activation to keep its batch dimension.
+            valid = targets > 0  # (b, t)
+            logits = self.head(h[valid])  # (v, n + 1)
+            return logits, F.cross_entropy(logits, targets[valid])
+        if reduction != "none":
+            raise ValueError(f"reduction must be 'mean' or 'none', not {reduction!r}")
+        b, t = targets.shape
+        logits = self.head(h)  # (b, t, n + 1)
+        ce = F.cross_entropy(logits.view(b * t, -1), targets.view(-1), ignore_index=0, reduction="none")
+        valid = (targets > 0).float()  # (b, t)
+        return logits, (ce.view(b, t) * valid).sum(1) / valid.sum(1).clamp(min=1)  # (b,)
+
+    @torch.no_grad()
+    def score_last(self, seq: torch.Tensor) -> torch.Tensor:
+        """(b, t) histories -> (b, n + 1) scores for the next item after the last position."""
+        h = self.hidden_states(seq)[:, -1]  # (b, d): left padding puts the newest item last
+        scores = self.head(h)
+        scores[:, 0] = float("-inf")
+        return scores
+
+
+def _pad_column(logits: torch.Tensor) -> torch.Tensor:
+    mask = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    mask[0] = True
+    return mask

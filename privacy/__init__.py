@@ -1,0 +1,1 @@
+"""fedmart: privacy."""
