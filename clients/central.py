@@ -176,8 +176,9 @@ def format_summary(summary: dict[str, Any]) -> str:
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from federation.console import console
+    from federation.console import console, quiet_third_party_logs
 
+    quiet_third_party_logs()
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     summary = run_central(cfg, out_dir)
     console.print(format_summary(summary))

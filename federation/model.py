@@ -78,6 +78,9 @@ class SASRec(nn.Module):
             use_cache=False,
         )
         self.encoder = BertModel(bert_cfg, add_pooling_layer=False)
+        # Unused (we feed inputs_embeds): frozen, because a trainable parameter that never
+        # gets a gradient has no per-sample gradient either and Opacus's optimizer rejects it.
+        self.encoder.embeddings.word_embeddings.weight.requires_grad_(False)
         self.head = nn.Linear(c.hidden, c.num_items + 1)
         nn.init.normal_(self.item_emb.weight, std=0.02)
         with torch.no_grad():

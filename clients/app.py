@@ -1,0 +1,146 @@
+"""The node's ClientApp (Flower Message API). This file only wires; the work is in
+:mod:`clients.node` (data) and :mod:`clients.trainer` (training and evaluation).
+
+* ``train``: load the received global weights, fine-tune for ``local_epochs`` on the
+  node's own sequences, reply with the new weights and the number of users trained;
+* ``evaluate``: score the global model on the node's held-out items (leave-one-out);
+* ``query.hello``: tell the coordinator the node's name and how much data it has.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients.node import NodeData, NodeRefused, load_node, model_skeleton
+from clients.trainer import OptimConfig, evaluate, make_loader, make_optimizer, seed_everything, train_epoch
+from federation import wire
+from federation.device import select_device
+from federation.globalmodel import get_weights, set_weights
+from federation.runconfig import unflatten
+
+__all__ = ["app", "build_client_app"]
+
+log = logging.getLogger(__name__)
+
+
+def _settings(context: Context, fixed: dict[str, Any] | None) -> dict[str, Any]:
+    return unflatten(fixed if fixed is not None else dict(context.run_config))
+
+
+def arrays_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def numpy_to_arrays(weights: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
+
+
+def round_seed(seed: int, server_round: int, node_name: str) -> int:
+    """Per (run seed, round, node) seed: a resumed run repeats the same local training."""
+    digest = hashlib.sha256(f"{seed}:{server_round}:{node_name}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def _node(context: Context, settings: dict[str, Any]) -> NodeData:
+    return load_node(dict(context.node_config), settings)
+
+
+def local_train(msg: Message, context: Context, settings: dict[str, Any]) -> Message:
+    t0 = time.perf_counter()
+    node = _node(context, settings)
+    cfg = msg.content[wire.CONFIG]
+    server_round = int(cfg[wire.SERVER_ROUND])
+    fed, data_cfg = settings["federation"], settings["data"]
+    device = select_device(str(settings.get("device", "auto")))
+    seed = round_seed(int(settings.get("seed", 0)), server_round, node.name)
+    seed_everything(seed)
+    model = model_skeleton(node, settings["model"], int(data_cfg["max_len"]))
+    set_weights(model, arrays_to_numpy(msg.content[wire.ARRAYS]))
+    model.to(device)
+    dataset = node.train_dataset(int(data_cfg["max_len"]))
+    optim = OptimConfig(**settings["train"])
+    opt = make_optimizer(model, optim)
+    loader = make_loader(dataset, optim.batch_size, seed)
+    t_setup = time.perf_counter() - t0
+    losses, steps = [], 0
+    for _ in range(int(fed["local_epochs"])):
+        stats = train_epoch(model, loader, opt, device)
+        losses.append(stats["loss"])
+        steps += stats["steps"]
+    t_train = time.perf_counter() - t0 - t_setup
+    metrics = {
+        wire.NUM_EXAMPLES: len(dataset),
+        "train_loss": float(np.mean(losses)) if losses else 0.0,
+        "steps": steps,
+        "train_seconds": t_train,
+        "setup_seconds": t_setup,
+    }
+    content = RecordDict({wire.ARRAYS: numpy_to_arrays(get_weights(model)), wire.METRICS: MetricRecord(metrics)})
+    return Message(content, reply_to=msg)
+
+
+def local_evaluate(msg: Message, context: Context, settings: dict[str, Any]) -> Message:
+    node = _node(context, settings)
+    device = select_device(str(settings.get("device", "auto")))
+    model = model_skeleton(node, settings["model"], int(settings["data"]["max_len"]))
+    set_weights(model, arrays_to_numpy(msg.content[wire.ARRAYS]))
+    model.to(device)
+    val = evaluate(model, node.split, "valid", device)
+    test = evaluate(model, node.split, "test", device)
+    metrics = {
+        wire.NUM_EXAMPLES: int(test["users"]),
+        "valid_ndcg@10": val["ndcg@10"],
+        "valid_hr@10": val["hr@10"],
+        "test_ndcg@10": test["ndcg@10"],
+        "test_hr@10": test["hr@10"],
+    }
+    return Message(RecordDict({wire.METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+
+def hello(msg: Message, context: Context, settings: dict[str, Any]) -> Message:
+    node = _node(context, settings)
+    info = ConfigRecord(
+        {
+            "name": node.name,
+            "dataset-id": node.dataset_id,
+            "users": int(node.interactions.num_users),
+            "events": int(len(node.interactions)),
+            "catalog-version": node.catalog.version,
+        }
+    )
+    return Message(RecordDict({"node": info}), reply_to=msg)
+
+
+def _guarded(handler, fixed: dict[str, Any] | None):
+    """Turn a node's refusal (bad data) into a machine-readable error reply, not a crash."""
+
+    def run(msg: Message, context: Context) -> Message:
+        settings = _settings(context, fixed)
+        try:
+            return handler(msg, context, settings)
+        except NodeRefused as exc:
+            log.error("node refuses to take part: %s", exc)
+            return Message(Error(code=wire.ERR_BAD_DATA, reason=str(exc)), reply_to=msg)
+
+    return run
+
+
+def build_client_app(fixed_run_config: dict[str, Any] | None = None) -> ClientApp:
+    """The ClientApp; ``fixed_run_config`` replaces ``context.run_config`` (in-process simulation)."""
+    client_app = ClientApp()
+    client_app.train()(_guarded(local_train, fixed_run_config))
+    client_app.evaluate()(_guarded(local_evaluate, fixed_run_config))
+    client_app.query("hello")(_guarded(hello, fixed_run_config))
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    return client_app
+
+
+app = build_client_app()

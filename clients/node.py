@@ -1,0 +1,160 @@
+"""A node's private side: where its data lives, its split, its cached model skeleton.
+
+Where a node's data comes from, in order:
+
+1. ``node_config["data-dir"]`` — a real deployment (``fedmart node --data DIR``);
+   the node's own interactions file is validated against the catalog there and
+   only clean rows are ever used (the report sits in ``DIR/.fedmart/``);
+2. ``run_config["sim.nodes-dir"]`` + ``node_config["partition-id"]`` — ``fedmart simulate``
+   wrote each simulated node's partition to its own directory before the run;
+3. neither (``flwr run .`` with no data prepared): the built-in synthetic data,
+   generated from the run's seed on the node itself and partitioned the same
+   way, so the app runs out of the box on any Flower runtime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clients.interactions import DataError, Interactions, read_table
+from clients.sequences import Split, TrainDataset, build_sequences, leave_one_out
+from clients.validation import validate, write_report
+from federation.catalog import Catalog
+from federation.globalmodel import build_model
+from federation.model import SASRec
+
+__all__ = ["NodeData", "NODE_DIR_NAME", "load_node", "node_dir_for", "write_node_dir", "NodeRefused"]
+
+log = logging.getLogger(__name__)
+
+NODE_DIR_NAME = "node-{pid:04d}"
+_INTERACTIONS_FILES = ("interactions.parquet", "interactions.csv")
+
+
+class NodeRefused(DataError):
+    """The node's data failed validation; it does not take part (the report says why)."""
+
+
+@dataclass
+class NodeData:
+    name: str
+    directory: Path | None
+    catalog: Catalog
+    interactions: Interactions
+    split: Split
+    dataset_id: str  # content hash: the privacy ledger is per dataset
+    report: dict | None = None
+
+    def train_dataset(self, max_len: int) -> TrainDataset:
+        return TrainDataset(self.split.train, max_len)
+
+    @property
+    def state_dir(self) -> Path:
+        """Node-private state (privacy ledger, ...): never on the coordinator."""
+        base = self.directory if self.directory is not None else Path(".fedmart-node") / self.name
+        path = base / ".fedmart"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def _dataset_id(inter: Interactions) -> str:
+    h = hashlib.sha256()
+    for arr in (inter.user, inter.item, inter.timestamp):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    h.update("\n".join(inter.user_ids.astype(str).tolist()).encode())
+    return h.hexdigest()[:16]
+
+
+def _make(name: str, directory: Path | None, catalog: Catalog, inter: Interactions, report=None) -> NodeData:
+    split = leave_one_out(build_sequences(inter))
+    return NodeData(name, directory, catalog, inter, split, _dataset_id(inter), report)
+
+
+def write_node_dir(directory: Path, name: str, catalog_path: Path, inter: Interactions) -> Path:
+    """Simulation: write one node's (already validated) partition."""
+    directory.mkdir(parents=True, exist_ok=True)
+    inter.save(directory / "interactions.npz")
+    (directory / "node.json").write_text(json.dumps({"name": name, "catalog": str(catalog_path)}) + "\n")
+    return directory
+
+
+def node_dir_for(nodes_dir: str | Path, partition_id: int) -> Path:
+    return Path(nodes_dir) / NODE_DIR_NAME.format(pid=int(partition_id))
+
+
+@lru_cache(maxsize=8)
+def _load_dir(directory: str, catalog_path: str | None, name: str | None, max_quarantine: float) -> NodeData:
+    d = Path(directory)
+    meta = json.loads((d / "node.json").read_text()) if (d / "node.json").is_file() else {}
+    catalog_file = catalog_path or meta.get("catalog") or str(d / "catalog.parquet")
+    catalog = Catalog.load(catalog_file)
+    node_name = name or meta.get("name") or d.name
+    if (d / "interactions.npz").is_file():  # written by `fedmart simulate`, validated there
+        return _make(node_name, d, catalog, Interactions.load(d / "interactions.npz"))
+    raw = next((d / f for f in _INTERACTIONS_FILES if (d / f).is_file()), None)
+    if raw is None:
+        raise DataError(f"{d}: no interactions file; put interactions.parquet or interactions.csv there")
+    result = validate(read_table(raw), catalog, source=str(raw))
+    write_report(result, d / ".fedmart" / "validation")
+    bad = result.report["rows_quarantined"] / max(result.report["rows_in"], 1)
+    if bad > max_quarantine or result.report["rows_clean"] == 0:
+        problems = ", ".join(f"{k}={v['count']}" for k, v in result.report["problems"].items())
+        raise NodeRefused(
+            f"{raw}: {result.report['rows_quarantined']} of {result.report['rows_in']} rows failed validation "
+            f"({problems}); see {d / '.fedmart' / 'validation' / 'report.json'} and fix the data"
+        )
+    return _make(node_name, d, catalog, result.interactions, result.report)
+
+
+@lru_cache(maxsize=4)
+def _builtin(settings_json: str, partition_id: int) -> NodeData:
+    from clients.datasets import DataConfig, load_dataset
+    from clients.partition import PartitionConfig, partition
+
+    settings = json.loads(settings_json)
+    data = load_dataset(DataConfig(**settings["data"]))
+    part = partition(data.interactions, data.catalog, PartitionConfig(**settings["partition"]))
+    if not 0 <= partition_id < len(part):
+        raise DataError(
+            f"partition-id {partition_id} is out of range: the built-in data has {len(part)} "
+            f"{settings['partition']['scheme']} silos; run with num-supernodes={len(part)}"
+        )
+    inter = data.interactions.take(part.rows[partition_id])
+    return _make(part.names[partition_id], None, data.catalog, inter)
+
+
+def load_node(node_config: dict[str, Any], settings: dict[str, Any]) -> NodeData:
+    """Resolve and load this node's data (cached per process)."""
+    if node_config.get("data-dir"):
+        return _load_dir(
+            str(node_config["data-dir"]),
+            node_config.get("catalog") or None,
+            node_config.get("name") or None,
+            float(node_config.get("max-quarantine-fraction", 0.0)),
+        )
+    pid = int(node_config.get("partition-id", 0))
+    sim = settings.get("sim") or {}
+    if sim.get("nodes-dir"):
+        return _load_dir(str(node_dir_for(sim["nodes-dir"], pid)), None, None, 0.0)
+    builtin = {"data": settings["data"], "partition": settings["partition"]}
+    return _builtin(json.dumps(builtin, sort_keys=True), pid)
+
+
+_MODELS: dict[tuple, SASRec] = {}
+
+
+def model_skeleton(node: NodeData, model_cfg: dict[str, Any], max_len: int) -> SASRec:
+    """A model of the right shape, reused across rounds in this process (weights are overwritten)."""
+    key = (node.catalog.version, json.dumps(model_cfg, sort_keys=True), int(max_len))
+    if key not in _MODELS:
+        cache = node.state_dir / f"title_emb-{node.catalog.version}.npy"
+        _MODELS[key] = build_model(node.catalog, model_cfg, max_len, text_cache=cache)
+    return _MODELS[key]

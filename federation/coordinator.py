@@ -1,0 +1,304 @@
+"""The coordinator's round loop over any ``flwr.serverapp.strategy`` strategy.
+
+Flower's ``Strategy.start`` runs rounds but offers no place to persist a round,
+resume after a crash, or tell a declined node from a failed one. This loop calls
+the same strategy methods (``configure_train``, ``aggregate_train``,
+``configure_evaluate``, ``aggregate_evaluate``) and adds, per round:
+
+* deterministic sampling: ``random`` is seeded from (seed, round) and the strategy
+  sees nodes sorted by name, so a resumed run samples exactly as an uninterrupted one;
+* reply triage: replied / declined (privacy budget) / failed / timed out / rejected
+  (malformed update: NaN or Inf, wrong keys, shape or dtype);
+* listeners that persist the round (metrics, checkpoint, registry, audit, display).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from federation import wire
+
+__all__ = ["Coordinator", "RoundRecord", "RoundListener", "NodeInfo", "validate_update", "discover_nodes"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NodeInfo:
+    node_id: int
+    name: str
+    dataset_id: str = ""
+    users: int = 0
+    events: int = 0
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    sampled: list[str] = field(default_factory=list)
+    replied: list[str] = field(default_factory=list)
+    declined: dict[str, str] = field(default_factory=dict)  # node -> reason
+    failed: dict[str, str] = field(default_factory=dict)
+    timed_out: list[str] = field(default_factory=list)
+    rejected: dict[str, str] = field(default_factory=dict)
+    train_metrics: dict[str, float] = field(default_factory=dict)
+    node_metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # per replied node
+    federated_eval: dict[str, float] = field(default_factory=dict)
+    central_eval: dict[str, float] = field(default_factory=dict)
+    aggregated: bool = False
+    abort_reason: str = ""
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class RoundListener(Protocol):
+    def on_round_end(self, record: RoundRecord, arrays: ArrayRecord, strategy: Strategy) -> None: ...
+
+
+class _SortedGrid:
+    """A view of the grid whose node list is the known nodes, sorted by name."""
+
+    def __init__(self, grid: Grid, ordered_ids: list[int]) -> None:
+        self._grid = grid
+        self._ids = ordered_ids
+
+    def get_node_ids(self) -> list[int]:
+        live = set(self._grid.get_node_ids())
+        return [i for i in self._ids if i in live]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+def discover_nodes(grid: Grid, *, expected: int, timeout: float, wait: float = 120.0) -> dict[int, NodeInfo]:
+    """Wait for ``expected`` nodes, then ask each for its name and data summary.
+
+    A node whose reply is an error (e.g. it refused to join over bad data) is left out.
+    """
+    t0 = time.time()
+    while len(ids := list(grid.get_node_ids())) < expected and time.time() - t0 < wait:
+        time.sleep(0.5)
+    msgs = [
+        Message(RecordDict({wire.CONFIG: ConfigRecord({"q": "hello"})}), message_type=wire.QUERY_HELLO, dst_node_id=i)
+        for i in ids
+    ]
+    nodes: dict[int, NodeInfo] = {}
+    for reply in grid.send_and_receive(msgs, timeout=timeout):
+        src = reply.metadata.src_node_id
+        if reply.has_error():
+            log.warning("node %s did not join: %s", src, reply.error.reason)
+            continue
+        info = reply.content["node"]
+        nodes[src] = NodeInfo(
+            node_id=src,
+            name=str(info["name"]),
+            dataset_id=str(info["dataset-id"]),
+            users=int(info["users"]),
+            events=int(info["events"]),
+        )
+    return nodes
+
+
+def validate_update(arrays: ArrayRecord, reference: ArrayRecord, *, max_abs: float = 1e6) -> str:
+    """Return "" for an acceptable update, else why it is rejected."""
+    if set(arrays.keys()) != set(reference.keys()):
+        return "wrong parameter names"
+    for k, ref in reference.items():
+        a = arrays[k]
+        if tuple(a.shape) != tuple(ref.shape):
+            return f"wrong shape for {k}: {tuple(a.shape)} != {tuple(ref.shape)}"
+        if a.dtype != ref.dtype:
+            return f"wrong dtype for {k}: {a.dtype} != {ref.dtype}"
+        v = a.numpy()
+        if not np.isfinite(v).all():
+            return f"non-finite values in {k}"
+        if np.abs(v).max(initial=0.0) > max_abs:
+            return f"values out of range in {k}"
+    return ""
+
+
+def _round_seed(seed: int, server_round: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"sample:{seed}:{server_round}".encode()).digest()[:8], "little")
+
+
+class Coordinator:
+    """Runs rounds ``start_round..num_rounds`` of ``strategy`` over ``grid``.
+
+    Parameters
+    ----------
+    strategy
+        Any Message-API strategy (possibly wrapped, e.g. by secure aggregation).
+    grid
+        Flower's grid (simulation or deployment).
+    nodes
+        Known nodes (from :func:`discover_nodes`), used for names and ordering.
+    num_rounds, round_timeout, seed, eval_every
+        Round plan. ``round_timeout`` bounds each ``send_and_receive``.
+    train_config
+        Extra entries for every round's training ConfigRecord.
+    central_eval
+        Optional ``(round, arrays) -> metrics`` (simulation: the pooled test split).
+    listeners
+        Called after every completed round, in order.
+    """
+
+    def __init__(
+        self,
+        *,
+        strategy: Strategy,
+        grid: Grid,
+        nodes: dict[int, NodeInfo],
+        num_rounds: int,
+        round_timeout: float,
+        seed: int,
+        eval_every: int = 1,
+        train_config: dict[str, Any] | None = None,
+        central_eval: Callable[[int, ArrayRecord], dict[str, float]] | None = None,
+        listeners: Iterable[RoundListener] = (),
+    ) -> None:
+        if num_rounds < 1:
+            raise ValueError("num_rounds must be >= 1")
+        if round_timeout <= 0:
+            raise ValueError("round_timeout must be > 0")
+        self.strategy = strategy
+        self.nodes = nodes
+        order = sorted(nodes, key=lambda i: nodes[i].name)
+        self.grid = _SortedGrid(grid, order)
+        self.num_rounds = num_rounds
+        self.round_timeout = round_timeout
+        self.seed = seed
+        self.eval_every = max(1, eval_every)
+        self.train_config = dict(train_config or {})
+        self.central_eval = central_eval
+        self.listeners = list(listeners)
+
+    def _name(self, node_id: int) -> str:
+        info = self.nodes.get(node_id)
+        return info.name if info else f"node-{node_id}"
+
+    def _triage(self, record: RoundRecord, sent: list[Message], replies: Iterable[Message], reference: ArrayRecord):
+        valid: list[Message] = []
+        seen = set()
+        for r in replies:
+            src = r.metadata.src_node_id
+            seen.add(src)
+            name = self._name(src)
+            if r.has_error():
+                if r.error.code == wire.ERR_DECLINED:
+                    record.declined[name] = r.error.reason or ""
+                else:
+                    record.failed[name] = (r.error.reason or f"error code {r.error.code}").splitlines()[-1][:300]
+                continue
+            if wire.ARRAYS in r.content.array_records:
+                why = validate_update(r.content[wire.ARRAYS], reference)
+                if why:
+                    record.rejected[name] = why
+                    log.warning("round %d: rejected update from %s: %s", record.round, name, why)
+                    continue
+            record.replied.append(name)
+            if wire.METRICS in r.content.metric_records:
+                record.node_metrics[name] = {
+                    k: float(v) for k, v in r.content[wire.METRICS].items() if isinstance(v, (int, float))
+                }
+            valid.append(r)
+        record.timed_out = [self._name(m.metadata.dst_node_id) for m in sent if m.metadata.dst_node_id not in seen]
+        return valid
+
+    def run_round(self, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, RoundRecord]:
+        record = RoundRecord(round=server_round)
+        t0 = time.perf_counter()
+        random.seed(_round_seed(self.seed, server_round))
+        config = ConfigRecord({**self.train_config, wire.SERVER_ROUND: server_round})
+        messages = list(self.strategy.configure_train(server_round, arrays, config, self.grid))
+        record.sampled = [self._name(m.metadata.dst_node_id) for m in messages]
+        t1 = time.perf_counter()
+        replies = list(self.grid.send_and_receive(messages, timeout=self.round_timeout)) if messages else []
+        t2 = time.perf_counter()
+        valid = self._triage(record, messages, replies, arrays)
+        new_arrays, train_metrics = (None, None)
+        if valid:
+            new_arrays, train_metrics = self.strategy.aggregate_train(server_round, valid)
+        if new_arrays is None:
+            record.abort_reason = getattr(self.strategy, "last_abort_reason", "") or (
+                "no valid update" if not valid else "aggregation returned nothing"
+            )
+            log.warning("round %d: no aggregate (%s); the global model is unchanged", server_round, record.abort_reason)
+            new_arrays = arrays
+        else:
+            record.aggregated = True
+        record.train_metrics = {k: float(v) for k, v in (train_metrics or {}).items() if isinstance(v, (int, float))}
+        t3 = time.perf_counter()
+        if server_round % self.eval_every == 0 or server_round == self.num_rounds:
+            eval_msgs = list(self.strategy.configure_evaluate(server_round, new_arrays, ConfigRecord(), self.grid))
+            eval_replies = [
+                r
+                for r in self.grid.send_and_receive(eval_msgs, timeout=self.round_timeout)
+                if not r.has_error() and wire.METRICS in r.content.metric_records
+            ]
+            agg = self.strategy.aggregate_evaluate(server_round, eval_replies) if eval_replies else None
+            record.federated_eval = {k: float(v) for k, v in (agg or {}).items() if isinstance(v, (int, float))}
+        t4 = time.perf_counter()
+        if self.central_eval is not None and (server_round % self.eval_every == 0 or server_round == self.num_rounds):
+            record.central_eval = self.central_eval(server_round, new_arrays)
+        t5 = time.perf_counter()
+        record.seconds = {
+            "configure": t1 - t0,
+            "train_exchange": t2 - t1,
+            "aggregate": t3 - t2,
+            "federated_eval": t4 - t3,
+            "central_eval": t5 - t4,
+            "total": t5 - t0,
+        }
+        return new_arrays, record
+
+    def run(self, arrays: ArrayRecord, start_round: int = 1) -> ArrayRecord:
+        for server_round in range(start_round, self.num_rounds + 1):
+            arrays, record = self.run_round(server_round, arrays)
+            for listener in self.listeners:
+                listener.on_round_end(record, arrays, self.strategy)
+        return arrays
+
+
+def strategy_state(strategy: Strategy) -> dict[str, Any]:
+    """Server-optimizer state worth checkpointing (FedOpt's moments), following wrappers."""
+    state: dict[str, Any] = {}
+    obj, depth = strategy, 0
+    while obj is not None and depth < 5:
+        for attr in ("m_t", "v_t"):
+            if getattr(obj, attr, None) is not None:
+                state[f"{depth}.{attr}"] = getattr(obj, attr)
+        obj = getattr(obj, "inner", None) or getattr(obj, "strategy", None)
+        depth += 1
+    return state
+
+
+def load_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
+    obj, depth = strategy, 0
+    while obj is not None and depth < 5:
+        for attr in ("m_t", "v_t"):
+            key = f"{depth}.{attr}"
+            if key in state:
+                setattr(obj, attr, state[key])
+        obj = getattr(obj, "inner", None) or getattr(obj, "strategy", None)
+        depth += 1
+
+
+def dumps_record(record: RoundRecord) -> str:
+    return json.dumps(record.to_json(), sort_keys=True)
+
+
+_ = MessageType  # re-exported for callers building custom messages

@@ -1,0 +1,200 @@
+"""The coordinator's work: build the strategy and the initial model, run the rounds, write the run.
+
+``federation/app.py`` only wires this into a Flower ``ServerApp``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, Strategy
+
+from federation.catalog import Catalog
+from federation.coordinator import Coordinator, RoundRecord, discover_nodes
+from federation.device import select_device
+from federation.globalmodel import build_model, get_weights, set_weights
+from federation.outputs import (
+    Checkpointer,
+    MetricsWriter,
+    RunDir,
+    from_arrays,
+    load_checkpoint,
+    plot_metrics,
+    to_arrays,
+    write_report,
+)
+
+__all__ = ["make_strategy", "run_server", "CentralEvaluator"]
+
+log = logging.getLogger(__name__)
+
+
+def make_strategy(fed: dict[str, Any], num_nodes: int) -> Strategy:
+    """FedAvg or FedAdam from the ``federation`` config group."""
+    common = {
+        "fraction_train": float(fed.get("fraction_train", 1.0)),
+        "fraction_evaluate": float(fed.get("fraction_evaluate", 1.0)),
+        "min_train_nodes": min(int(fed.get("min_train_nodes", 2)), num_nodes),
+        "min_evaluate_nodes": min(int(fed.get("min_evaluate_nodes", 2)), num_nodes),
+        "min_available_nodes": min(int(fed.get("min_available_nodes", 2)), num_nodes),
+    }
+    name = str(fed.get("strategy", "fedavg")).lower()
+    if name == "fedavg":
+        return FedAvg(**common)
+    if name == "fedadam":
+        return FedAdam(
+            **common,
+            eta=float(fed.get("eta", 0.01)),
+            eta_l=float(fed.get("eta_l", 0.001)),
+            beta_1=float(fed.get("beta_1", 0.9)),
+            beta_2=float(fed.get("beta_2", 0.99)),
+            tau=float(fed.get("tau", 1e-3)),
+        )
+    raise ValueError(f"federation.strategy must be fedavg or fedadam, not {name!r}")
+
+
+class CentralEvaluator:
+    """Simulation only: evaluates the global model on the pooled leave-one-out split.
+
+    This is the same split and the same metrics as the centralized baseline, so the
+    two are directly comparable. A real coordinator never holds this data.
+    """
+
+    def __init__(self, catalog: Catalog, data_path: Path, settings: dict[str, Any]) -> None:
+        from clients.interactions import Interactions
+        from clients.sequences import build_sequences, leave_one_out
+
+        self.split = leave_one_out(build_sequences(Interactions.load(data_path)))
+        self.max_len = int(settings["data"]["max_len"])
+        self.model = build_model(catalog, settings["model"], self.max_len)
+        self.device = select_device(str(settings.get("device", "auto")))
+        self.max_users = int(settings["federation"].get("central_eval_users", 0) or 0)
+        if self.max_users and self.max_users < len(self.split.eval_users):
+            # A fixed random subset keeps evaluation cheap on big synthetic data.
+            keep = np.random.default_rng(0).choice(self.split.eval_users, self.max_users, replace=False)
+            mask = np.zeros_like(self.split.test_target, dtype=bool)
+            mask[keep] = True
+            self.split.valid_target = np.where(mask, self.split.valid_target, 0)
+            self.split.test_target = np.where(mask, self.split.test_target, 0)
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> dict[str, float]:
+        from clients.trainer import evaluate
+
+        set_weights(self.model, from_arrays(arrays))
+        self.model.to(self.device)
+        val = evaluate(self.model, self.split, "valid", self.device)
+        test = evaluate(self.model, self.split, "test", self.device)
+        return {
+            "valid_ndcg@10": val["ndcg@10"],
+            "valid_hr@10": val["hr@10"],
+            "test_ndcg@10": test["ndcg@10"],
+            "test_hr@10": test["hr@10"],
+            "test_mrr": test["mrr"],
+            "users": test["users"],
+        }
+
+
+class ProgressLine:
+    """One summary line per round: the log, and the live display when there is a terminal."""
+
+    def __init__(self, num_rounds: int, t_start: float) -> None:
+        self.num_rounds = num_rounds
+        self.t_start = t_start
+
+    def on_round_end(self, record: RoundRecord, arrays: ArrayRecord, strategy: Strategy) -> None:
+        ev = record.central_eval or record.federated_eval
+        eps = [m["epsilon"] for m in record.node_metrics.values() if "epsilon" in m]
+        parts = [
+            f"round {record.round}/{self.num_rounds}",
+            f"nodes {len(record.replied)}/{len(record.sampled)} replied",
+        ]
+        problems = {k: len(getattr(record, k)) for k in ("failed", "declined", "timed_out", "rejected")}
+        parts += [f"{v} {k.replace('_', ' ')}" for k, v in problems.items() if v]
+        if "train_loss" in record.train_metrics:
+            parts.append(f"loss {record.train_metrics['train_loss']:.4f}")
+        if "test_ndcg@10" in ev:
+            parts.append(f"NDCG@10 {ev['test_ndcg@10']:.4f}")
+        if eps:
+            parts.append(f"ε≤{max(eps):.2f}")
+        if record.abort_reason:
+            parts.append(f"ABORTED: {record.abort_reason}")
+        parts.append(f"{record.seconds.get('total', 0):.1f}s (elapsed {time.time() - self.t_start:.0f}s)")
+        log.info(" | ".join(parts))
+
+
+def run_server(grid: Grid, settings: dict[str, Any], *, listeners_extra=()) -> ArrayRecord:
+    """Run (or resume) a federation described by the unflattened run config."""
+    t_start = time.time()
+    fed = settings["federation"]
+    sim = settings.get("sim") or {}
+    run = RunDir(sim.get("run-dir") or "outputs/flwr-run")
+    catalog = _catalog(settings)
+    expected = int(sim.get("num-nodes") or fed.get("min_available_nodes", 2))
+    nodes = discover_nodes(grid, expected=expected, timeout=float(fed.get("round_timeout", 600)))
+    if not nodes:
+        raise RuntimeError("no node joined the federation; check the nodes' logs")
+    log.info("%d nodes joined: %s", len(nodes), ", ".join(sorted(n.name for n in nodes.values()))[:500])
+    strategy = make_strategy(fed, len(nodes))
+    start, arrays = load_checkpoint(run, strategy)
+    if arrays is None:
+        model = build_model(catalog, settings["model"], int(settings["data"]["max_len"]), seed=int(settings["seed"]))
+        arrays = to_arrays(get_weights(model))
+    else:
+        log.info("resuming after round %d from %s", start, run.state)
+    num_rounds = int(fed["num_rounds"])
+    central = None
+    if fed.get("central_eval", True) and sim.get("central-data"):
+        central = CentralEvaluator(catalog, Path(sim["central-data"]), settings)
+    coordinator = Coordinator(
+        strategy=strategy,
+        grid=grid,
+        nodes=nodes,
+        num_rounds=num_rounds,
+        round_timeout=float(fed.get("round_timeout", 600)),
+        seed=int(settings["seed"]),
+        eval_every=int(fed.get("eval_every", 1)),
+        central_eval=central,
+        listeners=[MetricsWriter(run), *listeners_extra, Checkpointer(run), ProgressLine(num_rounds, t_start)],
+    )
+    if start >= num_rounds:
+        log.info("all %d rounds already completed in %s", num_rounds, run.root)
+    else:
+        arrays = coordinator.run(arrays, start_round=start + 1)
+    finish_run(run, settings, nodes_count=len(nodes), seconds=time.time() - t_start)
+    return arrays
+
+
+def finish_run(run: RunDir, settings: dict[str, Any], *, nodes_count: int, seconds: float) -> None:
+    plot_metrics(run)
+    fed = settings["federation"]
+    summary = {
+        "data": settings["data"]["source"],
+        "silos": f"{settings['partition']['scheme']} ({nodes_count} nodes)",
+        "strategy": fed["strategy"],
+        "rounds": fed["num_rounds"],
+        "local epochs": fed["local_epochs"],
+        "model": json.dumps(settings["model"]),
+        "seed": settings["seed"],
+        "wall time (this invocation)": f"{seconds:.0f}s",
+    }
+    write_report(run, "fedmart federated run", summary)
+
+
+def _catalog(settings: dict[str, Any]) -> Catalog:
+    sim = settings.get("sim") or {}
+    if sim.get("catalog"):
+        return Catalog.load(sim["catalog"])
+    from clients.datasets import DataConfig, load_dataset
+
+    return load_dataset(DataConfig(**settings["data"])).catalog
+
+
+torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -1,0 +1,120 @@
+"""``fedmart simulate``: the whole federation on one machine, in Flower's simulation engine.
+
+Steps: compose the config (Hydra), load and validate the data, cut it into silos
+(one directory per simulated node, as a real node would hold it), flatten the
+config into Flower's run config (the one crossing, :mod:`federation.runconfig`),
+and run the ServerApp and ClientApp in Flower's simulation engine (Ray).
+``resume=outputs/<run>`` continues a run after its last completed round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from federation.errors import UserError, exit_on_user_error
+from federation.runconfig import flatten
+
+__all__ = ["main", "prepare", "simulate"]
+
+log = logging.getLogger(__name__)
+
+OmegaConf.register_new_resolver(
+    "fedmart_run_dir", lambda resume, default: str(resume) if resume else default, replace=True
+)
+
+
+def prepare(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """Write the catalog, each node's partition and the pooled eval data; return ``sim`` settings."""
+    from clients.datasets import DataConfig, load_dataset
+    from clients.node import node_dir_for, write_node_dir
+    from clients.partition import PartitionConfig, partition
+
+    data = load_dataset(DataConfig(**cfg["data"]), report_dir=run_dir / "data")
+    catalog_path = data.catalog.save(run_dir / "catalog.parquet")
+    part = partition(data.interactions, data.catalog, PartitionConfig(**cfg["partition"]))
+    nodes_dir = run_dir / "nodes"
+    sizes = []
+    for pid, (name, rows) in enumerate(zip(part.names, part.rows, strict=True)):
+        write_node_dir(node_dir_for(nodes_dir, pid), name, catalog_path, data.interactions.take(rows))
+        sizes.append({"node": name, "events": int(len(rows))})
+    central = data.interactions.save(run_dir / "central" / "interactions.npz")
+    (run_dir / "nodes.json").write_text(json.dumps(sizes, indent=1) + "\n")
+    log.info("%d %s silos written to %s", len(part), cfg["partition"]["scheme"], nodes_dir)
+    return {
+        "run-dir": str(run_dir),
+        "nodes-dir": str(nodes_dir),
+        "catalog": str(catalog_path),
+        "central-data": str(central),
+        "num-nodes": len(part),
+    }
+
+
+def simulate(cfg: dict[str, Any], run_dir: Path) -> Path:
+    """Run (or resume) a simulated federation; returns the run directory."""
+    from flwr.simulation import run_simulation
+
+    from clients.app import build_client_app
+    from federation.app import build_server_app
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    sim_file = run_dir / "sim.json"
+    if sim_file.is_file():  # resume: the silos were written by the first invocation
+        sim = json.loads(sim_file.read_text())
+    else:
+        sim = prepare(cfg, run_dir)
+        sim_file.write_text(json.dumps(sim, indent=1) + "\n")
+    run_config = flatten({**cfg, "sim": sim})
+    simulation = cfg.get("simulation", {})
+    backend_config = {
+        "client_resources": {
+            "num_cpus": float(simulation.get("cpus_per_node", 1)),
+            "num_gpus": float(simulation.get("gpus_per_node", 0.0)),
+        },
+        "init_args": {"num_cpus": int(simulation.get("num_cpus", os.cpu_count() or 1)), "log_to_driver": True},
+    }
+    run_simulation(
+        server_app=build_server_app(run_config),
+        client_app=build_client_app(run_config),
+        num_supernodes=int(sim["num-nodes"]),
+        backend_config=backend_config,
+    )
+    if not (run_dir / "report.md").is_file():
+        raise RuntimeError(f"the simulation ended without a report in {run_dir}; see the log above")
+    return run_dir
+
+
+def _load_for_resume(cfg: DictConfig) -> dict[str, Any]:
+    run_dir = Path(str(cfg.resume))
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise UserError(f"resume={run_dir}: no config.yaml there; pass the directory of an earlier `fedmart simulate`")
+    return OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from federation.console import console, quiet_third_party_logs
+
+    quiet_third_party_logs()
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.resume:
+        resolved = _load_for_resume(cfg)
+        resolved["resume"] = str(cfg.resume)
+    else:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    try:
+        simulate(resolved, run_dir)
+    except ValueError as exc:  # bad settings surface as ValueError from constructors
+        raise UserError(str(exc)) from exc
+    console.print(f"[bold green]done[/]: report {run_dir / 'report.md'}")

@@ -1,0 +1,25 @@
+"""Names that cross the wire between coordinator and nodes, in one place."""
+
+from __future__ import annotations
+
+__all__ = [
+    "ARRAYS",
+    "METRICS",
+    "CONFIG",
+    "NUM_EXAMPLES",
+    "SERVER_ROUND",
+    "QUERY_HELLO",
+    "ERR_DECLINED",
+    "ERR_BAD_DATA",
+]
+
+ARRAYS = "arrays"  # ArrayRecord key of the model weights
+METRICS = "metrics"  # MetricRecord key of a reply's metrics
+CONFIG = "config"  # ConfigRecord key of a round's instructions
+NUM_EXAMPLES = "num-examples"  # aggregation weight: users trained (train) or evaluated (evaluate)
+SERVER_ROUND = "server-round"  # injected by Flower's strategies
+QUERY_HELLO = "query.hello"  # coordinator asks a node for its name and data summary
+
+# Error codes of a node's error reply (Flower's own codes are small integers).
+ERR_DECLINED = 4201  # the node declined the round (privacy budget); reason is JSON
+ERR_BAD_DATA = 4202  # the node's data failed validation; it refuses to take part
