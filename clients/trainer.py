@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,12 +19,14 @@ from torch.utils.data import DataLoader
 from clients.sequences import Split, TrainDataset, eval_batches
 from federation.metrics import RankingMetrics, popularity_scores, ranks
 from federation.model import SASRec
+from privacy.dp import PrivateTraining
 
 __all__ = [
     "OptimConfig",
     "make_optimizer",
     "make_loader",
     "train_epoch",
+    "train_epoch_private",
     "evaluate",
     "evaluate_popularity",
     "seed_everything",
@@ -88,6 +91,52 @@ def train_epoch(
         steps += 1
         examples += len(inputs)
     return {"loss": total / max(steps, 1), "steps": steps, "examples": examples}
+
+
+def train_epoch_private(pt: PrivateTraining, device: torch.device) -> dict[str, float]:
+    """One pass over ``pt.data_loader`` with the objects of ``privacy.dp.make_private``.
+
+    The same loop in every mode: private modes ask the model for the per-example
+    (per-user) loss, shape (b,), and ``pt.loss_fn`` turns it into what ``.backward()``
+    needs (a mean, or Opacus's two-pass ghost-clipping loss); off mode uses the compact
+    ``reduction="mean"`` head, the fastest non-private path. An empty Poisson batch is
+    a noise-only step (``pt.noise_step()``), never skipped: skipping would reveal it.
+
+    Returns mean loss over non-empty batches, optimizer steps (noise-only ones
+    included), examples seen, and ``epsilon`` (the dataset's total so far, 0 when off).
+    The loss is computed on private data outside the DP mechanism: keep it local.
+    """
+    model = pt.module
+    model.train()
+    reduction = "none" if pt.is_private else "mean"
+    total, batches, steps, examples = 0.0, 0, 0, 0
+    with warnings.catch_warnings():
+        # Opacus's backward hooks on the item embedding (integer inputs) make torch warn every step.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        for inputs, targets in pt.data_loader:
+            if len(inputs) == 0:
+                pt.noise_step()
+                steps += int(pt.is_private)
+                continue
+            inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            pt.optimizer.zero_grad(set_to_none=True)
+            _, per_example = model(inputs, targets, reduction=reduction)  # (b,) or scalar when off
+            loss = pt.loss_fn(per_example)
+            loss.backward()
+            pt.optimizer.step()
+            value = loss.item()
+            if not math.isfinite(value):
+                raise FloatingPointError("training loss is not finite; lower the learning rate")
+            total += value
+            batches += 1
+            steps += 1
+            examples += len(inputs)
+    return {
+        "loss": total / max(batches, 1),
+        "steps": steps,
+        "examples": examples,
+        "epsilon": pt.epsilon(),
+    }
 
 
 @torch.no_grad()

@@ -1,0 +1,357 @@
+"""A node's privacy ledger: every DP training on one dataset, persisted on the node's disk.
+
+The ledger is the node's own record of what its users' data has spent, across rounds,
+runs and restarts. It is the accountant's full history (Opacus's
+``(noise_multiplier, sample_rate, num_steps)`` entries) for one dataset, written to a
+JSON file before the update it pays for leaves the node, and never held only in
+memory. ``epsilon`` is computed from the whole history by the Opacus accountant, so
+it is the per-user epsilon at this node under the assumptions of :mod:`privacy.dp`
+(one example = one user's whole history at this node, Poisson sampling, the same
+delta for the life of the dataset).
+
+Durability
+----------
+``record`` re-reads the file under an exclusive lock, appends, writes a temporary file
+in the same directory, ``fsync``\\ s it, ``os.replace``\\ s it over the ledger and
+``fsync``\\ s the directory. A crash at any point leaves either the old or the new
+ledger, never a torn file and never a lower spend. A file that cannot be parsed is
+an error, never an empty ledger.
+
+Idempotence
+-----------
+Each entry carries ``(run, round, training_id)``. Recording the same triple again
+(a retried ``record`` after a crash, or a node re-sending the reply it already
+recorded) adds nothing. A *new* training is a new release and is always recorded,
+also for a ``(run, round)`` that already has an entry, e.g. when a restarted
+coordinator asks again for a round the node had trained: a second training with
+fresh noise spends budget again. A node that wants to answer such a replay for free
+must re-send the update it recorded, not retrain (see :meth:`PrivacyLedger.entries_for`).
+Without ``training_id`` every ``record`` is a new training (safe, never idempotent).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from privacy.accounting import HistoryEntry, epsilon, validate_history
+
+try:  # POSIX; elsewhere the ledger still writes atomically, without cross-process locking
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["LedgerError", "LedgerEntry", "Decision", "PrivacyLedger"]
+
+log = logging.getLogger(__name__)
+
+_FORMAT = "fedmart-privacy-ledger"
+_VERSION = 1
+
+
+class LedgerError(ValueError):
+    """The ledger file is unreadable, for another dataset, or inconsistent."""
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One DP training on the ledger's dataset."""
+
+    run: str
+    round: int
+    training_id: str
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    recorded_at: float
+
+    @property
+    def history_entry(self) -> HistoryEntry:
+        return (self.noise_multiplier, self.sample_rate, self.steps)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The answer of :meth:`PrivacyLedger.check`.
+
+    ``reason`` is ``"<code>: <message>"`` with ``code`` one of ``ok``,
+    ``budget_exhausted`` (already at or over ``max_epsilon``) and ``budget_exceeded``
+    (this training would cross it); ``code`` gives the code alone.
+    """
+
+    allowed: bool
+    epsilon_now: float
+    epsilon_after: float
+    reason: str
+
+    @property
+    def code(self) -> str:
+        return self.reason.split(":", 1)[0]
+
+
+class PrivacyLedger:
+    """The persisted privacy spend of one dataset at one node.
+
+    Parameters
+    ----------
+    path : str or Path
+        The ledger's JSON file on the node's own disk; created (with its directory)
+        when missing.
+    dataset_id : str
+        Identifies the dataset (the unit of privacy's population). A ledger file that
+        belongs to another dataset is an error: spends of different datasets never mix.
+
+    Raises
+    ------
+    LedgerError
+        The file exists but is unreadable, of another format, or for another dataset.
+    """
+
+    def __init__(self, path: str | Path, *, dataset_id: str) -> None:
+        if not isinstance(dataset_id, str) or not dataset_id:
+            raise ValueError("dataset_id must be a non-empty string")
+        self.path = Path(path)
+        self.dataset_id = dataset_id
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._locked():
+            if self.path.exists():
+                self._entries = self._read()
+            else:
+                self._entries = []
+                self._write([])
+                log.info("privacy ledger created at %s for dataset %r", self.path, dataset_id)
+
+    # ---- reading -------------------------------------------------------------------
+
+    @property
+    def entries(self) -> list[LedgerEntry]:
+        """All recorded trainings, oldest first (as of the last read or write)."""
+        return list(self._entries)
+
+    @property
+    def history(self) -> list[HistoryEntry]:
+        """The accountant history: ``(noise_multiplier, sample_rate, steps)`` per training."""
+        return [e.history_entry for e in self._entries]
+
+    def entries_for(self, *, run: str, round: int) -> list[LedgerEntry]:
+        """Trainings recorded for ``(run, round)``: non-empty means this round was trained."""
+        return [e for e in self._entries if e.run == run and e.round == round]
+
+    def reload(self) -> None:
+        """Re-read the file (another process may have recorded)."""
+        with self._locked():
+            self._entries = self._read()
+
+    def epsilon(self, delta: float, *, accountant: str = "rdp") -> float:
+        """Total epsilon spent at ``delta``, by the Opacus accountant over the whole history."""
+        return epsilon(self.history, delta=delta, accountant=accountant)
+
+    def epsilon_after(
+        self,
+        noise_multiplier: float,
+        sample_rate: float,
+        steps: int,
+        *,
+        delta: float,
+        accountant: str = "rdp",
+    ) -> float:
+        """Epsilon after one more training of ``steps`` steps with these parameters."""
+        return epsilon(
+            [*self.history, (noise_multiplier, sample_rate, steps)],
+            delta=delta,
+            accountant=accountant,
+        )
+
+    def check(
+        self,
+        *,
+        max_epsilon: float | None,
+        noise_multiplier: float,
+        sample_rate: float,
+        steps: int,
+        delta: float,
+        accountant: str = "rdp",
+    ) -> Decision:
+        """May this node run a training with these parameters within ``max_epsilon``?
+
+        ``max_epsilon`` is the node's own budget (node configuration; the coordinator
+        cannot raise it). ``None`` or ``inf`` means no limit. Reading the file first,
+        so a spend recorded by another process counts.
+        """
+        if max_epsilon is not None and not (max_epsilon > 0):
+            raise ValueError(f"max_epsilon must be > 0 or None, got {max_epsilon}")
+        self.reload()
+        now = self.epsilon(delta, accountant=accountant)
+        after = self.epsilon_after(noise_multiplier, sample_rate, steps, delta=delta, accountant=accountant)
+        limit = math.inf if max_epsilon is None else float(max_epsilon)
+        if now >= limit:
+            return Decision(
+                False, now, after, f"budget_exhausted: epsilon spent {now:.4g} has reached max_epsilon {limit:.4g}"
+            )
+        if after > limit:
+            return Decision(
+                False,
+                now,
+                after,
+                f"budget_exceeded: this training would take epsilon from {now:.4g} to {after:.4g} "
+                f"> max_epsilon {limit:.4g} (delta {delta:.3g}, {accountant})",
+            )
+        return Decision(True, now, after, f"ok: epsilon {now:.4g} -> {after:.4g} <= max_epsilon {limit:.4g}")
+
+    # ---- writing -------------------------------------------------------------------
+
+    def record(
+        self,
+        noise_multiplier: float,
+        sample_rate: float,
+        steps: int,
+        *,
+        round: int,
+        run: str,
+        training_id: str | None = None,
+    ) -> bool:
+        """Persist one training's spend before its update leaves the node.
+
+        Parameters
+        ----------
+        noise_multiplier, sample_rate, steps
+            ``PrivateTraining.spent()``: the parameters and the number of noised steps.
+        round, run
+            Which federated round of which run this training answered.
+        training_id : str or None
+            ``PrivateTraining.training_id``. Re-recording the same ``(run, round,
+            training_id)`` is a no-op; ``None`` means a new, unique training.
+
+        Returns
+        -------
+        bool
+            True if an entry was added, False if this training was already recorded.
+
+        Raises
+        ------
+        LedgerError
+            The same training recorded with different parameters, or an unreadable file.
+        """
+        (sigma, q, n_steps) = validate_history([(noise_multiplier, sample_rate, steps)])[0]
+        if isinstance(round, bool) or not isinstance(round, int) or round < 0:
+            raise ValueError(f"round must be an integer >= 0, got {round!r}")
+        if not isinstance(run, str) or not run:
+            raise ValueError("run must be a non-empty string")
+        tid = training_id if training_id is not None else uuid.uuid4().hex
+        with self._locked():
+            entries = self._read()  # never overwrite a spend recorded meanwhile
+            for e in entries:
+                if (e.run, e.round, e.training_id) == (run, round, tid):
+                    if e.history_entry != (sigma, q, n_steps):
+                        raise LedgerError(
+                            f"training {tid!r} of run {run!r} round {round} is already recorded with "
+                            f"{e.history_entry}, not {(sigma, q, n_steps)}"
+                        )
+                    self._entries = entries
+                    log.info("privacy ledger: run %r round %d already recorded, nothing added", run, round)
+                    return False
+            if any((e.run, e.round) == (run, round) for e in entries):
+                log.warning(
+                    "privacy ledger: run %r round %d was already trained; recording this new training as well",
+                    run,
+                    round,
+                )
+            entry = LedgerEntry(run, round, tid, sigma, q, n_steps, time.time())
+            self._write([*entries, entry])
+            self._entries = [*entries, entry]
+        return True
+
+    # ---- file ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        if fcntl is None:  # pragma: no cover
+            yield
+            return
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        with open(lock_path, "a+") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def _read(self) -> list[LedgerEntry]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise LedgerError(f"privacy ledger {self.path} cannot be read ({e}); refusing to treat it as empty") from e
+        if not isinstance(data, dict) or data.get("format") != _FORMAT:
+            raise LedgerError(f"{self.path} is not a fedmart privacy ledger")
+        if data.get("version") != _VERSION:
+            raise LedgerError(f"privacy ledger {self.path} has version {data.get('version')}, expected {_VERSION}")
+        if data.get("dataset_id") != self.dataset_id:
+            raise LedgerError(
+                f"privacy ledger {self.path} belongs to dataset {data.get('dataset_id')!r}, not {self.dataset_id!r}; "
+                "use one ledger file per dataset"
+            )
+        try:
+            entries = [
+                LedgerEntry(
+                    run=str(e["run"]),
+                    round=int(e["round"]),
+                    training_id=str(e["training_id"]),
+                    noise_multiplier=float(e["noise_multiplier"]),
+                    sample_rate=float(e["sample_rate"]),
+                    steps=int(e["steps"]),
+                    recorded_at=float(e["recorded_at"]),
+                )
+                for e in data["entries"]
+            ]
+            validate_history([e.history_entry for e in entries])
+        except (KeyError, TypeError, ValueError) as e:
+            raise LedgerError(f"privacy ledger {self.path} has a malformed entry: {e}") from e
+        return entries
+
+    def _write(self, entries: list[LedgerEntry]) -> None:
+        payload = {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "dataset_id": self.dataset_id,
+            "accountant_history_fields": ["noise_multiplier", "sample_rate", "steps"],
+            "entries": [asdict(e) for e in entries],
+        }
+        data = (json.dumps(payload, indent=1) + "\n").encode("utf-8")
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(self.path.parent)
+
+    def __repr__(self) -> str:
+        return f"PrivacyLedger({str(self.path)!r}, dataset_id={self.dataset_id!r}, {len(self._entries)} entries)"
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
