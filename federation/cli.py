@@ -202,3 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _json(obj) -> str:
     return json.dumps(obj, indent=2, default=str)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

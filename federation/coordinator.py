@@ -15,7 +15,6 @@ the same strategy methods (``configure_train``, ``aggregate_train``,
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import random
 import time
@@ -24,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -215,6 +214,9 @@ class Coordinator:
                     k: float(v) for k, v in r.content[wire.METRICS].items() if isinstance(v, (int, float))
                 }
             valid.append(r)
+        # Aggregate in a fixed order (by node name), not arrival order: float sums then
+        # repeat bit for bit, which resume-equals-uninterrupted relies on.
+        valid.sort(key=lambda m: self._name(m.metadata.src_node_id))
         record.timed_out = [self._name(m.metadata.dst_node_id) for m in sent if m.metadata.dst_node_id not in seen]
         return valid
 
@@ -295,10 +297,3 @@ def load_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
                 setattr(obj, attr, state[key])
         obj = getattr(obj, "inner", None) or getattr(obj, "strategy", None)
         depth += 1
-
-
-def dumps_record(record: RoundRecord) -> str:
-    return json.dumps(record.to_json(), sort_keys=True)
-
-
-_ = MessageType  # re-exported for callers building custom messages

@@ -56,6 +56,27 @@ def prepare(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     }
 
 
+def check_settings(cfg: dict[str, Any]) -> None:
+    """Fail in a second, not after data preparation and Ray's start, on a bad setting."""
+    from clients.datasets import DataConfig
+    from clients.partition import PartitionConfig
+    from clients.trainer import OptimConfig
+    from federation.device import select_device
+    from federation.model import SASRecConfig
+    from federation.server import make_strategy
+
+    DataConfig(**cfg["data"])
+    PartitionConfig(**cfg["partition"])
+    OptimConfig(**cfg["train"])
+    SASRecConfig(num_items=1, max_len=int(cfg["data"]["max_len"]), **{
+        k: v for k, v in cfg["model"].items() if k in ("hidden", "layers", "heads", "dropout", "attn_dropout")
+    })  # fmt: skip
+    select_device(str(cfg.get("device", "auto")))
+    make_strategy(cfg["federation"], num_nodes=2)
+    if int(cfg["federation"]["num_rounds"]) < 1 or int(cfg["federation"]["local_epochs"]) < 0:
+        raise ValueError("federation.num_rounds must be >= 1 and federation.local_epochs >= 0")
+
+
 def simulate(cfg: dict[str, Any], run_dir: Path) -> Path:
     """Run (or resume) a simulated federation; returns the run directory."""
     from flwr.simulation import run_simulation
@@ -63,6 +84,7 @@ def simulate(cfg: dict[str, Any], run_dir: Path) -> Path:
     from clients.app import build_client_app
     from federation.app import build_server_app
 
+    check_settings(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     sim_file = run_dir / "sim.json"
     if sim_file.is_file():  # resume: the silos were written by the first invocation
@@ -90,12 +112,26 @@ def simulate(cfg: dict[str, Any], run_dir: Path) -> Path:
     return run_dir
 
 
-def _load_for_resume(cfg: DictConfig) -> dict[str, Any]:
+def _load_for_resume(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
+    """The saved config of the run, with this command line's overrides on top
+    (e.g. ``federation.num_rounds=20`` extends a finished run)."""
     run_dir = Path(str(cfg.resume))
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         raise UserError(f"resume={run_dir}: no config.yaml there; pass the directory of an earlier `fedmart simulate`")
-    return OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
+    base = OmegaConf.load(saved)
+    extra = [o for o in overrides if not o.lstrip("+~").startswith("resume=")]
+    groups = [o for o in extra if "." not in o.split("=", 1)[0]]
+    if groups:
+        raise UserError(
+            f"resume takes key overrides such as federation.num_rounds=N, not {groups[0]!r}: "
+            "config groups come from the saved run's config.yaml"
+        )
+    if extra:
+        base = OmegaConf.merge(base, OmegaConf.from_dotlist([o.lstrip("+") for o in extra]))
+    resolved = OmegaConf.to_container(base, resolve=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(base, resolve=True))
+    return resolved
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -108,7 +144,7 @@ def main(cfg: DictConfig) -> None:
     quiet_third_party_logs()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if cfg.resume:
-        resolved = _load_for_resume(cfg)
+        resolved = _load_for_resume(cfg, list(HydraConfig.get().overrides.task))
         resolved["resume"] = str(cfg.resume)
     else:
         resolved = OmegaConf.to_container(cfg, resolve=True)
