@@ -22,6 +22,7 @@ history. Guarantee assumptions (what makes the number true):
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Iterable, Sequence
@@ -135,7 +136,9 @@ def noise_multiplier_for(
     """Smallest noise multiplier (Opacus's binary search) with which ``steps`` steps at
     ``sample_rate`` stay within ``(target_epsilon, delta)``, starting from zero spend.
 
-    Raises ``ValueError`` when the budget cannot be met (Opacus gives up above sigma=1e6).
+    The search takes seconds on a CPU (many accountant evaluations), so results are
+    cached per argument tuple. Raises ``ValueError`` when the budget cannot be met
+    (Opacus gives up above sigma=1e6).
     """
     _check_accountant(accountant)
     _check_delta(delta)
@@ -145,6 +148,11 @@ def noise_multiplier_for(
         raise ValueError(f"steps must be >= 1, got {steps}")
     if not (0 < sample_rate <= 1):
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    return _noise_multiplier(float(target_epsilon), float(delta), float(sample_rate), int(steps), accountant)
+
+
+@functools.lru_cache(maxsize=64)
+def _noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
     return float(
         get_noise_multiplier(
             target_epsilon=target_epsilon,

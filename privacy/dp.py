@@ -135,7 +135,8 @@ class DPConfig:
     mode : {"off", "dp", "target"}
         ``off``: no privacy. ``dp``: DP-SGD with the given ``noise_multiplier``.
         ``target``: DP-SGD with the noise multiplier Opacus computes so that the whole
-        planned training (``total_epochs_planned``) reaches ``target_epsilon``.
+        planned training (``total_epochs_planned``) reaches ``target_epsilon`` (as
+        ``PrivacyEngine.make_private_with_epsilon``; see :func:`plan_training`).
     noise_multiplier : float
         Noise standard deviation over ``max_grad_norm`` (mode ``dp``); > 0.
     max_grad_norm : float
@@ -228,10 +229,12 @@ def plan_training(
     """The noise multiplier, sampling rate and step count ``make_private`` will use.
 
     Mirrors Opacus exactly: the Poisson loader runs ``int(1 / (1 / len(data_loader)))``
-    steps per epoch and the accountant records ``sample_rate = 1 / steps_per_epoch``;
-    in mode ``target`` the noise multiplier is Opacus's ``get_noise_multiplier`` for
-    ``total_epochs_planned`` epochs (default: ``epochs``), as in
-    ``make_private_with_epsilon``.
+    steps per epoch and the accountant records ``sample_rate = 1 / steps_per_epoch``.
+    In mode ``target`` the noise multiplier is Opacus's ``get_noise_multiplier`` (the
+    search ``make_private_with_epsilon`` runs) for ``total_epochs_planned`` epochs
+    (default: ``epochs``) at the rate and step count the accountant will record, so the
+    ledger of a fresh dataset reaches ``target_epsilon`` (within Opacus's tolerance of
+    0.01, never above) after exactly the planned epochs.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -240,9 +243,10 @@ def plan_training(
     num_examples = len(data_loader.dataset)  # type: ignore[arg-type]
     if num_examples < 1 or len(data_loader) < 1:
         raise ValueError("the data loader is empty: a node needs at least one training example")
-    opacus_rate = 1 / len(data_loader)  # what make_private_with_epsilon calibrates with
-    steps_per_epoch = int(1 / opacus_rate) if config.poisson_sampling else len(data_loader)
-    sample_rate = 1 / steps_per_epoch  # what the accountant records
+    # Opacus's Poisson loader runs int(1 / (1 / len)) steps per epoch (one fewer than len
+    # on some float edges) and its accountant records 1 / steps_per_epoch.
+    steps_per_epoch = int(1 / (1 / len(data_loader))) if config.poisson_sampling else len(data_loader)
+    sample_rate = 1 / steps_per_epoch
     delta = config.resolve_delta(num_examples)
     if config.mode == "off":
         sigma = 0.0
@@ -254,8 +258,8 @@ def plan_training(
         sigma = noise_multiplier_for(
             target_epsilon=config.target_epsilon,
             delta=delta,
-            sample_rate=opacus_rate,
-            steps=int(planned / opacus_rate),
+            sample_rate=sample_rate,
+            steps=steps_per_epoch * planned,
             accountant=config.accountant,
         )
     return TrainingPlan(
@@ -490,13 +494,12 @@ def make_private(
         "grad_sample_mode": config.grad_sample_mode,
         "loss_reduction": "mean",
     }
-    if config.mode == "dp":
-        out = engine.make_private(noise_multiplier=plan.noise_multiplier, **common)
-    else:
-        planned = total_epochs_planned if total_epochs_planned is not None else epochs
-        out = engine.make_private_with_epsilon(
-            target_epsilon=config.target_epsilon, target_delta=plan.delta, epochs=planned, **common
-        )
+    # Mode target: make_private_with_epsilon is get_noise_multiplier + make_private. We run
+    # the two parts ourselves so the noise multiplier the ledger checked (plan) is the one
+    # used, the seconds-long search runs once (cached), and it is calibrated at the rate
+    # and step count the accountant records (Opacus's own call uses 1 / len(loader), which
+    # differs from the recorded rate on float edges and would overshoot the target).
+    out = engine.make_private(noise_multiplier=plan.noise_multiplier, **common)
     if config.grad_sample_mode == "ghost":
         private_module, private_opt, dp_loss, private_loader = out
         loss_fn: Callable[[torch.Tensor], BackwardLoss] = dp_loss

@@ -1,0 +1,254 @@
+"""DP-SGD façade: config validation, the same object in every mode, clipping, accounting."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from privacy.accounting import epsilon, noise_multiplier_for
+from privacy.dp import DEFAULT_GRAD_SAMPLE_MODE, DPConfig, make_private, plan_training
+
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+
+
+class Tiny(nn.Module):
+    """nn.Embedding + nn.Linear with the recommender's calling convention."""
+
+    def __init__(self, vocab: int = 20, d: int = 8, classes: int = 5) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean"):
+        logits = self.head(self.emb(x).mean(1))  # (b, classes)
+        loss = F.cross_entropy(logits, y, reduction="none")  # (b,)
+        return logits, loss if reduction == "none" else loss.mean()
+
+
+def _setup(n: int = 24, batch_size: int = 6, seed: int = 0):
+    torch.manual_seed(seed)
+    model = Tiny()
+    x, y = torch.randint(0, 20, (n, 4)), torch.randint(0, 5, (n,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    return model, opt, loader, x, y
+
+
+def _train(pt, epochs: int = 1) -> None:
+    for _ in range(epochs):
+        for xb, yb in pt.data_loader:
+            if len(xb) == 0:
+                pt.noise_step()
+                continue
+            pt.optimizer.zero_grad(set_to_none=True)
+            _, per_example = pt.module(xb, yb, reduction="none")
+            pt.loss_fn(per_example).backward()
+            pt.optimizer.step()
+
+
+# ---- DPConfig -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"mode": "on"}, "mode must be one of"),
+        ({"mode": "dp", "noise_multiplier": 0.0}, "noise_multiplier must be > 0"),
+        ({"mode": "dp", "max_grad_norm": -1.0}, "max_grad_norm must be > 0"),
+        ({"mode": "dp", "delta": 1.0}, "delta must be in"),
+        ({"mode": "target"}, "needs target_epsilon > 0"),
+        ({"mode": "target", "target_epsilon": -2.0}, "needs target_epsilon > 0"),
+        ({"mode": "dp", "target_epsilon": 3.0}, "only used with mode='target'"),
+        ({"mode": "dp", "accountant": "gdp"}, "accountant must be one of"),
+        ({"mode": "dp", "grad_sample_mode": "ew"}, "grad_sample_mode must be one of"),
+    ],
+)
+def test_config_rejects_bad_values_naming_the_constraint(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DPConfig(**kwargs)
+
+
+def test_config_is_keyword_only_and_frozen():
+    with pytest.raises(TypeError):
+        DPConfig("dp")  # type: ignore[misc]
+    cfg = DPConfig(mode="dp")
+    with pytest.raises(AttributeError):
+        cfg.noise_multiplier = 2.0  # type: ignore[misc]
+    assert cfg.grad_sample_mode == DEFAULT_GRAD_SAMPLE_MODE
+    assert cfg.resolve_delta(200) == pytest.approx(1 / 200)
+
+
+# ---- off mode -------------------------------------------------------------------------
+
+
+def test_off_mode_returns_the_originals():
+    model, opt, loader, _, _ = _setup()
+    pt = make_private(module=model, optimizer=opt, data_loader=loader, config=DPConfig(mode="off"), epochs=1)
+    assert pt.module is model and pt.optimizer is opt and pt.data_loader is loader
+    assert not pt.is_private and pt.accountant is None and pt.epsilon() == 0.0
+    assert pt.loss_fn(torch.tensor([1.0, 3.0])).item() == pytest.approx(2.0)
+    assert pt.close() is model
+
+
+# ---- per-sample clipping (Opacus GradSampleModule + DPOptimizer) ------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    batch=st.integers(1, 8),
+    clip=st.floats(1e-3, 10.0),
+    scale=st.floats(0.01, 100.0),
+    seed=st.integers(0, 2**16),
+)
+def test_clipped_per_sample_gradient_norm_never_exceeds_the_bound(batch, clip, scale, seed):
+    torch.manual_seed(seed)
+    model = Tiny()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(scale)  # large weights -> large gradients, small ones -> no clipping
+    gsm = GradSampleModule(model)
+    opt = DPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=0.0, max_grad_norm=clip, expected_batch_size=batch
+    )
+    x, y = torch.randint(0, 20, (batch, 4)), torch.randint(0, 5, (batch,))
+    _, per_example = gsm(x, y, reduction="none")
+    per_example.mean().backward()
+    per_sample = {p: p.grad_sample.clone() for p in opt.params}
+    for i in range(batch):
+        # Feed one user's gradient at a time through the optimizer's own clipping.
+        opt.zero_grad(set_to_none=True)
+        for p in opt.params:
+            p.grad_sample = per_sample[p][i : i + 1]
+        opt.clip_and_accumulate()
+        clipped = math.sqrt(sum(float(p.summed_grad.pow(2).sum()) for p in opt.params))
+        raw = math.sqrt(sum(float(per_sample[p][i].pow(2).sum()) for p in opt.params))
+        assert clipped <= clip * (1 + 1e-5)
+        if raw <= clip:  # below the bound nothing changes
+            assert clipped == pytest.approx(raw, rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_private_clipped_sum_equals_per_user_clipping(mode):
+    model, opt, loader, x, y = _setup(n=6)
+    reference = copy.deepcopy(model)
+    clip = 0.3
+    expected = [torch.zeros_like(p) for p in reference.parameters()]
+    for i in range(len(x)):
+        reference.zero_grad()
+        _, loss = reference(x[i : i + 1], y[i : i + 1], reduction="none")
+        loss.sum().backward()
+        norm = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in reference.parameters()))
+        for e, p in zip(expected, reference.parameters(), strict=True):
+            e += p.grad * min(1.0, clip / (norm + 1e-6))
+    cfg = DPConfig(mode="dp", max_grad_norm=clip, grad_sample_mode=mode)
+    pt = make_private(module=model, optimizer=opt, data_loader=loader, config=cfg, epochs=1)
+    pt.optimizer.zero_grad()
+    _, per_example = pt.module(x, y, reduction="none")
+    pt.loss_fn(per_example).backward()
+    if mode == "hooks":
+        pt.optimizer.clip_and_accumulate()
+        got = [p.summed_grad for p in pt.optimizer.params]
+    else:  # ghost: the second backward pass leaves the clipped sum in .grad
+        got = [p.grad for p in pt.optimizer.params]
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+
+
+def test_loss_fn_refuses_a_reduced_loss_in_private_modes():
+    model, opt, loader, x, y = _setup()
+    pt = make_private(module=model, optimizer=opt, data_loader=loader, config=DPConfig(mode="dp"), epochs=1)
+    _, mean_loss = pt.module(x, y)
+    with pytest.raises(ValueError, match=r"per-example loss of shape \(b,\)"):
+        pt.loss_fn(mean_loss)
+
+
+# ---- accounting through make_private --------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_private_training_counts_every_step_and_reports_the_total(mode):
+    model, opt, loader, _, _ = _setup(n=24, batch_size=6)
+    prior = [(1.3, 0.1, 40)]
+    cfg = DPConfig(mode="dp", noise_multiplier=1.1, max_grad_norm=1.0, grad_sample_mode=mode, delta=1e-3)
+    with make_private(
+        module=model, optimizer=opt, data_loader=loader, config=cfg, epochs=2, accountant_history=prior
+    ) as pt:
+        before = [p.detach().clone() for p in model.parameters()]
+        _train(pt, epochs=2)
+        assert pt.steps_taken == pt.plan.steps == 2 * len(loader)
+        assert pt.spent() == (1.1, 0.25, 8)
+        assert pt.epsilon() == pytest.approx(epsilon([*prior, pt.spent()], delta=1e-3))
+        assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+    assert not hasattr(model.emb.weight, "grad_sample")  # closed: hooks and attributes removed
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_noise_step_releases_noise_and_is_accounted(mode):
+    model, opt, loader, _, _ = _setup()
+    pt = make_private(
+        module=model, optimizer=opt, data_loader=loader, config=DPConfig(mode="dp", grad_sample_mode=mode), epochs=1
+    )
+    before = [p.detach().clone() for p in model.parameters()]
+    pt.noise_step()
+    assert pt.steps_taken == 1 and pt.accountant.history == [(1.0, 0.25, 1)]
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+    pt.close()
+
+
+def test_target_mode_calibrates_over_the_planned_epochs():
+    model, opt, loader, _, _ = _setup(n=40, batch_size=4)
+    cfg = DPConfig(mode="target", target_epsilon=4.0, delta=1e-3)
+    plan = plan_training(cfg, data_loader=loader, epochs=1, total_epochs_planned=6)
+    pt = make_private(module=model, optimizer=opt, data_loader=loader, config=cfg, epochs=1, total_epochs_planned=6)
+    expected = noise_multiplier_for(target_epsilon=4.0, delta=1e-3, sample_rate=0.1, steps=60)
+    assert pt.noise_multiplier == plan.noise_multiplier == pytest.approx(expected)
+    # six rounds of one epoch each land on the target, from below (Opacus's search tolerance: 0.01)
+    assert 4.0 - 0.011 <= epsilon([pt.spent()[:2] + (60,)], delta=1e-3) <= 4.0
+    pt.close()
+
+
+def test_without_poisson_sampling_the_loader_is_kept_and_a_warning_logged(caplog):
+    model, opt, loader, _, _ = _setup()
+    cfg = DPConfig(mode="dp", poisson_sampling=False)
+    pt = make_private(module=model, optimizer=opt, data_loader=loader, config=cfg, epochs=1)
+    assert pt.data_loader is loader
+    assert "only an approximation" in caplog.text
+    pt.close()
+
+
+def test_secure_rng_without_torchcsprng_is_a_clear_error():
+    pytest.importorskip("opacus")
+    try:
+        import torchcsprng  # noqa: F401
+    except ImportError:
+        pass
+    else:  # pragma: no cover
+        pytest.skip("torchcsprng is installed")
+    model, opt, loader, _, _ = _setup()
+    with pytest.raises(RuntimeError, match="torchcsprng"):
+        make_private(
+            module=model, optimizer=opt, data_loader=loader, config=DPConfig(mode="dp", secure_rng=True), epochs=1
+        )
+
+
+def test_plan_mirrors_opacus_poisson_loader_on_a_float_edge():
+    # 1 / (1 / 93) < 93 in floating point: Opacus's Poisson loader runs 92 steps per
+    # epoch and accounts at rate 1/92; the plan must say the same.
+    model, opt, _, _, _ = _setup()
+    ds = TensorDataset(torch.randint(0, 20, (93, 4)), torch.randint(0, 5, (93,)))
+    loader = DataLoader(ds, batch_size=1)
+    plan = plan_training(DPConfig(mode="dp"), data_loader=loader, epochs=1)
+    pt = make_private(module=model, optimizer=opt, data_loader=loader, config=DPConfig(mode="dp"), epochs=1)
+    assert plan.steps_per_epoch == len(pt.data_loader) == 92
+    assert plan.sample_rate == pt.sample_rate == 1 / 92
+    pt.close()
