@@ -1,0 +1,202 @@
+"""The node's side of secure aggregation as a Flower client mod.
+
+Wire it as the *outermost* mod, so that it sees the final reply of the train handler (after
+e.g. Flower's ``fixedclipping_mod``)::
+
+    app = ClientApp(mods=[secagg_mod, fixedclipping_mod])
+
+Stage messages (``advertise``, ``share-keys``, ``unmask``) are answered by the mod itself; the
+``masked-input`` stage is the round's TRAIN message: the mod lets it through to the handler
+(``call_next``), then replaces the reply's ArrayRecord (the full new weights) by the masked
+encoding of ``w * (new - global)`` and ``w``, where ``w`` is the reply's ``num-examples``.
+The reply's MetricRecords and ConfigRecords travel **in plaintext** (the coordinator needs
+the metrics for its round summary); nothing else leaves the node.
+
+State between stages lives in ``ctxt.state``: :data:`~privacy.secagg.wire.STATE_CHANNEL`
+holds the node's long-lived channel key pair, :data:`~privacy.secagg.wire.STATE_SESSION` the
+secrets of the current round; the latter is wiped after the unmask stage.
+
+A TRAIN message without a secagg record passes through untouched with :func:`secagg_mod`
+(so the same app runs with ``secagg=off``) and is refused by :func:`strict_secagg_mod`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import cast
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp.typing import ClientAppCallable
+
+from privacy.secagg import wire
+from privacy.secagg.encoding import EncodingParams, encode
+from privacy.secagg.protocol import MaskRequest, NodeSession, ShareKeysRequest, UnmaskRequest, new_channel_keypair
+
+__all__ = ["secagg_mod", "strict_secagg_mod", "flatten_update"]
+
+log = logging.getLogger(__name__)
+
+
+def _is_secagg(msg: Message) -> bool:
+    return (
+        msg.metadata.message_type.split(".")[0] == "train"
+        and msg.has_content()
+        and wire.RECORD in msg.content.config_records
+    )
+
+
+def secagg_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """Flower mod: run this node's side of secure aggregation; other messages pass through."""
+    if not _is_secagg(msg):
+        return call_next(msg, ctxt)
+    record = msg.content.config_records[wire.RECORD]
+    stage = record.get(wire.STAGE)
+    if stage == wire.ADVERTISE:
+        _, c_pk = _channel_keys(ctxt)
+        return _reply(msg, {wire.STAGE: stage, wire.CHANNEL_PK: c_pk})
+    if stage == wire.SHARE_KEYS:
+        return _share_keys(msg, ctxt, record)
+    if stage == wire.MASKED_INPUT:
+        return _masked_input(msg, ctxt, record, call_next)
+    if stage == wire.UNMASK:
+        return _unmask(msg, ctxt, record)
+    raise ValueError(f"unknown secure-aggregation stage {stage!r}")
+
+
+def strict_secagg_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """Like :func:`secagg_mod`, but refuses a TRAIN message that is not securely aggregated."""
+    if msg.metadata.message_type.split(".")[0] == "train" and not _is_secagg(msg):
+        raise ValueError("this node only trains under secure aggregation (secagg.enabled=true on the coordinator)")
+    return secagg_mod(msg, ctxt, call_next)
+
+
+def flatten_update(new: ArrayRecord, old: ArrayRecord) -> np.ndarray:
+    """``new - old`` over all arrays in ``old``'s key order, flattened to one float64 vector."""
+    if set(new.keys()) != set(old.keys()):
+        raise ValueError(f"the reply's arrays {sorted(new.keys())} differ from the global ones {sorted(old.keys())}")
+    parts = []
+    for key, arr in old.items():
+        g, n = arr.numpy(), new[key].numpy()
+        if g.shape != n.shape:
+            raise ValueError(f"array {key!r}: reply shape {n.shape} differs from the global {g.shape}")
+        parts.append(n.astype(np.float64).ravel() - g.astype(np.float64).ravel())
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def _reply(msg: Message, values: dict) -> Message:
+    return Message(RecordDict({wire.RECORD: ConfigRecord(values)}), reply_to=msg)
+
+
+def _channel_keys(ctxt: Context) -> tuple[bytes, bytes]:
+    """The node's long-lived channel key pair, created on first use."""
+    rec = ctxt.state.config_records.get(wire.STATE_CHANNEL)
+    if rec is None:
+        c_sk, c_pk = new_channel_keypair()
+        ctxt.state.config_records[wire.STATE_CHANNEL] = ConfigRecord({"sk": c_sk, "pk": c_pk})
+        return c_sk, c_pk
+    return cast(bytes, rec["sk"]), cast(bytes, rec["pk"])
+
+
+def _load_session(ctxt: Context) -> NodeSession:
+    rec = ctxt.state.config_records.get(wire.STATE_SESSION)
+    if rec is None:
+        raise ValueError("no secure-aggregation session in progress on this node")
+    return NodeSession.from_dict(rec)
+
+
+def _save_session(ctxt: Context, node: NodeSession) -> None:
+    ctxt.state.config_records[wire.STATE_SESSION] = ConfigRecord(node.to_dict())
+
+
+def _share_keys(msg: Message, ctxt: Context, record: ConfigRecord) -> Message:
+    c_sk, c_pk = _channel_keys(ctxt)
+    if record[wire.CHANNEL_PK] != c_pk:
+        raise ValueError("the coordinator holds a stale channel key for this node; it must advertise again")
+    neighbours = cast(list[int], record[wire.NEIGHBOURS])
+    pks = cast(list[bytes], record[wire.CHANNEL_PKS])
+    request = ShareKeysRequest(
+        session=cast(bytes, record[wire.SESSION]),
+        index=cast(int, record[wire.INDEX]),
+        threshold=cast(int, record[wire.THRESHOLD]),
+        neighbours=dict(zip(neighbours, pks, strict=True)),
+    )
+    node, reply = NodeSession.share_keys(request, c_sk)
+    _save_session(ctxt, node)
+    dsts = sorted(reply.ciphertexts)
+    return _reply(
+        msg,
+        {
+            wire.STAGE: wire.SHARE_KEYS,
+            wire.SESSION: request.session,
+            wire.MASK_PK: reply.s_pk,
+            wire.COMMITMENT: reply.commitment,
+            wire.DESTINATIONS: dsts,
+            wire.CIPHERTEXTS: [reply.ciphertexts[v] for v in dsts],
+        },
+    )
+
+
+def _masked_input(msg: Message, ctxt: Context, record: ConfigRecord, call_next: ClientAppCallable) -> Message:
+    node = _load_session(ctxt)
+    session = cast(bytes, record[wire.SESSION])
+    params = EncodingParams(
+        clip_range=cast(float, record[wire.CLIP_RANGE]),
+        bits=cast(int, record[wire.BITS]),
+        max_weight=cast(int, record[wire.MAX_WEIGHT]),
+        max_nodes=cast(int, record[wire.MAX_NODES]),
+    )
+    weight_key = cast(str, record[wire.WEIGHT_KEY])
+    global_arrays = msg.content.array_records[cast(str, record[wire.ARRAYS_KEY])]
+    sources = cast(list[int], record[wire.SOURCES])
+    request = MaskRequest(
+        session=session,
+        neighbour_s_pks=dict(zip(sources, cast(list[bytes], record[wire.MASK_PKS]), strict=True)),
+        ciphertexts=dict(zip(sources, cast(list[bytes], record[wire.CIPHERTEXTS]), strict=True)),
+    )
+    node.expect("shared", session)  # fail before training, not after
+    del msg.content[wire.RECORD]  # the handler sees the plain train message
+    out = call_next(msg, ctxt)
+    if out.has_error():
+        return out
+    if len(out.content.array_records) != 1:
+        raise ValueError(f"the train reply must carry exactly one ArrayRecord, got {len(out.content.array_records)}")
+    new_arrays = next(iter(out.content.array_records.values()))
+    metrics = [m for m in out.content.metric_records.values() if weight_key in m]
+    if len(metrics) != 1:
+        raise ValueError(f"the train reply must carry one MetricRecord with {weight_key!r}")
+    weight = params.cap_weight(float(cast(float, metrics[0][weight_key])))
+    x = encode(flatten_update(new_arrays, global_arrays), weight, params)
+    y = node.mask(request, x)
+    _save_session(ctxt, node)
+    content = RecordDict()
+    for key, rec in out.content.metric_records.items():
+        content[key] = MetricRecord(dict(rec))
+    for key, rec in out.content.config_records.items():
+        content[key] = ConfigRecord(dict(rec))
+    content[wire.MASKED_RECORD] = ArrayRecord({wire.MASKED_ARRAY: Array(y)})
+    content[wire.RECORD] = ConfigRecord({wire.STAGE: wire.MASKED_INPUT, wire.SESSION: session})
+    return Message(content, reply_to=msg)
+
+
+def _unmask(msg: Message, ctxt: Context, record: ConfigRecord) -> Message:
+    node = _load_session(ctxt)
+    request = UnmaskRequest(
+        session=cast(bytes, record[wire.SESSION]),
+        survivors=cast(list[int], record[wire.SURVIVORS]),
+        dropped=cast(list[int], record[wire.DROPPED]),
+    )
+    reply = node.unmask(request)
+    del ctxt.state[wire.STATE_SESSION]  # the session's secrets are no longer needed: wipe them
+    b_src, sk_src = sorted(reply.b_shares), sorted(reply.sk_shares)
+    return _reply(
+        msg,
+        {
+            wire.STAGE: wire.UNMASK,
+            wire.SESSION: request.session,
+            wire.B_SOURCES: b_src,
+            wire.B_SHARES: [reply.b_shares[v] for v in b_src],
+            wire.SK_SOURCES: sk_src,
+            wire.SK_SHARES: [reply.sk_shares[v] for v in sk_src],
+        },
+    )

@@ -1,0 +1,61 @@
+"""Names that cross the wire for secure aggregation, in one place.
+
+Every secure-aggregation message is a Flower ``train`` message whose content holds a
+ConfigRecord under :data:`RECORD`; its ``stage`` entry says which stage it is. Stage messages
+are ``train`` messages (not ``query.secagg``) because a ClientApp routes by message type
+*before* mods run, and mods wrap only registered handlers: a ``train`` message always reaches
+``secagg_mod`` through the app's ``@app.train()`` handler, with no extra registration.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "RECORD",
+    "MASKED_RECORD",
+    "MASKED_ARRAY",
+    "STATE_SESSION",
+    "STATE_CHANNEL",
+    "STAGE",
+    "ADVERTISE",
+    "SHARE_KEYS",
+    "MASKED_INPUT",
+    "UNMASK",
+]
+
+RECORD = "secagg"  # ConfigRecord of every stage message and reply
+MASKED_RECORD = "secagg.masked"  # ArrayRecord of a masked-input reply
+MASKED_ARRAY = "y"  # its single Array: the masked vector
+STATE_SESSION = "secagg.session"  # ctxt.state ConfigRecord: the current session (secrets; wiped after unmask)
+STATE_CHANNEL = "secagg.channel"  # ctxt.state ConfigRecord: the node's long-lived channel key pair
+
+STAGE = "stage"
+ADVERTISE = "advertise"
+SHARE_KEYS = "share-keys"
+MASKED_INPUT = "masked-input"
+UNMASK = "unmask"
+
+# Keys inside the RECORD ConfigRecord.
+SESSION = "session"
+INDEX = "index"
+THRESHOLD = "threshold"
+NEIGHBOURS = "neighbours"
+CHANNEL_PKS = "channel-pks"
+CHANNEL_PK = "channel-pk"
+MASK_PK = "mask-pk"
+MASK_PKS = "mask-pks"
+COMMITMENT = "commitment"
+DESTINATIONS = "destinations"
+SOURCES = "sources"
+CIPHERTEXTS = "ciphertexts"
+CLIP_RANGE = "clip-range"
+BITS = "bits"
+MAX_WEIGHT = "max-weight"
+MAX_NODES = "max-nodes"
+WEIGHT_KEY = "weight-key"
+ARRAYS_KEY = "arrays-key"
+SURVIVORS = "survivors"
+DROPPED = "dropped"
+B_SOURCES = "b-sources"
+B_SHARES = "b-shares"
+SK_SOURCES = "sk-sources"
+SK_SHARES = "sk-shares"

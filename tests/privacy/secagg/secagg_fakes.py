@@ -1,0 +1,106 @@
+"""Test helpers: a Grid that runs ClientApps in this process, with scripted dropouts.
+
+No Ray, no threads: ``push_messages`` runs the addressed node's ClientApp at once (as Flower's
+engine would, including turning an exception into an error reply and persisting
+``context.state``) and ``pull_messages`` hands the replies back.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from privacy.secagg import wire
+
+__all__ = ["InProcessGrid", "stage_of", "set_task_identity"]
+
+
+def set_task_identity() -> None:
+    """Flower's Message() needs a run id outside a running app."""
+    TaskIdentity.run_id = 1
+    TaskIdentity.task_id = 1
+    TaskIdentity.node_id = 0
+
+
+def stage_of(msg: Message) -> str:
+    """The secagg stage of an instruction or reply ('train' for plain train, else the type)."""
+    if msg.has_content() and wire.RECORD in msg.content.config_records:
+        return str(msg.content.config_records[wire.RECORD][wire.STAGE])
+    return msg.metadata.message_type
+
+
+class InProcessGrid(Grid):
+    """Runs ``app`` for ``num_nodes`` nodes (ids 101, 102, ...) synchronously.
+
+    ``drop(stage, node_id) -> bool`` decides whether a node silently ignores a message;
+    every reply that reaches the coordinator is appended to :attr:`received`.
+    """
+
+    def __init__(
+        self,
+        app: ClientApp,
+        num_nodes: int,
+        drop: Callable[[str, int], bool] | None = None,
+        node_config: Callable[[int], dict] | None = None,
+    ) -> None:
+        set_task_identity()
+        self.app = app
+        self.node_ids = [101 + i for i in range(num_nodes)]
+        self.contexts = {
+            n: Context(
+                run_id=1,
+                node_id=n,
+                node_config=(node_config(i) if node_config else {"partition-id": i}),
+                state=RecordDict(),
+                run_config={},
+            )
+            for i, n in enumerate(self.node_ids)
+        }
+        self.drop = drop or (lambda stage, node: False)
+        self.received: list[Message] = []
+        self._replies: dict[str, Message] = {}
+        self._ids = itertools.count(1)
+
+    def set_run(self, run) -> None:  # noqa: ANN001
+        pass
+
+    @property
+    def run(self):  # noqa: ANN201
+        raise NotImplementedError
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: ANN001, ANN201
+        return Message(content, dst_node_id, message_type, group_id=group_id, ttl=ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.node_ids)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            mid = f"m{next(self._ids)}"
+            msg.metadata.__dict__["_message_id"] = mid
+            ids.append(mid)
+            node = msg.metadata.dst_node_id
+            if self.drop(stage_of(msg), node):
+                continue
+            ctx = self.contexts[node]
+            try:
+                reply = self.app(msg, ctx)
+            except Exception as err:  # noqa: BLE001 - mirror Flower: an exception becomes an error reply
+                reply = Message(Error(code=1, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
+            reply.metadata.__dict__["_message_id"] = f"r{mid}"
+            self._replies[mid] = reply
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        out = [self._replies.pop(m) for m in list(message_ids) if m in self._replies]
+        self.received.extend(out)
+        return out
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return list(self.pull_messages(list(self.push_messages(messages))))
