@@ -58,6 +58,7 @@ class RoundRecord:
     central_eval: dict[str, float] = field(default_factory=dict)
     aggregated: bool = False
     abort_reason: str = ""
+    model_version: str | None = None  # set by the registry listener
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -269,6 +270,9 @@ class Coordinator:
 
     def run(self, arrays: ArrayRecord, start_round: int = 1) -> ArrayRecord:
         for server_round in range(start_round, self.num_rounds + 1):
+            for listener in self.listeners:
+                if hasattr(listener, "on_round_start"):
+                    listener.on_round_start(server_round)
             arrays, record = self.run_round(server_round, arrays)
             for listener in self.listeners:
                 listener.on_round_end(record, arrays, self.strategy)

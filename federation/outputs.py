@@ -5,7 +5,8 @@ Layout::
     config.yaml        the composed Hydra config (the only source of truth)
     metrics.jsonl      one line per completed round
     state/             checkpoint of the last completed round (resume reads it)
-    models/            the global model of every round (safetensors)
+    registry/          the global model of every round: signed versions (federation/registry.py)
+    audit.jsonl        the hash-chained audit log
     report.md          results table (+ privacy section when DP is on)
     plots/metrics.png  metrics per round
 """

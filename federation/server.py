@@ -31,6 +31,8 @@ from federation.outputs import (
     to_arrays,
     write_report,
 )
+from federation.runconfig import config_hash
+from federation.trail import AuditRecorder, RegistryPublisher, open_trail
 
 __all__ = ["make_strategy", "run_server", "CentralEvaluator"]
 
@@ -150,6 +152,27 @@ def run_server(grid: Grid, settings: dict[str, Any], *, listeners_extra=()) -> A
     else:
         log.info("resuming after round %d from %s", start, run.state)
     num_rounds = int(fed["num_rounds"])
+    registry, audit = open_trail(run.root, settings)
+    run_name = run.root.name
+    cfg_hash = config_hash({k: v for k, v in settings.items() if k != "sim"})
+    audit.append(
+        "run_resume" if start else "run_start",
+        run=run_name,
+        config_hash=cfg_hash,
+        catalog_version=catalog.version,
+        nodes={n.name: {"users": n.users, "events": n.events, "dataset_id": n.dataset_id} for n in nodes.values()},
+        start_round=start + 1,
+        num_rounds=num_rounds,
+    )
+    publisher = RegistryPublisher(
+        registry,
+        run=run_name,
+        config_hash=cfg_hash,
+        catalog_version=catalog.version,
+        model_config={**settings["model"], "max_len": int(settings["data"]["max_len"])},
+        privacy=privacy_summary(settings),
+        audit=audit,
+    )
     central = None
     if fed.get("central_eval", True) and sim.get("central-data"):
         central = CentralEvaluator(catalog, Path(sim["central-data"]), settings)
@@ -162,14 +185,30 @@ def run_server(grid: Grid, settings: dict[str, Any], *, listeners_extra=()) -> A
         seed=int(settings["seed"]),
         eval_every=int(fed.get("eval_every", 1)),
         central_eval=central,
-        listeners=[MetricsWriter(run), *listeners_extra, Checkpointer(run), ProgressLine(num_rounds, t_start)],
+        listeners=[
+            publisher,
+            AuditRecorder(audit, run_name),
+            MetricsWriter(run),
+            *listeners_extra,
+            Checkpointer(run, keep_models=False),
+            ProgressLine(num_rounds, t_start),
+        ],
     )
     if start >= num_rounds:
         log.info("all %d rounds already completed in %s", num_rounds, run.root)
     else:
         arrays = coordinator.run(arrays, start_round=start + 1)
+    audit.append("run_end", run=run_name, rounds=num_rounds, last_version=publisher.last_version)
     finish_run(run, settings, nodes_count=len(nodes), seconds=time.time() - t_start)
     return arrays
+
+
+def privacy_summary(settings: dict[str, Any]) -> dict[str, Any]:
+    """What the published model's privacy rests on (filled in per round with ε by node)."""
+    p = settings.get("privacy") or {}
+    return {k: p.get(k) for k in ("mode", "noise_multiplier", "max_grad_norm", "delta", "accountant")} | {
+        "unit": "one user's history at one node" if p.get("mode", "off") != "off" else "none (no DP)",
+    }
 
 
 def finish_run(run: RunDir, settings: dict[str, Any], *, nodes_count: int, seconds: float) -> None:

@@ -67,15 +67,15 @@ def test_three_nodes_ran_and_outputs_were_written(runs):
         assert r["aggregated"]
         assert 0.0 <= r["central_eval"]["test_ndcg@10"] <= 1.0
         assert r["federated_eval"]["test_ndcg@10"] >= 0.0
-    for name in ("config.yaml", "report.md", "plots/metrics.png", "catalog.parquet"):
+    for name in ("config.yaml", "report.md", "plots/metrics.png", "catalog.parquet", "audit.jsonl"):
         assert (run / name).is_file(), name
     assert "| 3 | 3/3 |" in (run / "report.md").read_text()
 
 
 def test_global_model_changed_every_round(runs):
     run = runs["full"]
-    models = sorted((run / "models").glob("round-*.safetensors"))
-    assert len(models) == 3
+    models = sorted((run / "registry").glob("v*/weights.safetensors"))
+    assert len(models) == 3, "one signed registry version per round"
     w = [load_file(str(m)) for m in models]
     for a, b in zip(w, w[1:], strict=False):
         assert any(not np.array_equal(a[k], b[k]) for k in a)
@@ -93,8 +93,8 @@ def test_resume_equals_uninterrupted(runs):
     for a, b in zip(full, resumed, strict=True):
         assert a["central_eval"] == b["central_eval"], f"round {a['round']} differs after resume"
         assert a["train_metrics"]["train_loss"] == b["train_metrics"]["train_loss"]
-    fa = load_file(str(runs["full"] / "models" / "round-0003.safetensors"))
-    fb = load_file(str(runs["resumed"] / "models" / "round-0003.safetensors"))
+    fa = load_file(str(sorted((runs["full"] / "registry").glob("v0003-r3-*/weights.safetensors"))[0]))
+    fb = load_file(str(sorted((runs["resumed"] / "registry").glob("v0003-r3-*/weights.safetensors"))[0]))
     assert all(np.array_equal(fa[k], fb[k]) for k in fa)
 
 

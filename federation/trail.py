@@ -1,0 +1,121 @@
+"""Round listeners that leave the run's trail: signed model versions and the audit log."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord
+from flwr.serverapp.strategy import Strategy
+
+from federation.coordinator import RoundRecord
+from federation.outputs import from_arrays
+from federation.registry import ModelRegistry
+from privacy.audit import AuditLog
+
+__all__ = ["RegistryPublisher", "AuditRecorder", "head_bias_popularity", "open_trail"]
+
+log = logging.getLogger(__name__)
+
+
+def head_bias_popularity(weights: dict[str, np.ndarray]) -> np.ndarray | None:
+    """Cold-start popularity from the model itself: softmax of the output head's bias.
+
+    With full-softmax cross-entropy the bias learns the items' marginal log-frequency,
+    and it is part of the (privately trained) published weights, so serving this costs
+    no extra privacy, unlike counting the nodes' interactions.
+    """
+    bias = weights.get("head.bias")
+    if bias is None:
+        return None
+    b = bias.astype(np.float64)[1:]  # drop padding
+    p = np.exp(b - b.max())
+    return np.concatenate([[0.0], p / p.sum()])
+
+
+def _eps_by_node(record: RoundRecord) -> dict[str, float]:
+    return {n: m["epsilon"] for n, m in record.node_metrics.items() if "epsilon" in m}
+
+
+class RegistryPublisher:
+    """Publishes every round's global model as a signed version (parent = the previous one)."""
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        *,
+        run: str,
+        config_hash: str,
+        catalog_version: str,
+        model_config: dict[str, Any],
+        privacy: dict[str, Any],
+        audit: AuditLog | None = None,
+    ) -> None:
+        self.registry = registry
+        self.run = run
+        self.config_hash = config_hash
+        self.catalog_version = catalog_version
+        self.model_config = model_config
+        self.privacy = privacy
+        self.audit = audit
+        versions = registry.versions()
+        self.parent: str | None = versions[-1] if versions else None
+        self.last_version: str | None = self.parent
+
+    def on_round_end(self, record: RoundRecord, arrays: ArrayRecord, strategy: Strategy) -> None:
+        weights = from_arrays(arrays)
+        metrics = {"central": record.central_eval, "federated": record.federated_eval, "train": record.train_metrics}
+        privacy = {**self.privacy, "epsilon_by_node": _eps_by_node(record)}
+        version = self.registry.publish(
+            weights,
+            run=self.run,
+            round=record.round,
+            config_hash=self.config_hash,
+            catalog_version=self.catalog_version,
+            model_config=self.model_config,
+            metrics=metrics,
+            privacy=privacy,
+            parent=self.parent,
+            popularity=head_bias_popularity(weights),
+            audit_head=self.audit.head if self.audit else None,
+        )
+        record.model_version = version
+        self.parent = self.last_version = version
+
+
+class AuditRecorder:
+    """Appends the round's outcome: who was sampled, replied, declined, dropped, rejected; ε; model."""
+
+    def __init__(self, audit: AuditLog, run: str) -> None:
+        self.audit = audit
+        self.run = run
+
+    def on_round_start(self, server_round: int) -> None:
+        self.audit.append("round_start", run=self.run, round=server_round)
+
+    def on_round_end(self, record: RoundRecord, arrays: ArrayRecord, strategy: Strategy) -> None:
+        self.audit.append(
+            "round_end",
+            run=self.run,
+            round=record.round,
+            sampled=record.sampled,
+            replied=record.replied,
+            declined=record.declined,
+            dropped=record.timed_out,
+            failed=record.failed,
+            rejected=record.rejected,
+            epsilon_by_node=_eps_by_node(record),
+            aggregated=record.aggregated,
+            abort_reason=record.abort_reason,
+            model_version=getattr(record, "model_version", None),
+        )
+
+
+def open_trail(run_root: Path, settings: dict[str, Any]) -> tuple[ModelRegistry, AuditLog]:
+    reg_cfg = settings.get("registry") or {}
+    key_path = Path(reg_cfg.get("signing_key") or "keys/coordinator.key")
+    registry = ModelRegistry(Path(reg_cfg.get("root") or run_root / "registry"), private_key_path=key_path)
+    audit_path = Path((settings.get("audit") or {}).get("path") or run_root / "audit.jsonl")
+    return registry, AuditLog(audit_path)
