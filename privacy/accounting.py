@@ -27,8 +27,7 @@ import logging
 import math
 from collections.abc import Iterable, Sequence
 
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
+import numpy as np
 
 __all__ = [
     "ACCOUNTANTS",
@@ -105,9 +104,40 @@ def epsilon(history: Iterable[Sequence[float]], *, delta: float, accountant: str
     entries = [e for e in validate_history(history) if e[2] > 0]
     if not entries:
         return 0.0
+    if accountant == "rdp":
+        return _rdp_epsilon(entries, delta)
+    from opacus.accountants import create_accountant  # heavy import, only when needed
+
     acc = create_accountant(mechanism=accountant)
     acc.history = list(entries)
     return float(acc.get_epsilon(delta=delta))
+
+
+def _rdp_epsilon(entries: list[HistoryEntry], delta: float) -> float:
+    """``RDPAccountant.get_epsilon`` computed the same way (same orders, same float
+    operations, so the same number), with the per-step RDP of each ``(sigma, q)``
+    cached: a ledger's history grows by one entry per round and is re-evaluated at
+    every check, and most entries share their parameters."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    rdp = sum([_rdp_per_step(q, sigma) * steps for (sigma, q, steps) in entries])
+    eps, _ = rdp_analysis.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
+    return float(eps)
+
+
+@functools.lru_cache(maxsize=512)
+def _rdp_per_step(sample_rate: float, noise_multiplier: float) -> np.ndarray:
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
+    vec = rdp_analysis.compute_rdp(
+        q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS
+    )
+    vec = np.asarray(vec)
+    vec.flags.writeable = False
+    return vec
 
 
 def epsilon_after(
@@ -153,6 +183,8 @@ def noise_multiplier_for(
 
 @functools.lru_cache(maxsize=64)
 def _noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
+    from opacus.accountants.utils import get_noise_multiplier
+
     return float(
         get_noise_multiplier(
             target_epsilon=target_epsilon,
