@@ -58,17 +58,30 @@ def _open_registry(args: argparse.Namespace, *, need_key: bool):
 # --- fedmart registry ------------------------------------------------------------------------
 
 
+def _registry_common(p: argparse.ArgumentParser, *, sub: bool) -> None:
+    # Accepted before and after the subcommand; SUPPRESS keeps a subparser from resetting the parent's value.
+    kw = {"default": argparse.SUPPRESS} if sub else {}
+    p.add_argument("--root", type=Path, help="registry directory (default: the newest outputs/*/registry)", **kw)
+    p.add_argument(
+        "--public-key",
+        type=Path,
+        help=f"the signer's Ed25519 public key (PEM .pub; default ${PUBLIC_KEY_ENV})",
+        **(kw or {"default": os.environ.get(PUBLIC_KEY_ENV)}),
+    )
+
+
 def _registry_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--root", type=Path, help="registry directory (default: the newest outputs/*/registry)")
-    _public_key_arg(p)
+    _registry_common(p, sub=False)
     sub = p.add_subparsers(dest="registry_cmd", required=True)
-    sub.add_parser("list", help="versions, oldest first, with round, metrics and promotion")
+    ls = sub.add_parser("list", help="versions, oldest first, with round, metrics and promotion")
     s = sub.add_parser("show", help="a version's metadata (JSON)")
     s.add_argument("version")
     v = sub.add_parser("verify", help="check signatures and file hashes (all versions, or one)")
     v.add_argument("version", nargs="?")
     pr = sub.add_parser("promote", help="mark a verified version for serving (recorded in promotions.jsonl)")
     pr.add_argument("version")
+    for sp in (ls, s, v, pr):
+        _registry_common(sp, sub=True)
     pr.add_argument("--by", default=None, help="who promotes (default: the current user)")
     pr.add_argument(
         "--audit", type=Path, default=None, help="audit log to record the promotion in (default: ROOT/../audit.jsonl)"
@@ -90,7 +103,10 @@ def registry_cmd(args: argparse.Namespace) -> int:
             if not rows:
                 console.print(f"{reg.root}: no versions yet")
                 return 0
-            t = Table("version", "run", "round", "created", "parent", "metrics", "promoted", title=str(reg.root))
+            t = Table(title=str(reg.root))
+            t.add_column("version", no_wrap=True)
+            for name in ("run", "round", "created", "parent", "metrics", "promoted"):
+                t.add_column(name)
             for r in rows:
                 metrics = ", ".join(
                     f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.metrics.items()
@@ -117,7 +133,8 @@ def registry_cmd(args: argparse.Namespace) -> int:
             for v in versions:
                 ok, reason = reg.verify(v)
                 bad += not ok
-                console.print(f"{'[green]ok[/]' if ok else '[red]FAILED[/]'}  {v}: {reason}")
+                reason = reason.removeprefix(f"{v}: ")
+                console.print(f"{'[green]ok[/]' if ok else '[red]FAILED[/]'}  {v}: {reason}", soft_wrap=True)
             if bad:
                 console.print(f"[red]{bad} of {len(versions)} version(s) failed verification[/]")
             return 1 if bad else 0

@@ -1,0 +1,256 @@
+"""Latency and throughput of ``fedmart serve`` under real HTTP load on 127.0.0.1.
+
+For each catalog size: a synthetic catalog, a randomly initialised model published
+as a signed version and promoted, then ``fedmart serve`` started as a subprocess.
+The load generator is this process: a minimal HTTP/1.1 keep-alive client on asyncio
+(one connection per concurrent user, closed loop), so the client's own overhead
+stays far below the server's. The bare model forward (``score_last`` + top-k, batch
+1, the server's thread count) is measured in this process before the server starts.
+
+    python bench/serve_bench.py                        # 10k and 100k items, concurrency 1/16/64
+    python bench/serve_bench.py --items 10000 --duration 5 --concurrency 1 16
+
+Prints a Markdown table and writes JSON next to it (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clients.synthetic import SyntheticConfig, generate
+from federation.globalmodel import build_model, get_weights
+from federation.registry import ModelRegistry
+
+
+def make_registry(root: Path, num_items: int, *, seed: int = 0) -> tuple[Path, Path, Path, torch.nn.Module]:
+    """Catalog, signed + promoted random model; returns (registry, public key, catalog, model)."""
+    catalog, inter = generate(SyntheticConfig(num_users=2_000, num_items=num_items, seed=seed))
+    catalog_path = catalog.save(root / "catalog.parquet")
+    model = build_model(catalog, {"hidden": 64, "layers": 2, "heads": 2}, 50, seed=seed).eval()
+    reg = ModelRegistry(root / "registry", private_key_path=root / "keys" / "signing.pem")
+    version = reg.publish(
+        get_weights(model),
+        run="bench",
+        round=1,
+        config_hash="bench",
+        catalog_version=catalog.version,
+        model_config=model.config.to_dict(),
+        metrics={},
+        privacy={},
+        parent=None,
+        popularity=np.bincount(inter.item, minlength=num_items + 1),
+    )
+    reg.promote(version, by="bench")
+    return root / "registry", root / "keys" / "signing.pem.pub", catalog_path, model
+
+
+def bare_forward(model: torch.nn.Module, num_items: int, *, batch: int, iters: int, k: int = 10) -> float:
+    """Median seconds of ``score_last`` + top-k on a (batch, max_len) history."""
+    rng = np.random.default_rng(0)
+    max_len = model.config.max_len
+    times = []
+    with torch.inference_mode():
+        for i in range(iters + 20):
+            seq = torch.from_numpy(rng.integers(1, num_items + 1, size=(batch, max_len)))
+            t0 = time.perf_counter()
+            torch.topk(model.score_last(seq), k, dim=1)
+            if i >= 20:
+                times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(registry: Path, pub: Path, catalog: Path, port: int, extra: list[str]) -> subprocess.Popen:
+    cmd = [
+        sys.executable, "-c", "from federation.cli import main; main()", "serve",
+        "--registry", str(registry), "--public-key", str(pub), "--catalog", str(catalog),
+        "--port", str(port), "--no-search", "--log-level", "warning", *extra,
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                if s.recv(64).startswith(b"HTTP/1.1 200"):
+                    return proc
+        except OSError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not come up in 120 s")
+
+
+def request_bytes(body: dict, port: int) -> bytes:
+    data = json.dumps(body).encode()
+    head = (
+        f"POST /recommend HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n"
+    )
+    return head.encode() + data
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:])
+    body = await reader.readexactly(length)
+    return status, body
+
+
+async def load(port: int, requests: list[bytes], concurrency: int, duration: float, warmup: float) -> dict:
+    """Closed-loop load: ``concurrency`` connections, each sending the next request when answered."""
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    t_start = time.perf_counter()
+    t_measure, t_end = t_start + warmup, t_start + warmup + duration
+
+    async def user(u: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        i = u
+        try:
+            while True:
+                t0 = time.perf_counter()
+                if t0 >= t_end:
+                    return
+                writer.write(requests[i % len(requests)])
+                status, _ = await _read_response(reader)
+                t1 = time.perf_counter()
+                if t0 >= t_measure:
+                    latencies.append(t1 - t0)
+                    statuses[status] = statuses.get(status, 0) + 1
+                i += concurrency
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(user(u) for u in range(concurrency)))
+    lat = np.asarray(latencies)
+    errors = sum(v for s, v in statuses.items() if s != 200)
+    return {
+        "concurrency": concurrency,
+        "requests": len(lat),
+        "errors": errors,
+        "statuses": statuses,
+        "rps": len(lat) / duration,
+        "p50_ms": float(np.percentile(lat, 50) * 1e3),
+        "p99_ms": float(np.percentile(lat, 99) * 1e3),
+        "mean_ms": float(lat.mean() * 1e3),
+    }
+
+
+def server_stats(port: int) -> dict:
+    import httpx
+
+    return httpx.get(f"http://127.0.0.1:{port}/model", timeout=10).json()["batching"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--items", type=int, nargs="+", default=[10_000, 100_000])
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--duration", type=float, default=10.0, help="measured seconds per concurrency level")
+    ap.add_argument("--warmup", type=float, default=2.0)
+    ap.add_argument("--history", type=int, default=20, help="mean history length of a request")
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads, in the server and the bare forward")
+    ap.add_argument("--max-batch", type=int, default=64)
+    ap.add_argument("--out", type=Path, default=Path("bench/serve_bench.json"))
+    args = ap.parse_args()
+
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    from federation.serve import default_threads
+
+    torch.set_num_threads(args.threads or default_threads())  # what the server will use
+    extra = ["--max-batch", str(args.max_batch)] + (["--threads", str(args.threads)] if args.threads else [])
+    results = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "torch_threads": torch.get_num_threads(),
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "runs": [],
+    }
+    rng = random.Random(0)
+    for n in args.items:
+        with tempfile.TemporaryDirectory(prefix="fedmart-bench-") as tmp:
+            registry, pub, catalog_path, model = make_registry(Path(tmp), n)
+            fwd1 = bare_forward(model, n, batch=1, iters=300)
+            fwd16 = bare_forward(model, n, batch=16, iters=100)
+            ids = [f"SKU-{i:07d}" for i in range(n)]
+            port = free_port()
+            bodies = [
+                request_bytes(
+                    {"history": rng.sample(ids, max(1, int(rng.expovariate(1 / args.history)))), "k": args.k}, port
+                )
+                for _ in range(2000)
+            ]
+            del model
+            proc = start_server(registry, pub, catalog_path, port, extra)
+            try:
+                for c in args.concurrency:
+                    before = server_stats(port)
+                    r = asyncio.run(load(port, bodies, c, args.duration, args.warmup))
+                    after = server_stats(port)
+                    jobs, batches = after["requests"] - before["requests"], after["batches"] - before["batches"]
+                    r.update(
+                        items=n,
+                        bare_forward_ms=fwd1 * 1e3,
+                        bare_forward_b16_ms=fwd16 * 1e3,
+                        mean_batch=jobs / max(batches, 1),
+                    )
+                    results["runs"].append(r)
+                    print(
+                        f"items {n:>7,}  c={c:<3} {r['rps']:7.0f} req/s  p50 {r['p50_ms']:6.2f} ms  "
+                        f"p99 {r['p99_ms']:7.2f} ms  errors {r['errors']}  mean batch {r['mean_batch']:.1f}  "
+                        f"(bare forward b=1 {fwd1 * 1e3:.2f} ms, b=16 {fwd16 * 1e3:.2f} ms)",
+                        flush=True,
+                    )
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print()
+    print(
+        "| items | concurrency | req/s | p50 ms | p99 ms | errors | mean batch | bare forward b=1 ms | p50 / forward |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results["runs"]:
+        print(
+            f"| {r['items']:,} | {r['concurrency']} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+            f"{r['errors']} | {r['mean_batch']:.1f} | {r['bare_forward_ms']:.2f} | "
+            f"{r['p50_ms'] / r['bare_forward_ms']:.2f}x |"
+        )
+
+
+if __name__ == "__main__":
+    main()

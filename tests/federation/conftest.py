@@ -1,0 +1,129 @@
+"""Fixtures for the registry and serving tests: a tiny signed world, and helpers as ``support``.
+
+Tests run with ``--import-mode=importlib``, so helpers cannot be imported from a
+sibling module; the ``support`` fixture hands them over instead.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from clients.synthetic import SyntheticConfig, generate
+from federation.catalog import Catalog
+from federation.globalmodel import get_weights
+from federation.model import SASRec, SASRecConfig
+from federation.registry import ModelRegistry
+from federation.serve import ServeConfig, serve_in_thread
+
+TINY = {"hidden": 16, "layers": 1, "heads": 1, "max_len": 12, "dropout": 0.0, "attn_dropout": 0.0}
+
+
+@dataclass
+class World:
+    root: Path
+    catalog: Catalog
+    catalog_path: Path
+    registry: ModelRegistry
+    key: Path
+    pub: Path
+    versions: list[str]
+    popularity: np.ndarray
+
+    @property
+    def registry_path(self) -> Path:
+        return self.registry.root
+
+    def serve_config(self, **overrides) -> ServeConfig:
+        kw = dict(
+            registry=self.registry_path,
+            public_key=self.pub,
+            catalog=self.catalog_path,
+            search=False,
+            reload_interval=0.2,
+            text_cache=self.root / "title_emb.npy",
+        )
+        kw.update(overrides)
+        return ServeConfig(**kw)
+
+
+def random_weights(catalog: Catalog, seed: int, **config) -> tuple[dict[str, np.ndarray], dict]:
+    cfg = SASRecConfig(num_items=catalog.num_items, **{**TINY, **config})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SASRec(cfg)
+    return get_weights(model), cfg.to_dict()
+
+
+def publish(world: World, seed: int, *, promote: bool = True, round: int | None = None) -> str:
+    weights, model_config = random_weights(world.catalog, seed)
+    version = world.registry.publish(
+        weights,
+        run="test",
+        round=round if round is not None else len(world.versions) + 1,
+        config_hash="cfg",
+        catalog_version=world.catalog.version,
+        model_config=model_config,
+        metrics={"ndcg@10": 0.1 * seed},
+        privacy={"epsilon": 2.0, "delta": 1e-5},
+        parent=world.versions[-1] if world.versions else None,
+        popularity=world.popularity,
+    )
+    world.versions.append(version)
+    if promote:
+        world.registry.promote(version, by="pytest")
+    return version
+
+
+def make_world(root: Path, *, num_items: int = 300, promote: bool = True) -> World:
+    catalog, inter = generate(
+        SyntheticConfig(num_users=300, num_items=num_items, num_departments=5, num_merchants=10, seed=0)
+    )
+    catalog_path = catalog.save(root / "catalog.parquet")
+    key = root / "keys" / "signing.pem"
+    registry = ModelRegistry(root / "registry", private_key_path=key)
+    world = World(
+        root=root,
+        catalog=catalog,
+        catalog_path=catalog_path,
+        registry=registry,
+        key=key,
+        pub=key.with_name("signing.pem.pub"),
+        versions=[],
+        popularity=np.bincount(inter.item, minlength=num_items + 1),
+    )
+    publish(world, seed=1, promote=promote)
+    return world
+
+
+def flip_byte(path: Path, offset: int = -1) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+@pytest.fixture
+def support() -> SimpleNamespace:
+    return SimpleNamespace(
+        make_world=make_world,
+        publish=publish,
+        random_weights=random_weights,
+        flip_byte=flip_byte,
+        running_server=serve_in_thread,
+        wait_until=wait_until,
+    )
