@@ -428,6 +428,18 @@ class Server:
         base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fedmart"
         return base / f"title-emb-{self.catalog.version}.npy"
 
+    def text_available(self) -> bool:
+        """Is the text extra installed? Cheap (no model load); sets ``text_state`` when it is not."""
+        from federation.text import TextExtraMissing, model_dir
+
+        try:
+            model_dir()
+        except TextExtraMissing as exc:
+            self.text_state = f"unavailable: {exc}"
+            log.warning("/search disabled: %s", exc)
+            return False
+        return True
+
     def build_text_index(self) -> None:
         """Load the title encoder and the catalog's title embeddings (slow: run off the request path)."""
         from federation.text import TextExtraMissing, TitleEncoder, title_embeddings
@@ -626,7 +638,7 @@ def create_app(config: ServeConfig, *, server: Server | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         batcher.start()
         tasks = [asyncio.get_running_loop().create_task(poll())]
-        if config.search:
+        if config.search and server.text_available():
             server.text_state = "building"
             tasks.append(asyncio.get_running_loop().run_in_executor(None, server.build_text_index))
         try:
