@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from typing import Any
@@ -19,12 +20,21 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.node import NodeData, NodeRefused, load_node, model_skeleton
-from clients.trainer import OptimConfig, evaluate, make_loader, make_optimizer, seed_everything, train_epoch
+from clients.node import NodeData, NodeRefused, ReplyCache, load_node, model_skeleton
+from clients.trainer import (
+    OptimConfig,
+    evaluate,
+    make_loader,
+    make_optimizer,
+    seed_everything,
+    train_epoch_private,
+)
 from federation import wire
 from federation.device import select_device
 from federation.globalmodel import get_weights, set_weights
 from federation.runconfig import unflatten
+from privacy.dp import DPConfig, make_private, plan_training
+from privacy.ledger import PrivacyLedger
 
 __all__ = ["app", "build_client_app"]
 
@@ -53,37 +63,112 @@ def _node(context: Context, settings: dict[str, Any]) -> NodeData:
     return load_node(dict(context.node_config), settings)
 
 
+def dp_config(settings: dict[str, Any]) -> DPConfig:
+    """The privacy group of the run config as a validated :class:`DPConfig` (off when absent)."""
+    p = settings.get("privacy") or {}
+    keys = ("mode", "noise_multiplier", "max_grad_norm", "delta", "target_epsilon", "accountant", "grad_sample_mode",
+            "poisson_sampling", "secure_rng")  # fmt: skip
+    return DPConfig(**{k: p[k] for k in keys if k in p})
+
+
+def node_budget(context: Context, settings: dict[str, Any]) -> float | None:
+    """The node's own ``max_epsilon``: node config in a deployment (the coordinator cannot
+    set it); in simulation each simulated node's config is ``privacy.max_epsilon``."""
+    value = context.node_config.get("max-epsilon", (settings.get("privacy") or {}).get("max_epsilon"))
+    return None if value in (None, "", "inf") else float(value)
+
+
+def _declined(msg: Message, decision, node: NodeData) -> Message:
+    reason = {"code": decision.code, "message": decision.reason, "node": node.name,
+              "epsilon_now": decision.epsilon_now, "epsilon_after": decision.epsilon_after}  # fmt: skip
+    log.warning("node %s declines: %s", node.name, decision.reason)
+    return Message(Error(code=wire.ERR_DECLINED, reason=json.dumps(reason)), reply_to=msg)
+
+
 def local_train(msg: Message, context: Context, settings: dict[str, Any]) -> Message:
     t0 = time.perf_counter()
     node = _node(context, settings)
     cfg = msg.content[wire.CONFIG]
     server_round = int(cfg[wire.SERVER_ROUND])
+    run = str(cfg.get(wire.RUN, "") or "run")
     fed, data_cfg = settings["federation"], settings["data"]
+    epochs = int(fed["local_epochs"])
     device = select_device(str(settings.get("device", "auto")))
+    dpc = dp_config(settings)
+    replay = ReplyCache(node.state_dir / "replies")
+    incoming = arrays_to_numpy(msg.content[wire.ARRAYS])
+    cached = replay.get(run, server_round, incoming)
+    if cached is not None:
+        # A restarted coordinator asks again for a round this node already answered: send
+        # the same (already released) update. Re-sending costs no privacy; retraining would.
+        log.info("node %s: replaying its round-%d update of run %s", node.name, server_round, run)
+        weights, metrics = cached
+        return _train_reply(msg, weights, metrics)
     seed = round_seed(int(settings.get("seed", 0)), server_round, node.name)
     seed_everything(seed)
     model = model_skeleton(node, settings["model"], int(data_cfg["max_len"]))
-    set_weights(model, arrays_to_numpy(msg.content[wire.ARRAYS]))
-    model.to(device)
+    set_weights(model, incoming)
+    model.train()  # the cached skeleton may come from an evaluation; Opacus checks the mode
     dataset = node.train_dataset(int(data_cfg["max_len"]))
     optim = OptimConfig(**settings["train"])
     opt = make_optimizer(model, optim)
     loader = make_loader(dataset, optim.batch_size, seed)
+    ledger = None
+    history: list = []
+    if dpc.is_private:
+        ledger = PrivacyLedger(node.state_dir / "privacy-ledger.json", dataset_id=node.dataset_id)
+        plan = plan_training(
+            dpc, data_loader=loader, epochs=epochs, total_epochs_planned=epochs * int(fed["num_rounds"])
+        )
+        decision = ledger.check(
+            max_epsilon=node_budget(context, settings),
+            noise_multiplier=plan.noise_multiplier,
+            sample_rate=plan.sample_rate,
+            steps=plan.steps,
+            delta=plan.delta,
+            accountant=plan.accountant,
+        )
+        if not decision.allowed:
+            return _declined(msg, decision, node)
+        history = ledger.history
     t_setup = time.perf_counter() - t0
     losses, steps = [], 0
-    for _ in range(int(fed["local_epochs"])):
-        stats = train_epoch(model, loader, opt, device)
-        losses.append(stats["loss"])
-        steps += stats["steps"]
+    with make_private(
+        module=model,
+        optimizer=opt,
+        data_loader=loader,
+        config=dpc,
+        epochs=epochs,
+        total_epochs_planned=epochs * int(fed["num_rounds"]),
+        accountant_history=history,
+        device=device,
+    ) as pt:
+        for _ in range(epochs):
+            stats = train_epoch_private(pt, device)
+            losses.append(stats["loss"])
+            steps += stats["steps"]
+        metrics: dict[str, float] = {}
+        if pt.is_private:
+            # Persist the spend before the update leaves the node (atomic write).
+            ledger.record(*pt.spent(), round=server_round, run=run, training_id=pt.training_id)
+            metrics.update(epsilon=pt.epsilon(), delta=pt.delta, noise_multiplier=pt.noise_multiplier)
     t_train = time.perf_counter() - t0 - t_setup
-    metrics = {
-        wire.NUM_EXAMPLES: len(dataset),
-        "train_loss": float(np.mean(losses)) if losses else 0.0,
-        "steps": steps,
-        "train_seconds": t_train,
-        "setup_seconds": t_setup,
-    }
-    content = RecordDict({wire.ARRAYS: numpy_to_arrays(get_weights(model)), wire.METRICS: MetricRecord(metrics)})
+    metrics.update(
+        {
+            wire.NUM_EXAMPLES: len(dataset),
+            "train_loss": float(np.mean(losses)) if losses else 0.0,
+            "steps": steps,
+            "train_seconds": t_train,
+            "setup_seconds": t_setup,
+        }
+    )
+    weights = get_weights(model)
+    replay.put(run, server_round, incoming, weights, metrics)
+    return _train_reply(msg, weights, metrics)
+
+
+def _train_reply(msg: Message, weights: dict[str, np.ndarray], metrics: dict[str, float]) -> Message:
+    content = RecordDict({wire.ARRAYS: numpy_to_arrays(weights), wire.METRICS: MetricRecord(metrics)})
     return Message(content, reply_to=msg)
 
 

@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, Strategy
 
+from federation import wire
 from federation.catalog import Catalog
 from federation.coordinator import Coordinator, RoundRecord, discover_nodes
 from federation.device import select_device
@@ -184,6 +185,7 @@ def run_server(grid: Grid, settings: dict[str, Any], *, listeners_extra=()) -> A
         round_timeout=float(fed.get("round_timeout", 600)),
         seed=int(settings["seed"]),
         eval_every=int(fed.get("eval_every", 1)),
+        train_config={wire.RUN: run_name},
         central_eval=central,
         listeners=[
             publisher,

@@ -65,6 +65,8 @@ class RegistryPublisher:
         self.last_version: str | None = self.parent
 
     def on_round_end(self, record: RoundRecord, arrays: ArrayRecord, strategy: Strategy) -> None:
+        if not record.aggregated:
+            return  # the global model did not change: no new version (the audit log says why)
         weights = from_arrays(arrays)
         metrics = {"central": record.central_eval, "federated": record.federated_eval, "train": record.train_metrics}
         privacy = {**self.privacy, "epsilon_by_node": _eps_by_node(record)}

@@ -8,6 +8,7 @@ __all__ = [
     "CONFIG",
     "NUM_EXAMPLES",
     "SERVER_ROUND",
+    "RUN",
     "QUERY_HELLO",
     "ERR_DECLINED",
     "ERR_BAD_DATA",
@@ -18,6 +19,7 @@ METRICS = "metrics"  # MetricRecord key of a reply's metrics
 CONFIG = "config"  # ConfigRecord key of a round's instructions
 NUM_EXAMPLES = "num-examples"  # aggregation weight: users trained (train) or evaluated (evaluate)
 SERVER_ROUND = "server-round"  # injected by Flower's strategies
+RUN = "fedmart-run"  # the run's name: a node's ledger and reply cache are keyed by (run, round)
 QUERY_HELLO = "query.hello"  # coordinator asks a node for its name and data summary
 
 # Error codes of a node's error reply (Flower's own codes are small integers).
