@@ -98,21 +98,25 @@ def _channel_keys(ctxt: Context) -> tuple[bytes, bytes]:
     return cast(bytes, rec["sk"]), cast(bytes, rec["pk"])
 
 
-def _load_session(ctxt: Context) -> NodeSession:
+def _load_session(ctxt: Context) -> tuple[NodeSession, int]:
     rec = ctxt.state.config_records.get(wire.STATE_SESSION)
     if rec is None:
         raise ValueError("no secure-aggregation session in progress on this node")
-    return NodeSession.from_dict(rec)
+    return NodeSession.from_dict(rec), cast(int, rec[wire.ROUND])
 
 
-def _save_session(ctxt: Context, node: NodeSession) -> None:
-    ctxt.state.config_records[wire.STATE_SESSION] = ConfigRecord(node.to_dict())
+def _save_session(ctxt: Context, node: NodeSession, server_round: int) -> None:
+    ctxt.state.config_records[wire.STATE_SESSION] = ConfigRecord({**node.to_dict(), wire.ROUND: server_round})
 
 
 def _share_keys(msg: Message, ctxt: Context, record: ConfigRecord) -> Message:
     c_sk, c_pk = _channel_keys(ctxt)
     if record[wire.CHANNEL_PK] != c_pk:
         raise ValueError("the coordinator holds a stale channel key for this node; it must advertise again")
+    server_round = cast(int, record[wire.ROUND])
+    previous = ctxt.state.config_records.get(wire.STATE_SESSION)
+    if previous is not None and cast(int, previous.get(wire.ROUND, 0)) > server_round:
+        raise ValueError(f"stale share-keys message of round {server_round}: a later round has begun")
     neighbours = cast(list[int], record[wire.NEIGHBOURS])
     pks = cast(list[bytes], record[wire.CHANNEL_PKS])
     request = ShareKeysRequest(
@@ -122,7 +126,7 @@ def _share_keys(msg: Message, ctxt: Context, record: ConfigRecord) -> Message:
         neighbours=dict(zip(neighbours, pks, strict=True)),
     )
     node, reply = NodeSession.share_keys(request, c_sk)
-    _save_session(ctxt, node)
+    _save_session(ctxt, node, server_round)
     dsts = sorted(reply.ciphertexts)
     return _reply(
         msg,
@@ -138,7 +142,7 @@ def _share_keys(msg: Message, ctxt: Context, record: ConfigRecord) -> Message:
 
 
 def _masked_input(msg: Message, ctxt: Context, record: ConfigRecord, call_next: ClientAppCallable) -> Message:
-    node = _load_session(ctxt)
+    node, server_round = _load_session(ctxt)
     session = cast(bytes, record[wire.SESSION])
     params = EncodingParams(
         clip_range=cast(float, record[wire.CLIP_RANGE]),
@@ -168,7 +172,7 @@ def _masked_input(msg: Message, ctxt: Context, record: ConfigRecord, call_next: 
     weight = params.cap_weight(float(cast(float, metrics[0][weight_key])))
     x = encode(flatten_update(new_arrays, global_arrays), weight, params)
     y = node.mask(request, x)
-    _save_session(ctxt, node)
+    _save_session(ctxt, node, server_round)
     content = RecordDict()
     for key, rec in out.content.metric_records.items():
         content[key] = MetricRecord(dict(rec))
@@ -180,7 +184,7 @@ def _masked_input(msg: Message, ctxt: Context, record: ConfigRecord, call_next: 
 
 
 def _unmask(msg: Message, ctxt: Context, record: ConfigRecord) -> Message:
-    node = _load_session(ctxt)
+    node, _ = _load_session(ctxt)
     request = UnmaskRequest(
         session=cast(bytes, record[wire.SESSION]),
         survivors=cast(list[int], record[wire.SURVIVORS]),

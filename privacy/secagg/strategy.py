@@ -194,6 +194,7 @@ class SecAggStrategy(Strategy):
             payloads[node_of[i]] = {
                 wire.STAGE: wire.SHARE_KEYS,
                 wire.SESSION: session.session,
+                wire.ROUND: server_round,
                 wire.INDEX: i,
                 wire.THRESHOLD: req.threshold,
                 wire.CHANNEL_PK: self._channel_pks[node_of[i]],

@@ -36,6 +36,7 @@ UNMASK = "unmask"
 
 # Keys inside the RECORD ConfigRecord.
 SESSION = "session"
+ROUND = "server-round"
 INDEX = "index"
 THRESHOLD = "threshold"
 NEIGHBOURS = "neighbours"

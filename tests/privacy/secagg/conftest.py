@@ -1,8 +1,9 @@
-"""Test helpers: a Grid that runs ClientApps in this process, with scripted dropouts.
+"""Fixtures for the secure-aggregation tests: a Grid that runs ClientApps in this process.
 
-No Ray, no threads: ``push_messages`` runs the addressed node's ClientApp at once (as Flower's
-engine would, including turning an exception into an error reply and persisting
-``context.state``) and ``pull_messages`` hands the replies back.
+Tests run with ``--import-mode=importlib``, so the Grid is handed over by the ``grid_factory``
+fixture rather than imported. No Ray, no threads: ``push_messages`` runs the addressed node's
+ClientApp at once (as Flower's engine would, including turning an exception into an error
+reply and persisting ``context.state``) and ``pull_messages`` hands the replies back.
 """
 
 from __future__ import annotations
@@ -10,14 +11,13 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterable
 
+import pytest
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from privacy.secagg import wire
-
-__all__ = ["InProcessGrid", "stage_of", "set_task_identity"]
 
 
 def set_task_identity() -> None:
@@ -38,7 +38,8 @@ class InProcessGrid(Grid):
     """Runs ``app`` for ``num_nodes`` nodes (ids 101, 102, ...) synchronously.
 
     ``drop(stage, node_id) -> bool`` decides whether a node silently ignores a message;
-    every reply that reaches the coordinator is appended to :attr:`received`.
+    every instruction is appended to :attr:`sent`, every reply that reaches the coordinator
+    to :attr:`received`.
     """
 
     def __init__(
@@ -63,17 +64,18 @@ class InProcessGrid(Grid):
         }
         self.drop = drop or (lambda stage, node: False)
         self.received: list[Message] = []
+        self.sent: list[Message] = []
         self._replies: dict[str, Message] = {}
         self._ids = itertools.count(1)
 
-    def set_run(self, run) -> None:  # noqa: ANN001
+    def set_run(self, run) -> None:
         pass
 
     @property
-    def run(self):  # noqa: ANN201
+    def run(self):
         raise NotImplementedError
 
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: ANN001, ANN201
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
         return Message(content, dst_node_id, message_type, group_id=group_id, ttl=ttl)
 
     def get_node_ids(self) -> Iterable[int]:
@@ -85,13 +87,14 @@ class InProcessGrid(Grid):
             mid = f"m{next(self._ids)}"
             msg.metadata.__dict__["_message_id"] = mid
             ids.append(mid)
+            self.sent.append(msg)
             node = msg.metadata.dst_node_id
             if self.drop(stage_of(msg), node):
                 continue
             ctx = self.contexts[node]
             try:
                 reply = self.app(msg, ctx)
-            except Exception as err:  # noqa: BLE001 - mirror Flower: an exception becomes an error reply
+            except Exception as err:  # mirror Flower: an exception becomes an error reply
                 reply = Message(Error(code=1, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
             reply.metadata.__dict__["_message_id"] = f"r{mid}"
             self._replies[mid] = reply
@@ -104,3 +107,9 @@ class InProcessGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return list(self.pull_messages(list(self.push_messages(messages))))
+
+
+@pytest.fixture(scope="session")
+def grid_factory() -> type[InProcessGrid]:
+    """``grid_factory(app, num_nodes, drop=None)`` builds an :class:`InProcessGrid`."""
+    return InProcessGrid

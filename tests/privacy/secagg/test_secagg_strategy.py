@@ -1,0 +1,275 @@
+"""SecAggStrategy + secagg_mod through Flower's Message objects, with an in-process Grid.
+
+These run the real mod, real ClientApp routing and real strategies (FedAvg, FedAdam, Flower's
+client-side DP wrapper); only the transport is replaced (see ``secagg_fakes.InProcessGrid``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAdam, FedAvg
+
+from privacy.secagg import SecAggConfig, SecAggStrategy, secagg_mod, strict_secagg_mod, wire, wrap_strategy
+
+CFG = SecAggConfig(enabled=True, threshold=0.5, clip_range=0.5, bits=16, max_weight=1000, max_nodes=50, timeout=0.2)
+SHAPES = {"emb": (6, 4), "bias": (5,)}
+
+
+def _delta(pid: int, key: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Node pid's deterministic update for array key (depends on pid, so the mean is non-trivial)."""
+    rng = np.random.default_rng(1000 * pid + len(key))
+    return rng.normal(0.0, 0.1, size=shape).astype(np.float32)
+
+
+def _weight(pid: int) -> int:
+    return 10 * (pid + 1)
+
+
+def make_app(mods: list | None = None) -> ClientApp:
+    app = ClientApp(mods=[secagg_mod] if mods is None else mods)
+
+    @app.train()
+    def train(msg: Message, context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        arrays = msg.content["arrays"]
+        new = {k: Array(v.numpy() + _delta(pid, k, v.numpy().shape)) for k, v in arrays.items()}
+        metrics = MetricRecord({"num-examples": _weight(pid), "loss": float(pid), "hist": [1.0, float(pid)]})
+        return Message(RecordDict({"arrays": ArrayRecord(new), "metrics": metrics}), reply_to=msg)
+
+    return app
+
+
+def initial() -> ArrayRecord:
+    return ArrayRecord({k: Array(np.full(s, 0.25, np.float32)) for k, s in SHAPES.items()})
+
+
+def expected(pids: list[int], arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    total = sum(_weight(p) for p in pids)
+    return {
+        k: (
+            a.numpy() + sum(_weight(p) * np.clip(_delta(p, k, a.numpy().shape), -0.5, 0.5) for p in pids) / total
+        ).astype(a.numpy().dtype)
+        for k, a in arrays.items()
+    }
+
+
+def stage_of(msg: Message) -> str:
+    return str(msg.content[wire.RECORD][wire.STAGE]) if wire.RECORD in msg.content.config_records else "train"
+
+
+def node_pid(grid, node: int) -> int:
+    return grid.node_ids.index(node)
+
+
+def run_round(grid, strategy: SecAggStrategy, arrays: ArrayRecord | None = None):
+    arrays = arrays or initial()
+    msgs = list(strategy.configure_train(1, arrays, ConfigRecord(), grid))
+    replies = grid.send_and_receive(msgs)
+    return strategy.aggregate_train(1, replies), msgs
+
+
+def assert_close(got: ArrayRecord, want: dict[str, np.ndarray], bound: float) -> None:
+    assert set(got.keys()) == set(want)
+    for k, v in want.items():
+        g = got[k].numpy()
+        assert g.dtype == v.dtype and g.shape == v.shape
+        assert np.max(np.abs(g - v)) <= bound + 1e-6  # + float32 rounding of values near 0.25
+
+
+# --- correctness ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [2, 5, 12])
+def test_fedavg_gets_the_weighted_mean_within_the_bound(grid_factory: type, n: int) -> None:
+    grid = grid_factory(make_app(), n)
+    strategy = SecAggStrategy(FedAvg(min_available_nodes=n), config=CFG)
+
+    (arrays, metrics), _ = run_round(grid, strategy)
+
+    pids = list(range(n))
+    assert_close(arrays, expected(pids, initial()), CFG.encoding.error_bound)
+    weights = np.array([_weight(p) for p in pids], float)
+    assert metrics["loss"] == pytest.approx(float(np.dot(weights, pids) / weights.sum()))
+    assert metrics["hist"] == pytest.approx([1.0, float(np.dot(weights, pids) / weights.sum())])
+    assert strategy.last_abort_reason is None
+    assert strategy.last_report.masked == n
+
+
+@pytest.mark.parametrize("stage", [wire.ADVERTISE, wire.SHARE_KEYS, wire.MASKED_INPUT, wire.UNMASK])
+def test_one_dropout_at_each_stage(grid_factory: type, stage: str) -> None:
+    victim = 103
+    grid = grid_factory(make_app(), 6, drop=lambda s, node: node == victim and s == stage)
+    strategy = SecAggStrategy(FedAvg(min_available_nodes=6), config=CFG)
+
+    (arrays, _), _ = run_round(grid, strategy)
+
+    pids = [p for p in range(6) if p != 2 or stage == wire.UNMASK]
+    assert_close(arrays, expected(pids, initial()), CFG.encoding.error_bound)
+    assert strategy.last_report.masked == len(pids)
+
+
+def test_train_handler_error_counts_as_a_dropout(grid_factory: type) -> None:
+    app = make_app()
+    inner = app._registered_funcs["train.default"]
+
+    def flaky(msg: Message, ctxt) -> Message:
+        if ctxt.node_id == 104:
+            raise RuntimeError("out of memory")
+        return inner(msg, ctxt)
+
+    app._registered_funcs["train.default"] = flaky
+    grid = grid_factory(app, 5)
+    strategy = SecAggStrategy(FedAvg(min_available_nodes=5), config=CFG)
+
+    (arrays, _), _ = run_round(grid, strategy)
+
+    assert_close(arrays, expected([0, 1, 2, 4], initial()), CFG.encoding.error_bound)
+
+
+def test_below_threshold_aborts_and_the_model_stays(grid_factory: type) -> None:
+    # 6 nodes, threshold 4: in round 1 three fail to send their masked input; round 2 is complete
+    seen: dict[int, int] = {}
+
+    def drop(stage: str, node: int) -> bool:
+        if stage != wire.MASKED_INPUT:
+            return False
+        seen[node] = seen.get(node, 0) + 1
+        return seen[node] == 1 and node in (101, 102, 103)
+
+    grid = grid_factory(make_app(), 6, drop=drop)
+    strategy = SecAggStrategy(
+        FedAvg(min_available_nodes=6), config=SecAggConfig(enabled=True, threshold=4, timeout=0.2)
+    )
+    reasons = []
+    original = strategy.aggregate_train
+
+    def spy(server_round: int, replies):
+        out = original(server_round, replies)
+        reasons.append((out[0] is None, strategy.last_abort_reason))
+        return out
+
+    strategy.aggregate_train = spy
+    result = strategy.start(grid, initial(), num_rounds=2)
+
+    assert reasons[0][0] and "masked input: only 3 nodes left, below the threshold of 4" in reasons[0][1]
+    assert reasons[1] == (False, None)
+    assert 1 not in result.train_metrics_clientapp
+    # round 2 started from the unchanged initial model: one step of the full mean away from it
+    assert_close(result.arrays, expected(list(range(6)), initial()), strategy.config.encoding.error_bound)
+
+
+def test_abort_in_key_stage_sends_no_train_message(grid_factory: type) -> None:
+    grid = grid_factory(make_app(), 4, drop=lambda s, node: s == wire.SHARE_KEYS and node != 101)
+    strategy = SecAggStrategy(FedAvg(min_available_nodes=4), config=CFG)
+
+    (arrays, metrics), msgs = run_round(grid, strategy)
+
+    assert msgs == [] and arrays is None and metrics is None
+    assert "share keys" in strategy.last_abort_reason
+
+
+def test_too_many_nodes_for_the_modulus_abort(grid_factory: type) -> None:
+    grid = grid_factory(make_app(), 3)
+    cfg = SecAggConfig(enabled=True, threshold=2, max_nodes=2)
+    strategy = SecAggStrategy(FedAvg(min_available_nodes=3, min_train_nodes=3), config=cfg)
+
+    (arrays, _), msgs = run_round(grid, strategy)
+
+    assert arrays is None and msgs == []
+    assert "max_nodes=2" in strategy.last_abort_reason
+
+
+# --- composition with other strategies and mods ---------------------------------------------------
+def test_two_rounds_reuse_channel_keys_and_advertise_again_after_a_restart(grid_factory: type) -> None:
+    grid = grid_factory(make_app(), 4)
+    strategy = SecAggStrategy(FedAvg(min_available_nodes=4), config=CFG)
+
+    result = strategy.start(grid, initial(), num_rounds=2)
+    assert strategy.last_report.advertised == 0  # round 2 reused round 1's channel keys
+    grid.contexts[102].state = RecordDict()  # node 102 restarts and loses its keys
+    (arrays, _), _ = run_round(grid, strategy, result.arrays)
+    assert strategy.last_report.masked == 3  # 102 refused (stale key) and sat this round out
+    run_round(grid, strategy, arrays)
+
+    assert strategy.last_report.advertised == 1 and strategy.last_report.masked == 4
+
+
+def test_fedadam_applies_its_optimizer_to_the_unmasked_mean(grid_factory: type) -> None:
+    grid = grid_factory(make_app(), 4)
+    plain = FedAdam(min_available_nodes=4, eta=0.1)
+    secure = SecAggStrategy(FedAdam(min_available_nodes=4, eta=0.1), config=CFG)
+    avg = expected(list(range(4)), initial())
+    fake = Message(
+        RecordDict(
+            {"arrays": ArrayRecord({k: Array(v) for k, v in avg.items()}), "metrics": MetricRecord({"num-examples": 1})}
+        ),
+        dst_node_id=1,
+        message_type="train",
+    )
+    plain.configure_train(1, initial(), ConfigRecord(), grid)
+    want, _ = plain.aggregate_train(1, [fake])
+
+    (got, _), _ = run_round(grid, secure)
+
+    assert_close(got, {k: v.numpy() for k, v in want.items()}, 1e-4)  # Adam's step amplifies the small error
+
+
+def test_client_side_dp_wrapper_outside_secagg(grid_factory: type) -> None:
+    from flwr.clientapp.mod import fixedclipping_mod
+
+    grid = grid_factory(make_app([secagg_mod, fixedclipping_mod]), 4)
+    strategy = DifferentialPrivacyClientSideFixedClipping(
+        SecAggStrategy(FedAvg(min_available_nodes=4), config=CFG),
+        noise_multiplier=0.0,
+        clipping_norm=1e-3,
+        num_sampled_clients=4,
+    )
+
+    result = strategy.start(grid, initial(), num_rounds=1)
+
+    step = sum(np.sum((result.arrays[k].numpy() - a.numpy()) ** 2) for k, a in initial().items()) ** 0.5
+    assert 0 < step <= 1e-3 + 1e-4  # every node clipped to 1e-3 before masking; the mean is no longer
+
+
+def test_mod_passes_plain_train_through_and_strict_mod_refuses_it(grid_factory: type) -> None:
+    plain_grid = grid_factory(make_app(), 3)
+    result = FedAvg(min_available_nodes=3).start(plain_grid, initial(), num_rounds=1)
+    assert_close(result.arrays, expected([0, 1, 2], initial()), 1e-6)
+
+    strict_grid = grid_factory(make_app([strict_secagg_mod]), 3)
+    FedAvg(min_available_nodes=3).start(strict_grid, initial(), num_rounds=1)
+    assert all(
+        r.has_error() and "secure aggregation" in r.error.reason
+        for r in strict_grid.received
+        if r.metadata.message_type == "train"
+    )
+
+
+def test_mod_refuses_a_late_share_keys_message_of_an_earlier_round(grid_factory: type) -> None:
+    grid = grid_factory(make_app(), 3)
+    strategy = SecAggStrategy(FedAvg(min_available_nodes=3), config=CFG)
+    strategy.configure_train(2, initial(), ConfigRecord(), grid)
+    sent = next(m for m in grid.sent if stage_of(m) == wire.SHARE_KEYS and m.metadata.dst_node_id == 101)
+    late = dict(sent.content[wire.RECORD]) | {wire.ROUND: 1}
+
+    replies = grid.send_and_receive([Message(RecordDict({wire.RECORD: ConfigRecord(late)}), 101, "train")])
+
+    assert replies[0].has_error() and "stale share-keys message of round 1" in replies[0].error.reason
+
+
+def test_wrap_strategy_and_constructor_checks() -> None:
+    inner = FedAvg()
+    assert wrap_strategy(inner, SecAggConfig(enabled=False)) is inner
+    assert isinstance(wrap_strategy(inner, SecAggConfig(enabled=True)), SecAggStrategy)
+    with pytest.raises(ValueError, match="Strategy"):
+        SecAggStrategy(object(), config=CFG)
+    with pytest.raises(ValueError, match="SecAggConfig"):
+        SecAggStrategy(inner, config={"enabled": True})
+
+
+def test_aggregate_without_configure_returns_nothing() -> None:
+    strategy = SecAggStrategy(FedAvg(), config=CFG)
+
+    assert strategy.aggregate_train(3, []) == (None, None)
+    assert "not configured" in strategy.last_abort_reason
