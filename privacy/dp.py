@@ -77,8 +77,8 @@ import logging
 import math
 import uuid
 import warnings
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from types import TracebackType
 from typing import Any, Literal, Protocol
 
@@ -137,8 +137,9 @@ class DPConfig:
         ``target``: DP-SGD with the noise multiplier Opacus computes so that the whole
         planned training (``total_epochs_planned``) reaches ``target_epsilon`` (as
         ``PrivacyEngine.make_private_with_epsilon``; see :func:`plan_training`).
-    noise_multiplier : float
-        Noise standard deviation over ``max_grad_norm`` (mode ``dp``); > 0.
+    noise_multiplier : float or None
+        Noise standard deviation over ``max_grad_norm``; > 0 in mode ``dp``, unused
+        (may be None) in the other modes.
     max_grad_norm : float
         Per-user clipping bound C on the flat L2 norm of the gradient; > 0.
     delta : float or None
@@ -158,7 +159,7 @@ class DPConfig:
     """
 
     mode: Literal["off", "dp", "target"] = "off"
-    noise_multiplier: float = 1.0
+    noise_multiplier: float | None = 1.0
     max_grad_norm: float = 1.0
     delta: float | None = None
     target_epsilon: float | None = None
@@ -176,7 +177,8 @@ class DPConfig:
             raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, not {self.grad_sample_mode!r}")
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
-        if self.mode == "dp" and not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
+        sigma = self.noise_multiplier
+        if self.mode == "dp" and not (sigma is not None and math.isfinite(sigma) and sigma > 0):
             raise ValueError(
                 f"noise_multiplier must be > 0 in mode 'dp' (0 gives no privacy: use mode='off'), "
                 f"got {self.noise_multiplier}"
@@ -190,6 +192,19 @@ class DPConfig:
             raise ValueError(f"target_epsilon is only used with mode='target' (mode is {self.mode!r})")
         if not isinstance(self.poisson_sampling, bool) or not isinstance(self.secure_rng, bool):
             raise ValueError("poisson_sampling and secure_rng must be booleans")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], *, ignore: Iterable[str] = ("max_epsilon",)) -> DPConfig:
+        """Build from a config mapping (the Hydra ``privacy`` group), refusing unknown keys.
+
+        Keys in ``ignore`` belong to the same group but not to DP-SGD (``max_epsilon`` is
+        the node's budget, read by the node from its own configuration).
+        """
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - names - set(ignore))
+        if unknown:
+            raise ValueError(f"unknown privacy settings {unknown}; expected some of {sorted(names)}")
+        return cls(**{k: values[k] for k in names if k in values})
 
     @property
     def is_private(self) -> bool:
@@ -251,6 +266,7 @@ def plan_training(
     if config.mode == "off":
         sigma = 0.0
     elif config.mode == "dp":
+        assert config.noise_multiplier is not None
         sigma = float(config.noise_multiplier)
     else:
         assert config.target_epsilon is not None

@@ -88,6 +88,25 @@ def test_config_is_keyword_only_and_frozen():
     assert cfg.resolve_delta(200) == pytest.approx(1 / 200)
 
 
+def test_config_reads_the_hydra_privacy_group():
+    from pathlib import Path
+
+    import yaml
+
+    conf = Path(__file__).resolve().parents[2] / "conf" / "privacy"
+    dp = yaml.safe_load((conf / "dp.yaml").read_text())
+    cfg = DPConfig.from_mapping(dp)
+    assert (cfg.mode, cfg.noise_multiplier, cfg.accountant) == ("dp", 1.0, "rdp")
+    target = {
+        **dp,
+        **{k: v for k, v in yaml.safe_load((conf / "dp_target.yaml").read_text()).items() if k != "defaults"},
+    }
+    assert DPConfig.from_mapping(target).target_epsilon == 8.0
+    assert not DPConfig.from_mapping(yaml.safe_load((conf / "none.yaml").read_text())).is_private
+    with pytest.raises(ValueError, match="unknown privacy settings"):
+        DPConfig.from_mapping({**dp, "noise": 2.0})
+
+
 # ---- off mode -------------------------------------------------------------------------
 
 
