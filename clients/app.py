@@ -35,10 +35,13 @@ from federation.globalmodel import get_weights, set_weights
 from federation.runconfig import unflatten
 from privacy.dp import DPConfig, make_private, plan_training
 from privacy.ledger import PrivacyLedger
+from privacy.secagg import secagg_mod
 
 __all__ = ["app", "build_client_app"]
 
 log = logging.getLogger(__name__)
+
+DEFAULT_NODE_MAX_EPSILON = 10.0  # a deployed node that configured no budget gets this one
 
 
 def _settings(context: Context, fixed: dict[str, Any] | None) -> dict[str, Any]:
@@ -72,9 +75,16 @@ def dp_config(settings: dict[str, Any]) -> DPConfig:
 
 
 def node_budget(context: Context, settings: dict[str, Any]) -> float | None:
-    """The node's own ``max_epsilon``: node config in a deployment (the coordinator cannot
-    set it); in simulation each simulated node's config is ``privacy.max_epsilon``."""
-    value = context.node_config.get("max-epsilon", (settings.get("privacy") or {}).get("max_epsilon"))
+    """The node's own ``max_epsilon``.
+
+    In a deployment (the node has its own ``data-dir``) only the node's config counts
+    (``--max-epsilon`` of ``fedmart node``): whatever the coordinator sends is ignored. In
+    simulation the run's ``privacy.max_epsilon`` stands in for every simulated node's config.
+    """
+    if context.node_config.get("data-dir"):
+        value = context.node_config.get("max-epsilon", DEFAULT_NODE_MAX_EPSILON)
+    else:
+        value = (settings.get("privacy") or {}).get("max_epsilon")
     return None if value in (None, "", "inf") else float(value)
 
 
@@ -220,7 +230,9 @@ def _guarded(handler, fixed: dict[str, Any] | None):
 
 def build_client_app(fixed_run_config: dict[str, Any] | None = None) -> ClientApp:
     """The ClientApp; ``fixed_run_config`` replaces ``context.run_config`` (in-process simulation)."""
-    client_app = ClientApp()
+    # secagg_mod answers the secure-aggregation stages and masks the training reply when
+    # the coordinator runs secure aggregation; other messages pass through untouched.
+    client_app = ClientApp(mods=[secagg_mod])
     client_app.train()(_guarded(local_train, fixed_run_config))
     client_app.evaluate()(_guarded(local_evaluate, fixed_run_config))
     client_app.query("hello")(_guarded(hello, fixed_run_config))

@@ -40,8 +40,17 @@ __all__ = ["make_strategy", "run_server", "CentralEvaluator"]
 log = logging.getLogger(__name__)
 
 
-def make_strategy(fed: dict[str, Any], num_nodes: int) -> Strategy:
-    """FedAvg or FedAdam from the ``federation`` config group."""
+def make_strategy(fed: dict[str, Any], num_nodes: int, secagg: dict[str, Any] | None = None) -> Strategy:
+    """FedAvg or FedAdam from the ``federation`` group, wrapped in secure aggregation when enabled."""
+    inner = _base_strategy(fed, num_nodes)
+    if secagg and secagg.get("enabled"):
+        from privacy.secagg import SecAggConfig, wrap_strategy
+
+        return wrap_strategy(inner, SecAggConfig.from_mapping(secagg))
+    return inner
+
+
+def _base_strategy(fed: dict[str, Any], num_nodes: int) -> Strategy:
     common = {
         "fraction_train": float(fed.get("fraction_train", 1.0)),
         "fraction_evaluate": float(fed.get("fraction_evaluate", 1.0)),
@@ -145,7 +154,7 @@ def run_server(grid: Grid, settings: dict[str, Any], *, listeners_extra=()) -> A
     if not nodes:
         raise RuntimeError("no node joined the federation; check the nodes' logs")
     log.info("%d nodes joined: %s", len(nodes), ", ".join(sorted(n.name for n in nodes.values()))[:500])
-    strategy = make_strategy(fed, len(nodes))
+    strategy = make_strategy(fed, len(nodes), settings.get("secagg"))
     start, arrays = load_checkpoint(run, strategy)
     if arrays is None:
         model = build_model(catalog, settings["model"], int(settings["data"]["max_len"]), seed=int(settings["seed"]))

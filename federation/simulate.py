@@ -72,7 +72,7 @@ def check_settings(cfg: dict[str, Any]) -> None:
         k: v for k, v in cfg["model"].items() if k in ("hidden", "layers", "heads", "dropout", "attn_dropout")
     })  # fmt: skip
     select_device(str(cfg.get("device", "auto")))
-    make_strategy(cfg["federation"], num_nodes=2)
+    make_strategy(cfg["federation"], num_nodes=2, secagg=cfg.get("secagg"))
     if int(cfg["federation"]["num_rounds"]) < 1 or int(cfg["federation"]["local_epochs"]) < 0:
         raise ValueError("federation.num_rounds must be >= 1 and federation.local_epochs >= 0")
 
