@@ -117,7 +117,7 @@ def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05) -> bool
     return False
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def support() -> SimpleNamespace:
     return SimpleNamespace(
         make_world=make_world,
