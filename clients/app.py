@@ -68,10 +68,7 @@ def _node(context: Context, settings: dict[str, Any]) -> NodeData:
 
 def dp_config(settings: dict[str, Any]) -> DPConfig:
     """The privacy group of the run config as a validated :class:`DPConfig` (off when absent)."""
-    p = settings.get("privacy") or {}
-    keys = ("mode", "noise_multiplier", "max_grad_norm", "delta", "target_epsilon", "accountant", "grad_sample_mode",
-            "poisson_sampling", "secure_rng")  # fmt: skip
-    return DPConfig(**{k: p[k] for k in keys if k in p})
+    return DPConfig.from_mapping(settings.get("privacy") or {})
 
 
 def node_budget(context: Context, settings: dict[str, Any]) -> float | None:

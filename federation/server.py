@@ -235,7 +235,10 @@ def finish_run(run: RunDir, settings: dict[str, Any], *, nodes_count: int, secon
         "seed": settings["seed"],
         "wall time (this invocation)": f"{seconds:.0f}s",
     }
-    write_report(run, "fedmart federated run", summary)
+    from federation.outputs import read_metrics
+    from federation.privacy_report import privacy_section
+
+    write_report(run, "fedmart federated run", summary, privacy_section(settings, read_metrics(run.metrics)))
 
 
 def _catalog(settings: dict[str, Any]) -> Catalog:

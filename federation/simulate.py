@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from federation.errors import UserError, exit_on_user_error
@@ -45,6 +46,12 @@ def prepare(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         write_node_dir(node_dir_for(nodes_dir, pid), name, catalog_path, data.interactions.take(rows))
         sizes.append({"node": name, "events": int(len(rows))})
     central = data.interactions.save(run_dir / "central" / "interactions.npz")
+    # How many nodes hold part of one user's history: what user-level DP composes over.
+    node_of_row = np.empty(len(data.interactions), dtype=np.int64)
+    for pid, rows in enumerate(part.rows):
+        node_of_row[rows] = pid
+    pairs = np.unique(np.stack([data.interactions.user, node_of_row]), axis=1)
+    spread = np.bincount(pairs[0], minlength=data.interactions.num_users)
     (run_dir / "nodes.json").write_text(json.dumps(sizes, indent=1) + "\n")
     log.info("%d %s silos written to %s", len(part), cfg["partition"]["scheme"], nodes_dir)
     return {
@@ -53,6 +60,8 @@ def prepare(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         "catalog": str(catalog_path),
         "central-data": str(central),
         "num-nodes": len(part),
+        "max-nodes-per-user": int(spread.max()),
+        "mean-nodes-per-user": float(spread.mean()),
     }
 
 
