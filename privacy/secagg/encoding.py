@@ -148,20 +148,24 @@ def encode(delta: np.ndarray, weight: int, params: EncodingParams) -> np.ndarray
     if not 0 <= weight <= params.max_weight:
         raise ValueError(f"weight must lie in 0..{params.max_weight}, got {weight}")
     x = np.asarray(delta, dtype=np.float64).ravel()
-    if not np.all(np.isfinite(x)):
-        raise ValueError("the update contains NaN or infinity")
-    c = params.clip_range
-    n_clipped = int(np.count_nonzero(np.abs(x) > c))
-    if n_clipped:
-        log.warning("secagg: %d of %d update coordinates clipped to +-%g", n_clipped, x.size, c)
-    q = np.clip(x, -c, c)
-    q += c
-    q *= params.levels / (2.0 * c)
-    np.rint(q, out=q)
-    np.clip(q, 0, params.levels, out=q)  # guard against float rounding at the edges
     out = np.empty(x.size + 1, dtype=params.dtype)
-    np.multiply(q.astype(params.dtype), params.dtype.type(weight), out=out[:-1])
     out[-1] = weight
+    if x.size == 0:
+        return out
+    c, scale = params.clip_range, params.levels / (2.0 * params.clip_range)
+    lo, hi = float(x.min()), float(x.max())  # NaN propagates through min/max
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError("the update contains NaN or infinity")
+    q = np.multiply(x, scale)  # (d,) float64: q = (clip(x) + c) * L / 2c, in as few passes as possible
+    q += c * scale
+    if lo < -c or hi > c:
+        log.warning("secagg: %d of %d update coordinates clipped to +-%g", np.count_nonzero(np.abs(x) > c), x.size, c)
+    np.clip(q, 0, params.levels, out=q)  # also guards float rounding at the edges
+    np.rint(q, out=q)
+    body = out[:-1]
+    np.copyto(body, q, casting="unsafe")
+    if weight != 1:
+        body *= params.dtype.type(weight)
     return out
 
 

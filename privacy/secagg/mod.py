@@ -5,7 +5,9 @@ e.g. Flower's ``fixedclipping_mod``)::
 
     app = ClientApp(mods=[secagg_mod, fixedclipping_mod])
 
-Stage messages (``advertise``, ``share-keys``, ``unmask``) are answered by the mod itself; the
+Stage messages (``advertise``, ``share-keys``, ``unmask``) are answered by the mod itself (an
+unmask message may also carry the next round's share-keys stage under ``secagg.next``:
+pipelining, see :class:`~privacy.secagg.SecAggStrategy`); the
 ``masked-input`` stage is the round's TRAIN message: the mod lets it through to the handler
 (``call_next``), then replaces the reply's ArrayRecord (the full new weights) by the masked
 encoding of ``w * (new - global)`` and ``w``, where ``w`` is the reply's ``num-examples``.
@@ -52,16 +54,20 @@ def secagg_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Mes
         return call_next(msg, ctxt)
     record = msg.content.config_records[wire.RECORD]
     stage = record.get(wire.STAGE)
-    if stage == wire.ADVERTISE:
-        _, c_pk = _channel_keys(ctxt)
-        return _reply(msg, {wire.STAGE: stage, wire.CHANNEL_PK: c_pk})
-    if stage == wire.SHARE_KEYS:
-        return _share_keys(msg, ctxt, record)
     if stage == wire.MASKED_INPUT:
         return _masked_input(msg, ctxt, record, call_next)
-    if stage == wire.UNMASK:
-        return _unmask(msg, ctxt, record)
-    raise ValueError(f"unknown secure-aggregation stage {stage!r}")
+    handler = {wire.ADVERTISE: _advertise, wire.SHARE_KEYS: _share_keys, wire.UNMASK: _unmask}.get(str(stage))
+    if handler is None:
+        raise ValueError(f"unknown secure-aggregation stage {stage!r}")
+    content = RecordDict({wire.RECORD: ConfigRecord(handler(ctxt, record))})
+    pipelined = msg.content.config_records.get(wire.RECORD_NEXT)
+    if pipelined is not None:  # the next round's share-keys stage, riding on this message
+        try:
+            content[wire.RECORD_NEXT] = ConfigRecord(_share_keys(ctxt, pipelined))
+        except ValueError as err:  # must not cost the reply to this round's stage
+            log.warning("secagg: cannot start the next round's session: %s", err)
+            content[wire.RECORD_NEXT] = ConfigRecord({wire.STAGE: wire.SHARE_KEYS, wire.ERROR: str(err)})
+    return Message(content, reply_to=msg)
 
 
 def strict_secagg_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
@@ -75,17 +81,16 @@ def flatten_update(new: ArrayRecord, old: ArrayRecord) -> np.ndarray:
     """``new - old`` over all arrays in ``old``'s key order, flattened to one float64 vector."""
     if set(new.keys()) != set(old.keys()):
         raise ValueError(f"the reply's arrays {sorted(new.keys())} differ from the global ones {sorted(old.keys())}")
-    parts = []
-    for key, arr in old.items():
-        g, n = arr.numpy(), new[key].numpy()
+    olds = {key: arr.numpy() for key, arr in old.items()}
+    out = np.empty(sum(g.size for g in olds.values()), dtype=np.float64)
+    offset = 0
+    for key, g in olds.items():
+        n = new[key].numpy()
         if g.shape != n.shape:
             raise ValueError(f"array {key!r}: reply shape {n.shape} differs from the global {g.shape}")
-        parts.append(n.astype(np.float64).ravel() - g.astype(np.float64).ravel())
-    return np.concatenate(parts) if parts else np.zeros(0)
-
-
-def _reply(msg: Message, values: dict) -> Message:
-    return Message(RecordDict({wire.RECORD: ConfigRecord(values)}), reply_to=msg)
+        np.subtract(n.ravel(), g.ravel(), out=out[offset : offset + g.size], dtype=np.float64)
+        offset += g.size
+    return out
 
 
 def _channel_keys(ctxt: Context) -> tuple[bytes, bytes]:
@@ -109,7 +114,12 @@ def _save_session(ctxt: Context, node: NodeSession, server_round: int) -> None:
     ctxt.state.config_records[wire.STATE_SESSION] = ConfigRecord({**node.to_dict(), wire.ROUND: server_round})
 
 
-def _share_keys(msg: Message, ctxt: Context, record: ConfigRecord) -> Message:
+def _advertise(ctxt: Context, record: ConfigRecord) -> dict:
+    _, c_pk = _channel_keys(ctxt)
+    return {wire.STAGE: wire.ADVERTISE, wire.CHANNEL_PK: c_pk}
+
+
+def _share_keys(ctxt: Context, record: ConfigRecord) -> dict:
     c_sk, c_pk = _channel_keys(ctxt)
     if record[wire.CHANNEL_PK] != c_pk:
         raise ValueError("the coordinator holds a stale channel key for this node; it must advertise again")
@@ -128,17 +138,14 @@ def _share_keys(msg: Message, ctxt: Context, record: ConfigRecord) -> Message:
     node, reply = NodeSession.share_keys(request, c_sk)
     _save_session(ctxt, node, server_round)
     dsts = sorted(reply.ciphertexts)
-    return _reply(
-        msg,
-        {
-            wire.STAGE: wire.SHARE_KEYS,
-            wire.SESSION: request.session,
-            wire.MASK_PK: reply.s_pk,
-            wire.COMMITMENT: reply.commitment,
-            wire.DESTINATIONS: dsts,
-            wire.CIPHERTEXTS: [reply.ciphertexts[v] for v in dsts],
-        },
-    )
+    return {
+        wire.STAGE: wire.SHARE_KEYS,
+        wire.SESSION: request.session,
+        wire.MASK_PK: reply.s_pk,
+        wire.COMMITMENT: reply.commitment,
+        wire.DESTINATIONS: dsts,
+        wire.CIPHERTEXTS: [reply.ciphertexts[v] for v in dsts],
+    }
 
 
 def _masked_input(msg: Message, ctxt: Context, record: ConfigRecord, call_next: ClientAppCallable) -> Message:
@@ -171,7 +178,7 @@ def _masked_input(msg: Message, ctxt: Context, record: ConfigRecord, call_next: 
         raise ValueError(f"the train reply must carry one MetricRecord with {weight_key!r}")
     weight = params.cap_weight(float(cast(float, metrics[0][weight_key])))
     x = encode(flatten_update(new_arrays, global_arrays), weight, params)
-    y = node.mask(request, x)
+    y = node.mask(request, x, in_place=True)
     _save_session(ctxt, node, server_round)
     content = RecordDict()
     for key, rec in out.content.metric_records.items():
@@ -183,7 +190,7 @@ def _masked_input(msg: Message, ctxt: Context, record: ConfigRecord, call_next: 
     return Message(content, reply_to=msg)
 
 
-def _unmask(msg: Message, ctxt: Context, record: ConfigRecord) -> Message:
+def _unmask(ctxt: Context, record: ConfigRecord) -> dict:
     node, _ = _load_session(ctxt)
     request = UnmaskRequest(
         session=cast(bytes, record[wire.SESSION]),
@@ -193,14 +200,11 @@ def _unmask(msg: Message, ctxt: Context, record: ConfigRecord) -> Message:
     reply = node.unmask(request)
     del ctxt.state[wire.STATE_SESSION]  # the session's secrets are no longer needed: wipe them
     b_src, sk_src = sorted(reply.b_shares), sorted(reply.sk_shares)
-    return _reply(
-        msg,
-        {
-            wire.STAGE: wire.UNMASK,
-            wire.SESSION: request.session,
-            wire.B_SOURCES: b_src,
-            wire.B_SHARES: [reply.b_shares[v] for v in b_src],
-            wire.SK_SOURCES: sk_src,
-            wire.SK_SHARES: [reply.sk_shares[v] for v in sk_src],
-        },
-    )
+    return {
+        wire.STAGE: wire.UNMASK,
+        wire.SESSION: request.session,
+        wire.B_SOURCES: b_src,
+        wire.B_SHARES: [reply.b_shares[v] for v in b_src],
+        wire.SK_SOURCES: sk_src,
+        wire.SK_SHARES: [reply.sk_shares[v] for v in sk_src],
+    }

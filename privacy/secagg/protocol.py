@@ -267,8 +267,8 @@ class NodeSession:
         return node, ShareKeysReply(s_pk=s_pk, commitment=_commitment(request.session, b), ciphertexts=ciphertexts)
 
     # --- stage 3: masked input -----------------------------------------------------------
-    def mask(self, request: MaskRequest, x: np.ndarray) -> np.ndarray:
-        """Decrypt the shares this node holds and return ``x`` masked (``x`` is not modified)."""
+    def mask(self, request: MaskRequest, x: np.ndarray, *, in_place: bool = False) -> np.ndarray:
+        """Decrypt the shares this node holds and return ``x`` masked (masked in place if ``in_place``)."""
         self.expect("shared", request.session)
         peers = sorted(request.neighbour_s_pks)
         if set(request.ciphertexts) != set(peers) or not set(peers) <= set(self.neighbours):
@@ -286,7 +286,7 @@ class NodeSession:
             self.held_b[v], self.held_sk[v] = plain[:_SHARE_BYTES], plain[_SHARE_BYTES:]
         if x.ndim != 1 or x.dtype.kind != "u":
             raise ValueError("the encoded input must be a 1-d unsigned integer array")
-        y = x.copy()
+        y = x if in_place else x.copy()
         seeds = [self.b, *_pair_seeds(self.s_sk, s_pks, self.session)]
         signs = [1] + [_sign(self.index, v) for v in peers]
         add_masks(y, seeds, signs)

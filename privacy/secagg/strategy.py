@@ -15,6 +15,13 @@ never sees a node's update. Per round (``Strategy.start`` calls these in this or
   ``DifferentialPrivacyClientSideFixedClipping(SecAggStrategy(FedAvg(...)))`` adds its noise
   to the unmasked mean (nodes clip with ``fixedclipping_mod`` inside ``secagg_mod``).
 
+**Pipelining.** By default the unmask message of round ``r`` also carries the share-keys stage
+of round ``r + 1`` for the same nodes (record ``secagg.next``); if ``inner`` then samples
+exactly those nodes for round ``r + 1`` (the usual case with ``fraction_train=1``), round
+``r + 1`` skips its share-keys exchange. Otherwise the speculation is dropped and the stage
+runs as usual. In steady state a secure round thus costs one message exchange more than a
+plain one (the unmask stage); ``pipeline=False`` turns this off.
+
 A round that cannot complete (fewer survivors than the threshold at some stage, a secret
 without enough shares, too many nodes for the modulus) aborts: ``aggregate_train`` returns
 ``(None, None)``, the global model stays as it was, and the reason is logged and kept in
@@ -61,6 +68,7 @@ class RoundReport:
     masked: int = 0  # |U3|: nodes whose masked input is in the sum
     unmasked: int = 0  # |U4|: nodes that answered the unmask stage
     threshold: int = 0
+    pipelined: bool = False  # the share-keys stage rode on the previous round's unmask messages
     seconds: dict[str, float] = field(default_factory=dict)  # per stage, as the coordinator sees it
     abort_reason: str | None = None
 
@@ -71,12 +79,18 @@ class _Round:
     grid: Grid
     arrays: ArrayRecord
     arrays_key: str
-    session: ServerSession
-    node_of: dict[int, int]  # protocol index -> node id
-    index_of: dict[int, int]  # node id -> protocol index
+    keys: _Session
     instructions: dict[int, Message]  # node id -> TRAIN message sent
     report: RoundReport
     sent_at: float = 0.0
+
+
+@dataclass
+class _Session:
+    server_round: int
+    session: ServerSession
+    node_of: dict[int, int]  # protocol index -> node id
+    index_of: dict[int, int]  # node id -> protocol index
 
 
 def wrap_strategy(inner: Strategy, config: SecAggConfig) -> Strategy:
@@ -97,9 +111,18 @@ class SecAggStrategy(Strategy):
     weighted_by_key : str, optional
         MetricRecord key of a node's weight; defaults to ``inner.weighted_by_key`` when the
         inner strategy has one, else ``"num-examples"``.
+    pipeline : bool
+        Run the next round's share-keys stage together with this round's unmask stage.
     """
 
-    def __init__(self, inner: Strategy, *, config: SecAggConfig, weighted_by_key: str | None = None) -> None:
+    def __init__(
+        self,
+        inner: Strategy,
+        *,
+        config: SecAggConfig,
+        weighted_by_key: str | None = None,
+        pipeline: bool = True,
+    ) -> None:
         if not isinstance(inner, Strategy):
             raise ValueError(f"inner must be a flwr.serverapp.strategy.Strategy, got {type(inner).__name__}")
         if not isinstance(config, SecAggConfig):
@@ -111,7 +134,9 @@ class SecAggStrategy(Strategy):
         self.last_report: RoundReport | None = None
         self._params = config.encoding
         self._channel_pks: dict[int, bytes] = {}  # node id -> channel public key (long-lived)
+        self.pipeline = bool(pipeline)
         self._round: _Round | None = None
+        self._next: _Session | None = None  # share-keys already done for the next round (pipelining)
 
     def __repr__(self) -> str:
         return f"SecAggStrategy({self.inner!r})"
@@ -157,6 +182,7 @@ class SecAggStrategy(Strategy):
     ) -> list[Message]:
         node_ids = [m.metadata.dst_node_id for m in messages]
         report.sampled = len(node_ids)
+        speculation, self._next = self._next, None
         if len(set(node_ids)) != len(node_ids):
             raise SecAggAbort("the inner strategy addressed a node twice in one round")
         if len(node_ids) > self.config.max_nodes:
@@ -167,65 +193,25 @@ class SecAggStrategy(Strategy):
         if len(array_keys) != 1:
             raise SecAggAbort(f"a TRAIN message must carry exactly one ArrayRecord, got {array_keys}")
 
-        # advertise: only nodes whose channel key we do not hold yet
-        unknown = [n for n in node_ids if n not in self._channel_pks]
-        report.advertised = len(unknown)
-        if unknown:
-            t0 = time.perf_counter()
-            rec = {wire.STAGE: wire.ADVERTISE}
-            replies = self._exchange(grid, {n: rec for n in unknown}, server_round)
-            for n, r in replies.items():
-                pk = r.get(wire.CHANNEL_PK)
-                if isinstance(pk, bytes) and len(pk) == 32:
-                    self._channel_pks[n] = pk
-            report.seconds[wire.ADVERTISE] = time.perf_counter() - t0
-
-        # share keys
-        t0 = time.perf_counter()
-        participants = [n for n in node_ids if n in self._channel_pks]
-        node_of = {i + 1: n for i, n in enumerate(participants)}
-        index_of = {n: i for i, n in node_of.items()}
-        session = ServerSession(list(node_of), threshold=self.config.threshold, neighbours=self.config.neighbours)
+        if (
+            speculation is not None
+            and speculation.server_round == server_round
+            and set(speculation.node_of.values()) == set(node_ids)
+        ):
+            keys = speculation  # share-keys already ran with the previous round's unmask stage
+            report.pipelined = True
+        else:
+            keys = self._fresh_keys(server_round, node_ids, grid, report)
+        session = keys.session
         report.threshold = session.threshold
-        requests = session.share_keys_requests({i: self._channel_pks[n] for i, n in node_of.items()})
-        payloads = {}
-        for i, req in requests.items():
-            peers = sorted(req.neighbours)
-            payloads[node_of[i]] = {
-                wire.STAGE: wire.SHARE_KEYS,
-                wire.SESSION: session.session,
-                wire.ROUND: server_round,
-                wire.INDEX: i,
-                wire.THRESHOLD: req.threshold,
-                wire.CHANNEL_PK: self._channel_pks[node_of[i]],
-                wire.NEIGHBOURS: peers,
-                wire.CHANNEL_PKS: [req.neighbours[v] for v in peers],
-            }
-        replies = self._exchange(grid, payloads, server_round, errors_out=(failed := set()))
-        for n in failed:  # the node may have restarted and lost its channel key: ask it again next time
-            self._channel_pks.pop(n, None)
-        parsed = {}
-        for n, r in replies.items():
-            try:
-                parsed[index_of[n]] = ShareKeysReply(
-                    s_pk=cast(bytes, r[wire.MASK_PK]),
-                    commitment=cast(bytes, r[wire.COMMITMENT]),
-                    ciphertexts=dict(
-                        zip(cast(list[int], r[wire.DESTINATIONS]), cast(list[bytes], r[wire.CIPHERTEXTS]), strict=True)
-                    ),
-                )
-            except (KeyError, ValueError, TypeError):
-                log.warning("secagg round %d: malformed share-keys reply from node %d", server_round, n)
-        u2 = session.receive_share_keys(parsed)
-        report.shared = len(u2)
-        report.seconds[wire.SHARE_KEYS] = time.perf_counter() - t0
+        report.shared = len(session.u2)
 
         # masked input: the inner TRAIN messages, each with the secagg record added
         by_node = {m.metadata.dst_node_id: m for m in messages}
         params = self._params
         out: dict[int, Message] = {}
         for i, req in session.mask_requests().items():
-            n = node_of[i]
+            n = keys.node_of[i]
             original = by_node[n]
             sources = sorted(req.neighbour_s_pks)
             content = RecordDict(dict(original.content.items()))
@@ -256,14 +242,83 @@ class SecAggStrategy(Strategy):
             grid=grid,
             arrays=arrays,
             arrays_key=array_keys[0],
-            session=session,
-            node_of=node_of,
-            index_of=index_of,
+            keys=keys,
             instructions=out,
             report=report,
             sent_at=time.perf_counter(),
         )
         return list(out.values())
+
+    def _fresh_keys(self, server_round: int, node_ids: list[int], grid: Grid, report: RoundReport) -> _Session:
+        """Advertise (nodes without a known channel key) and share-keys stages; U2 is set on return."""
+        unknown = [n for n in node_ids if n not in self._channel_pks]
+        report.advertised = len(unknown)
+        if unknown:
+            t0 = time.perf_counter()
+            replies = self._exchange(
+                grid, {n: {wire.RECORD: {wire.STAGE: wire.ADVERTISE}} for n in unknown}, server_round
+            )
+            for n, recs in replies.items():
+                pk = recs[wire.RECORD].get(wire.CHANNEL_PK)
+                if isinstance(pk, bytes) and len(pk) == 32:
+                    self._channel_pks[n] = pk
+            report.seconds[wire.ADVERTISE] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        keys = self._new_session(server_round, [n for n in node_ids if n in self._channel_pks])
+        payloads = {n: {wire.RECORD: p} for n, p in self._share_keys_payloads(keys).items()}
+        failed: set[int] = set()
+        replies = self._exchange(grid, payloads, server_round, errors_out=failed)
+        for n in failed:  # the node may have restarted and lost its channel key: ask it again next time
+            self._channel_pks.pop(n, None)
+        self._receive_share_keys(keys, {n: recs[wire.RECORD] for n, recs in replies.items()})
+        report.seconds[wire.SHARE_KEYS] = time.perf_counter() - t0
+        return keys
+
+    def _new_session(self, server_round: int, participants: list[int]) -> _Session:
+        node_of = {i + 1: n for i, n in enumerate(participants)}
+        session = ServerSession(list(node_of), threshold=self.config.threshold, neighbours=self.config.neighbours)
+        return _Session(server_round, session, node_of, {n: i for i, n in node_of.items()})
+
+    def _share_keys_payloads(self, keys: _Session) -> dict[int, dict]:
+        """Share-keys stage record per node id."""
+        requests = keys.session.share_keys_requests({i: self._channel_pks[n] for i, n in keys.node_of.items()})
+        payloads = {}
+        for i, req in requests.items():
+            peers = sorted(req.neighbours)
+            payloads[keys.node_of[i]] = {
+                wire.STAGE: wire.SHARE_KEYS,
+                wire.SESSION: keys.session.session,
+                wire.ROUND: keys.server_round,
+                wire.INDEX: i,
+                wire.THRESHOLD: req.threshold,
+                wire.CHANNEL_PK: self._channel_pks[keys.node_of[i]],
+                wire.NEIGHBOURS: peers,
+                wire.CHANNEL_PKS: [req.neighbours[v] for v in peers],
+            }
+        return payloads
+
+    def _receive_share_keys(self, keys: _Session, records: Mapping[int, ConfigRecord]) -> None:
+        """Parse share-keys replies (node id -> record) into the session; may abort."""
+        parsed = {}
+        for n, r in records.items():
+            if n not in keys.index_of:
+                continue
+            if wire.ERROR in r:  # a pipelined share-keys stage failed on the node (e.g. a stale channel key)
+                log.info("secagg round %d: node %d could not share keys: %s", keys.server_round, n, r[wire.ERROR])
+                self._channel_pks.pop(n, None)
+                continue
+            try:
+                parsed[keys.index_of[n]] = ShareKeysReply(
+                    s_pk=cast(bytes, r[wire.MASK_PK]),
+                    commitment=cast(bytes, r[wire.COMMITMENT]),
+                    ciphertexts=dict(
+                        zip(cast(list[int], r[wire.DESTINATIONS]), cast(list[bytes], r[wire.CIPHERTEXTS]), strict=True)
+                    ),
+                )
+            except (KeyError, ValueError, TypeError):
+                log.warning("secagg round %d: malformed share-keys reply from node %d", keys.server_round, n)
+        keys.session.receive_share_keys(parsed)
 
     # ------------------------------------------------------------------ train: unmask
     def aggregate_train(
@@ -272,6 +327,7 @@ class SecAggStrategy(Strategy):
         """Unmask the sum of the masked replies and let the inner strategy aggregate it."""
         rnd, self._round = self._round, None
         if rnd is None or rnd.server_round != server_round:
+            self._next = None
             if self.last_abort_reason is None:
                 self.last_abort_reason = f"round {server_round} was not configured by this SecAggStrategy"
                 log.warning("secagg: %s", self.last_abort_reason)
@@ -296,7 +352,8 @@ class SecAggStrategy(Strategy):
         return self.inner.aggregate_train(server_round, [synthetic])
 
     def _unmask(self, rnd: _Round, replies: list[Message]) -> Message:
-        session, report = rnd.session, rnd.report
+        keys, report = rnd.keys, rnd.report
+        session = keys.session
         d = sum(int(np.prod(a.shape)) for a in rnd.arrays.values())
         vectors: dict[int, np.ndarray] = {}
         metrics: dict[int, dict[str, MetricRecord]] = {}
@@ -309,28 +366,43 @@ class SecAggStrategy(Strategy):
             if rec is None or rec.get(wire.SESSION) != session.session or masked is None:
                 log.warning("secagg round %d: node %d replied without a masked input", rnd.server_round, n)
                 continue
-            vectors[rnd.index_of[n]] = masked[wire.MASKED_ARRAY].numpy()
-            metrics[rnd.index_of[n]] = dict(r.content.metric_records.items())
+            vectors[keys.index_of[n]] = masked[wire.MASKED_ARRAY].numpy()
+            metrics[keys.index_of[n]] = dict(r.content.metric_records.items())
         u3 = session.receive_masked(vectors, d + 1, self._params.dtype)
         report.masked = len(u3)
 
         t0 = time.perf_counter()
-        payloads = {
-            rnd.node_of[i]: {
-                wire.STAGE: wire.UNMASK,
-                wire.SESSION: session.session,
-                wire.SURVIVORS: list(req.survivors),
-                wire.DROPPED: list(req.dropped),
+        payloads: dict[int, dict[str, dict]] = {
+            keys.node_of[i]: {
+                wire.RECORD: {
+                    wire.STAGE: wire.UNMASK,
+                    wire.SESSION: session.session,
+                    wire.SURVIVORS: list(req.survivors),
+                    wire.DROPPED: list(req.dropped),
+                }
             }
             for i, req in session.unmask_requests().items()
         }
+        upcoming = self._speculate(rnd.server_round + 1, [keys.node_of[i] for i in sorted(u3)])
+        if upcoming is not None:
+            for n, p in self._share_keys_payloads(upcoming).items():
+                payloads[n][wire.RECORD_NEXT] = p
         replies_u = self._exchange(rnd.grid, payloads, rnd.server_round)
         report.seconds[wire.UNMASK] = time.perf_counter() - t0
+        if upcoming is not None:
+            try:
+                records = {n: recs[wire.RECORD_NEXT] for n, recs in replies_u.items() if wire.RECORD_NEXT in recs}
+                self._receive_share_keys(upcoming, records)
+                self._next = upcoming
+            except SecAggAbort as err:
+                log.info("secagg: no pipelined keys for round %d: %s", upcoming.server_round, err.reason)
+
         t0 = time.perf_counter()
         parsed = {}
-        for n, r in replies_u.items():
+        for n, recs in replies_u.items():
+            r = recs[wire.RECORD]
             try:
-                parsed[rnd.index_of[n]] = UnmaskReply(
+                parsed[keys.index_of[n]] = UnmaskReply(
                     b_shares=dict(
                         zip(cast(list[int], r[wire.B_SOURCES]), cast(list[bytes], r[wire.B_SHARES]), strict=True)
                     ),
@@ -349,6 +421,15 @@ class SecAggStrategy(Strategy):
         message = self._synthetic_reply(rnd, mean, total_weight, {i: metrics[i] for i in u3})
         report.seconds["reconstruct"] = time.perf_counter() - t0
         return message
+
+    def _speculate(self, server_round: int, node_ids: list[int]) -> _Session | None:
+        """A session for the next round over ``node_ids``, if pipelining is on and it is feasible."""
+        if not self.pipeline:
+            return None
+        try:
+            return self._new_session(server_round, [n for n in node_ids if n in self._channel_pks])
+        except SecAggAbort:
+            return None
 
     def _synthetic_reply(
         self, rnd: _Round, mean: np.ndarray, total_weight: int, metrics: Mapping[int, dict[str, MetricRecord]]
@@ -396,7 +477,7 @@ class SecAggStrategy(Strategy):
 
     # ------------------------------------------------------------------ plumbing
     def _abort(self, report: RoundReport, reason: str) -> None:
-        self._round = None
+        self._round = None  # (a pipelined session for the next round, if any, stays valid)
         report.abort_reason = reason
         self.last_abort_reason = reason
         log.warning("secagg round %d aborted, the global model is unchanged: %s", report.server_round, reason)
@@ -404,11 +485,11 @@ class SecAggStrategy(Strategy):
     def _exchange(
         self,
         grid: Grid,
-        payloads: Mapping[int, dict],
+        payloads: Mapping[int, Mapping[str, dict]],
         server_round: int,
         errors_out: set[int] | None = None,
-    ) -> dict[int, ConfigRecord]:
-        """Send one secagg stage message per node; return each answering node's secagg record.
+    ) -> dict[int, dict[str, ConfigRecord]]:
+        """Send one stage message per node (record key -> values); return each answer's secagg records.
 
         Polls with a short, growing interval (a stage message is small and answered at once)
         until every node answered or ``config.timeout`` passed. Error replies are left out
@@ -417,16 +498,16 @@ class SecAggStrategy(Strategy):
         timeout = float(self.config.timeout)
         messages = [
             Message(
-                RecordDict({wire.RECORD: ConfigRecord(p)}),
+                RecordDict({key: ConfigRecord(values) for key, values in records.items()}),
                 dst_node_id=n,
                 message_type="train",
                 group_id=str(server_round),
                 ttl=timeout,
             )
-            for n, p in payloads.items()
+            for n, records in payloads.items()
         ]
         pending = set(grid.push_messages(messages))
-        out: dict[int, ConfigRecord] = {}
+        out: dict[int, dict[str, ConfigRecord]] = {}
         deadline = time.monotonic() + timeout
         pause = _POLL_FIRST
         while pending:
@@ -440,9 +521,9 @@ class SecAggStrategy(Strategy):
                     if errors_out is not None:
                         errors_out.add(n)
                     continue
-                rec = r.content.config_records.get(wire.RECORD)
-                if rec is not None:
-                    out[n] = rec
+                recs = {k: v for k, v in r.content.config_records.items() if k in (wire.RECORD, wire.RECORD_NEXT)}
+                if wire.RECORD in recs:
+                    out[n] = recs
             if not pending or time.monotonic() >= deadline:
                 break
             time.sleep(min(pause, max(0.0, deadline - time.monotonic())))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 __all__ = [
     "RECORD",
+    "RECORD_NEXT",
     "MASKED_RECORD",
     "MASKED_ARRAY",
     "STATE_SESSION",
@@ -23,6 +24,7 @@ __all__ = [
 ]
 
 RECORD = "secagg"  # ConfigRecord of every stage message and reply
+RECORD_NEXT = "secagg.next"  # ConfigRecord of the next round's share-keys stage, pipelined with an unmask message
 MASKED_RECORD = "secagg.masked"  # ArrayRecord of a masked-input reply
 MASKED_ARRAY = "y"  # its single Array: the masked vector
 STATE_SESSION = "secagg.session"  # ctxt.state ConfigRecord: the current session (secrets; wiped after unmask)
@@ -60,3 +62,4 @@ B_SOURCES = "b-sources"
 B_SHARES = "b-shares"
 SK_SOURCES = "sk-sources"
 SK_SHARES = "sk-shares"
+ERROR = "error"  # in a pipelined share-keys reply: why the node could not start the next session

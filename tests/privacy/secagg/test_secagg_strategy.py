@@ -64,11 +64,11 @@ def node_pid(grid, node: int) -> int:
     return grid.node_ids.index(node)
 
 
-def run_round(grid, strategy: SecAggStrategy, arrays: ArrayRecord | None = None):
+def run_round(grid, strategy: SecAggStrategy, arrays: ArrayRecord | None = None, server_round: int = 1):
     arrays = arrays or initial()
-    msgs = list(strategy.configure_train(1, arrays, ConfigRecord(), grid))
+    msgs = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
     replies = grid.send_and_receive(msgs)
-    return strategy.aggregate_train(1, replies), msgs
+    return strategy.aggregate_train(server_round, replies), msgs
 
 
 def assert_close(got: ArrayRecord, want: dict[str, np.ndarray], bound: float) -> None:
@@ -187,12 +187,49 @@ def test_two_rounds_reuse_channel_keys_and_advertise_again_after_a_restart(grid_
 
     result = strategy.start(grid, initial(), num_rounds=2)
     assert strategy.last_report.advertised == 0  # round 2 reused round 1's channel keys
-    grid.contexts[102].state = RecordDict()  # node 102 restarts and loses its keys
-    (arrays, _), _ = run_round(grid, strategy, result.arrays)
-    assert strategy.last_report.masked == 3  # 102 refused (stale key) and sat this round out
-    run_round(grid, strategy, arrays)
+    assert strategy.last_report.pipelined  # and its share-keys stage rode on round 1's unmask
+    grid.contexts[102].state = RecordDict()  # node 102 restarts and loses its keys and session
+    (arrays, _), _ = run_round(grid, strategy, result.arrays, server_round=3)
+    assert strategy.last_report.masked == 3  # 102 had no session for the pipelined round 3
+    run_round(grid, strategy, arrays, server_round=4)  # 102 refuses round 4's keys (stale channel key)
+    assert strategy.last_report.masked == 3
+    run_round(grid, strategy, arrays, server_round=5)
 
     assert strategy.last_report.advertised == 1 and strategy.last_report.masked == 4
+
+
+def test_pipelined_share_keys_across_rounds(grid_factory: type) -> None:
+    # node 104 misses round 1's unmask message (which also carries round 2's share-keys stage)
+    seen: dict[int, int] = {}
+
+    def drop(stage: str, node: int) -> bool:
+        seen[node] = seen.get(node, 0) + (stage == wire.UNMASK)
+        return node == 104 and stage == wire.UNMASK and seen[node] == 1
+
+    grid = grid_factory(make_app(), 4, drop=drop)
+    strategy = SecAggStrategy(FedAvg(min_available_nodes=4), config=CFG)
+    arrays, reports = initial(), []
+    for r in (1, 2, 3, 4):
+        (arrays, _), _ = run_round(grid, strategy, arrays, server_round=r)
+        reports.append(strategy.last_report)
+
+    assert [rep.pipelined for rep in reports] == [False, True, False, True]
+    assert [rep.masked for rep in reports] == [4, 3, 4, 4]  # 104 sat out round 2: no keys shared
+    assert [wire.SHARE_KEYS in rep.seconds for rep in reports] == [True, False, True, False]
+    want = initial()
+    for pids in ([0, 1, 2, 3], [0, 1, 2], [0, 1, 2, 3], [0, 1, 2, 3]):
+        want = ArrayRecord({k: Array(v) for k, v in expected(pids, want).items()})
+    assert_close(arrays, {k: v.numpy() for k, v in want.items()}, 4 * CFG.encoding.error_bound)
+
+
+def test_pipelining_can_be_turned_off(grid_factory: type) -> None:
+    grid = grid_factory(make_app(), 3)
+    strategy = SecAggStrategy(FedAvg(min_available_nodes=3), config=CFG, pipeline=False)
+
+    strategy.start(grid, initial(), num_rounds=2)
+
+    assert not strategy.last_report.pipelined and wire.SHARE_KEYS in strategy.last_report.seconds
+    assert not any(wire.RECORD_NEXT in m.content.config_records for m in grid.sent)
 
 
 def test_fedadam_applies_its_optimizer_to_the_unmasked_mean(grid_factory: type) -> None:
