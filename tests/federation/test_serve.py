@@ -306,8 +306,12 @@ def test_swap_under_load_drops_no_request(world, support):
             tasks = [asyncio.create_task(one()) for _ in range(8)]
             await asyncio.sleep(0.3)
             for seed in (2, 3):
-                await asyncio.to_thread(support.publish, world, seed)
-                await asyncio.sleep(0.4)
+                version = await asyncio.to_thread(support.publish, world, seed)
+                for _ in range(600):  # until the poller has swapped it in (the load continues meanwhile)
+                    if app.state.server.snapshot.version == version:
+                        break
+                    await asyncio.sleep(0.1)
+            await asyncio.sleep(0.3)
             stop.set()
             return [x for t in tasks for x in await t]
 
