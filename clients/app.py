@@ -20,6 +20,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.guard import fault_mod, update_guard_mod
 from clients.node import NodeData, NodeRefused, ReplyCache, load_node, model_skeleton
 from clients.trainer import (
     OptimConfig,
@@ -229,7 +230,10 @@ def build_client_app(fixed_run_config: dict[str, Any] | None = None) -> ClientAp
     """The ClientApp; ``fixed_run_config`` replaces ``context.run_config`` (in-process simulation)."""
     # secagg_mod answers the secure-aggregation stages and masks the training reply when
     # the coordinator runs secure aggregation; other messages pass through untouched.
-    client_app = ClientApp(mods=[secagg_mod])
+    # update_guard_mod refuses to send a malformed update (NaN/Inf, shape, dtype, range): under
+    # secure aggregation only the node can still check the values. fault_mod is test-only and
+    # a no-op unless the node's own config sets `fault` (clients/guard.py).
+    client_app = ClientApp(mods=[secagg_mod, update_guard_mod, fault_mod])
     client_app.train()(_guarded(local_train, fixed_run_config))
     client_app.evaluate()(_guarded(local_evaluate, fixed_run_config))
     client_app.query("hello")(_guarded(hello, fixed_run_config))

@@ -22,6 +22,7 @@ __all__ = ["main"]
 HYDRA_APPS: dict[str, str] = {
     "simulate": "federation.simulate:main",
     "train-central": "clients.central:main",
+    "coordinate": "federation.deploy:coordinate_main",
 }
 
 # Plain subcommands register themselves here: name -> (help, add_arguments, run).
@@ -174,7 +175,7 @@ def _register_optional_commands() -> None:
     """Import modules that register further subcommands (registry, audit, serve, ...)."""
     import importlib
 
-    for module in ("federation.commands",):
+    for module in ("federation.commands", "federation.deploy"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:
@@ -205,4 +206,8 @@ def _json(obj) -> str:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Run the importable module's main, not this __main__ copy's: subcommand modules register
+    # themselves in ``federation.cli.COMMANDS``, which is a different dict under ``python -m``.
+    from federation.cli import main as _main
+
+    raise SystemExit(_main())

@@ -33,6 +33,8 @@ __all__ = ["Coordinator", "RoundRecord", "RoundListener", "NodeInfo", "validate_
 
 log = logging.getLogger(__name__)
 
+_NODE_UNAVAILABLE = 5  # flwr.common.constant.ErrorCode.NODE_UNAVAILABLE
+
 
 @dataclass
 class NodeInfo:
@@ -190,25 +192,42 @@ class Coordinator:
         info = self.nodes.get(node_id)
         return info.name if info else f"node-{node_id}"
 
+    def _check(self, reply: Message, reference: ArrayRecord) -> str:
+        """Why a reply's update is unacceptable ("" if it is fine).
+
+        A strategy that changes what a reply carries (secure aggregation: a masked vector)
+        says what a valid reply looks like through ``validate_reply(reply) -> str``.
+        """
+        custom = getattr(self.strategy, "validate_reply", None)
+        if callable(custom):
+            return str(custom(reply) or "")
+        if wire.ARRAYS in reply.content.array_records:
+            return validate_update(reply.content[wire.ARRAYS], reference)
+        return ""
+
     def _triage(self, record: RoundRecord, sent: list[Message], replies: Iterable[Message], reference: ArrayRecord):
         valid: list[Message] = []
         seen = set()
         for r in replies:
             src = r.metadata.src_node_id
-            seen.add(src)
             name = self._name(src)
+            if r.has_error() and r.error.code == _NODE_UNAVAILABLE:
+                continue  # Flower's own reply for a node that went away: a dropout, listed as timed out
+            seen.add(src)
             if r.has_error():
                 if r.error.code == wire.ERR_DECLINED:
                     record.declined[name] = r.error.reason or ""
+                elif r.error.code == wire.ERR_BAD_UPDATE:  # the node's own guard refused its malformed update
+                    record.rejected[name] = r.error.reason or "malformed update"
+                    log.warning("round %d: rejected update from %s: %s", record.round, name, r.error.reason)
                 else:
                     record.failed[name] = (r.error.reason or f"error code {r.error.code}").splitlines()[-1][:300]
                 continue
-            if wire.ARRAYS in r.content.array_records:
-                why = validate_update(r.content[wire.ARRAYS], reference)
-                if why:
-                    record.rejected[name] = why
-                    log.warning("round %d: rejected update from %s: %s", record.round, name, why)
-                    continue
+            why = self._check(r, reference)
+            if why:
+                record.rejected[name] = why
+                log.warning("round %d: rejected update from %s: %s", record.round, name, why)
+                continue
             record.replied.append(name)
             if wire.METRICS in r.content.metric_records:
                 record.node_metrics[name] = {

@@ -12,6 +12,7 @@ __all__ = [
     "QUERY_HELLO",
     "ERR_DECLINED",
     "ERR_BAD_DATA",
+    "ERR_BAD_UPDATE",
 ]
 
 ARRAYS = "arrays"  # ArrayRecord key of the model weights
@@ -25,3 +26,4 @@ QUERY_HELLO = "query.hello"  # coordinator asks a node for its name and data sum
 # Error codes of a node's error reply (Flower's own codes are small integers).
 ERR_DECLINED = 4201  # the node declined the round (privacy budget); reason is JSON
 ERR_BAD_DATA = 4202  # the node's data failed validation; it refuses to take part
+ERR_BAD_UPDATE = 4203  # the node refused to send its own malformed update (NaN/Inf, shape, dtype, range)

@@ -1,0 +1,148 @@
+"""A warm executor for the node's ClientApp: one long-lived process, many messages.
+
+Flower 1.41's SuperNode hands every message it receives to a *task*. With
+``--isolation subprocess`` (Flower's default) its SuperExec starts a fresh
+``flwr-clientapp`` process per task, which installs the run's FAB and imports the app:
+on a small CPU that is 10-25 s of imports (torch, transformers, opacus) per message, and
+secure aggregation sends every node four messages per round.
+
+With ``--isolation process`` the SuperNode only queues tasks on its Runtime API
+(``127.0.0.1:<port>``) and waits for an executor to take them. :func:`serve_tasks` is that
+executor: it runs in ``fedmart node``'s own process, imports the node's **installed**
+fedmart ClientApp once, and for each task does what ``flwr-clientapp`` does (pull the
+message and context, call the app, push the reply and the updated context), but without
+exiting. Two consequences worth knowing:
+
+* the node runs its own installed code, never code shipped in the coordinator's FAB: a
+  run whose FAB is not fedmart's is refused with an error reply;
+* node-side caches (the validated data, the model skeleton) survive between messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from flwr.app import Context, Error, Message
+from flwr.clientapp import ClientApp
+
+__all__ = ["WorkerStats", "serve_tasks", "run_one_task"]
+
+log = logging.getLogger(__name__)
+
+_ERR_CLIENT_APP_RAISED_EXCEPTION = 2  # flwr.common.constant.ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+
+
+@dataclass
+class WorkerStats:
+    tasks: int = 0
+    failed: int = 0
+    refused: int = 0
+    last_task_at: float = 0.0
+
+
+def _runtime_client(address: str, token: str | None = None):
+    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    interceptors = [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp" if token else "SuperExec")]
+    if token:
+        interceptors.append(RuntimeTokenHttpInterceptor(token))
+    return RuntimeHttpClient.from_server_address(
+        server_address=address,
+        insecure=True,  # the Runtime API listens on the node's own loopback interface only
+        root_certificates=None,
+        interceptors=interceptors,
+        retry_invoker=make_simple_http_retry_invoker(),
+    )
+
+
+def run_one_task(
+    address: str, token: str, app: ClientApp, *, fab_id: str, on_message: Callable[[Message], None] | None = None
+) -> bool:
+    """Run one acquired task in this process; returns whether the app completed it."""
+    from flwr.common.constant import SubStatus
+    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+    client = _runtime_client(address, token)
+    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    heartbeat.start()
+    context: Context | None = None
+    status, details = SubStatus.FAILED, "ClientApp task failed"
+    try:
+        message, context, run, _fab = pull_task_input(client)
+        if on_message is not None:
+            on_message(message)
+        if run.fab_id and run.fab_id != fab_id:
+            # This node runs only its own installed fedmart ClientApp, never a coordinator's code.
+            reason = f"this node runs only {fab_id}; refused run {run.run_id} of app {run.fab_id}"
+            log.error(reason)
+            reply = Message(Error(code=_ERR_CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
+            details = reason
+        else:
+            try:
+                reply = app(message=message, context=context)
+                status, details = SubStatus.COMPLETED, ""
+            except Exception as exc:  # the app's own failure: an error reply, the worker lives on
+                log.exception("the ClientApp raised on a %s message", message.metadata.message_type)
+                reason = f"{type(exc)}:<'{exc}'>"
+                reply = Message(Error(code=_ERR_CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
+                details = reason
+        push_message(client, reply, context)
+        return status == SubStatus.COMPLETED
+    finally:
+        try:
+            push_task_output(client=client, context=context, sub_status=status, details=details)
+        finally:
+            if heartbeat.is_running:
+                heartbeat.stop()
+            client.close()
+
+
+def serve_tasks(
+    address: str,
+    app: ClientApp,
+    *,
+    fab_id: str,
+    stop: threading.Event,
+    poll_interval: float = 0.1,
+    alive: Callable[[], bool] = lambda: True,
+    on_message: Callable[[Message], None] | None = None,
+) -> WorkerStats:
+    """Take ClientApp tasks from the SuperNode at ``address`` and run them here until ``stop``.
+
+    ``alive()`` is polled between tasks; when it turns false (the SuperNode exited) the
+    loop ends. ``on_message`` sees each message before the app does (logging, tests).
+    """
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.constant import TaskType
+
+    stats = WorkerStats()
+    client = _runtime_client(address)
+    try:
+        while not stop.is_set() and alive():
+            try:
+                res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+            except Exception as exc:  # the SuperNode is starting or stopping: try again shortly
+                log.debug("AcquireTask failed: %s", exc)
+                stop.wait(max(poll_interval, 0.5))
+                continue
+            if res.HasField("task") and res.token:
+                stats.tasks += 1
+                stats.last_task_at = time.time()
+                try:
+                    if not run_one_task(address, res.token, app, fab_id=fab_id, on_message=on_message):
+                        stats.failed += 1
+                except Exception:
+                    stats.failed += 1
+                    log.exception("task %d could not be run", res.task.task_id)
+                continue  # there may be more queued: ask again at once
+            stop.wait(poll_interval)
+    finally:
+        client.close()
+    return stats
