@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import statistics
 import subprocess
@@ -247,7 +248,6 @@ def run_arm(arm: str, nodes: int, params: int, rounds: int, neighbours: int = 0)
 # ----------------------------------------------------------------------------- micro: per-node masking
 def micro(nodes: int, params: int, reps: int = 3) -> dict:
     """Per-node masking work of each implementation, in this process, no engine."""
-    import os
 
     import numpy as np
     from flwr.common.secure_aggregation.quantization import quantize
@@ -331,7 +331,7 @@ def main() -> None:
     for size in args.sizes.split(","):
         nodes, params, k = _parse_size(size)
         for arm in args.arms.split(","):
-            t0 = time.perf_counter()
+            t0, load0 = time.perf_counter(), os.getloadavg()[0]
             proc = subprocess.run(
                 [sys.executable, __file__, "--_arm", arm, "--_size", size, "--rounds", str(args.rounds)],
                 cwd=ROOT,
@@ -347,11 +347,13 @@ def main() -> None:
                 "params": params,
                 "neighbours": k,
                 "wall_s": time.perf_counter() - t0,
+                "load1": [load0, os.getloadavg()[0]],
             }
             results.append(s)
             stages = ", ".join(f"{k} {v:.3f}" for k, v in s["stages_s"].items())
             head = f"{nodes:>3} x {params:>8} k={k:<2} {arm:<15}"
-            print(f"{head} round1 {s['round1_s']:7.2f}s  round {s['round_s']:6.3f}s  [{stages}]", flush=True)
+            load = "load {:.1f}-{:.1f}".format(*s["load1"])
+            print(f"{head} round1 {s['round1_s']:7.2f}s  round {s['round_s']:6.3f}s  [{stages}] {load}", flush=True)
         if args.micro:
             m = micro(nodes, params)
             results.append({"nodes": nodes, "params": params, "micro_s": m})

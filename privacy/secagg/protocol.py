@@ -399,7 +399,6 @@ class ServerSession:
         self.u1: frozenset[int] = frozenset(indices)
         self.u2: frozenset[int] = frozenset()
         self.u3: frozenset[int] = frozenset()
-        self._channel_pks: dict[int, bytes] = {}
         self._share_replies: dict[int, ShareKeysReply] = {}
         self._masked: dict[int, np.ndarray] = {}
 
@@ -413,7 +412,6 @@ class ServerSession:
         missing = self.u1 - set(channel_pks)
         if missing:
             raise ValueError(f"no channel key for nodes {sorted(missing)}")
-        self._channel_pks = {u: channel_pks[u] for u in self.u1}
         return {
             u: ShareKeysRequest(self.session, u, self.threshold, {v: channel_pks[v] for v in self.graph[u]})
             for u in sorted(self.u1)

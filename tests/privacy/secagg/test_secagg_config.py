@@ -22,6 +22,12 @@ def test_yaml_options_build_valid_configs(option: str) -> None:
     assert cfg.encoding.modulus_bits == 32
 
 
+def test_from_mapping_accepts_hydra_dictconfig() -> None:
+    cfg = SecAggConfig.from_mapping(OmegaConf.load(CONF / "on.yaml"))
+
+    assert cfg == SecAggConfig(enabled=True)
+
+
 def test_both_options_name_the_same_keys() -> None:
     off = set(OmegaConf.load(CONF / "off.yaml"))
     on = set(OmegaConf.load(CONF / "on.yaml"))
