@@ -82,6 +82,7 @@ PUBLISHER = "fedmart"
 FAB_ID = f"{PUBLISHER}/{APP_NAME}"  # what a node's warm worker accepts
 CONNECTION = "fedmart"  # the SuperLink connection name in the coordinator's FLWR_HOME/config.toml
 PACKAGES = ("federation", "clients", "privacy", "conf")
+MAX_SUPERNODE_RESTARTS = 5
 # Run-config keys the coordinator adds under ``sim.`` (read by federation.server.run_server).
 SIM_KEYS: dict[str, Any] = {
     "sim.run-dir": NONE,
@@ -485,7 +486,13 @@ def _refuse_with_report(data_dir: Path, exc: Exception) -> None:
 @exit_on_user_error
 def node_cmd(args: argparse.Namespace) -> int:
     from federation.console import console
-    from privacy.pki import PkiError, check_private_permissions, node_public_key_openssh, ssh_fingerprint
+    from privacy.pki import (
+        PkiError,
+        check_private_permissions,
+        load_node_private_key,
+        node_public_key_openssh,
+        ssh_fingerprint,
+    )
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore", "flwr"):
@@ -498,12 +505,10 @@ def node_cmd(args: argparse.Namespace) -> int:
             raise UserError(f"{flag} {path}: no such file")
     try:
         check_private_permissions(args.auth_key)
-        from cryptography.hazmat.primitives import serialization
-
-        key = serialization.load_ssh_private_key(args.auth_key.read_bytes(), password=None)
-    except (PkiError, ValueError, TypeError) as exc:
+        key = load_node_private_key(args.auth_key.read_bytes())
+    except PkiError as exc:
         raise UserError(f"--auth-key {args.auth_key}: {exc}") from exc
-    fingerprint = ssh_fingerprint(node_public_key_openssh(key.public_key()))  # type: ignore[arg-type]
+    fingerprint = ssh_fingerprint(node_public_key_openssh(key.public_key()))
     if args.max_epsilon is not None and not args.max_epsilon > 0:
         raise UserError(f"--max-epsilon must be > 0, got {args.max_epsilon}")
     if args.fault:
@@ -543,19 +548,13 @@ def node_cmd(args: argparse.Namespace) -> int:
     cfg_path.write_text(node_config_toml(node_config))
     home = state / "flwr"
     port = args.runtime_port or free_port()
-    supernode = Child(
-        "flower-supernode",
-        supernode_argv(
-            superlink=args.superlink,
-            root_cert=args.root_cert.resolve(),
-            auth_key=args.auth_key.resolve(),
-            node_config=cfg_path,
-            isolation=args.isolation,
-            runtime_port=port,
-        ),
-        env=flwr_env(home),
-        cwd=state,
-        log_path=state / "supernode.log",
+    argv = supernode_argv(
+        superlink=args.superlink,
+        root_cert=args.root_cert.resolve(),
+        auth_key=args.auth_key.resolve(),
+        node_config=cfg_path,
+        isolation=args.isolation,
+        runtime_port=port,
     )
     stop = threading.Event()
 
@@ -564,27 +563,37 @@ def node_cmd(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    try:
-        if args.isolation == "process":
-            from clients.app import app
-            from clients.worker import serve_tasks
-
-            console.print(f"node {node.name}: joining {args.superlink}; ClientApp runs here (isolation=process)")
-            serve_tasks(
-                f"127.0.0.1:{port}", app, fab_id=FAB_ID, stop=stop, alive=supernode.alive, on_message=_log_message
-            )
-        else:
-            console.print(f"node {node.name}: joining {args.superlink}; Flower runs the ClientApp per message")
-            while not stop.is_set() and supernode.alive():
-                stop.wait(0.5)
-    finally:
-        supernode.stop()
-    if stop.is_set():
-        console.print(f"node {node.name}: stopped")
-        return 0
-    raise UserError(
-        explain_supernode_exit(supernode.tail(40), pub=f"the .pub of {args.auth_key}", superlink=args.superlink)
-    )
+    if args.isolation == "process":
+        from clients.app import app  # imported once: every message of every run reuses it
+        from clients.worker import serve_tasks
+    restarts = 0
+    while True:
+        supernode = Child("flower-supernode", argv, env=flwr_env(home), cwd=state, log_path=state / "supernode.log")
+        offset = supernode.log_path.stat().st_size if supernode.log_path.exists() else 0
+        try:
+            if args.isolation == "process":
+                console.print(f"node {node.name}: joining {args.superlink}; the ClientApp runs in this process")
+                serve_tasks(
+                    f"127.0.0.1:{port}", app, fab_id=FAB_ID, stop=stop, alive=supernode.alive, on_message=_log_message
+                )
+            else:
+                console.print(f"node {node.name}: joining {args.superlink}; Flower starts a ClientApp per message")
+                while not stop.is_set() and supernode.alive():
+                    stop.wait(0.5)
+        finally:
+            supernode.stop()
+        if stop.is_set():
+            console.print(f"node {node.name}: stopped")
+            return 0
+        text = supernode.log_path.read_text(errors="replace")[offset:]
+        if "SuperNode ID" in text and restarts < MAX_SUPERNODE_RESTARTS:
+            # It was accepted, then lost the SuperLink (e.g. a coordinator restarted on a fresh
+            # database answers 401): join again; an unregistered key then fails for good (305).
+            restarts += 1
+            log.warning("flower-supernode stopped after joining; restarting (%d/%d)", restarts, MAX_SUPERNODE_RESTARTS)
+            stop.wait(5.0)
+            continue
+        raise UserError(explain_supernode_exit(text, pub=f"the .pub of {args.auth_key}", superlink=args.superlink))
 
 
 def _log_message(msg) -> None:
@@ -655,6 +664,7 @@ class DeploySettings:
     catalog: Path | None
     isolation: str
     startup_timeout: float
+    database: Path
 
     @classmethod
     def from_config(cls, d: dict[str, Any]) -> DeploySettings:
@@ -673,6 +683,7 @@ class DeploySettings:
             catalog=Path(d["catalog"]).resolve() if d.get("catalog") else None,
             isolation=str(d.get("isolation") or "subprocess"),
             startup_timeout=float(d.get("startup_timeout") or 120),
+            database=Path(d.get("database") or "outputs/superlink/state.db").resolve(),
         )
 
 
@@ -737,6 +748,7 @@ def coordinate(cfg: dict[str, Any], run_dir: Path) -> Path:
     home = flwr_dir / "home"
     address = f"{deploy.host}:{deploy.port}"
     write_flwr_config(home, address, deploy.certs / "ca.pem")
+    deploy.database.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in cfg.items() if k != "deploy"}
     sim = {
         "run-dir": str(run_dir),
@@ -761,7 +773,7 @@ def coordinate(cfg: dict[str, Any], run_dir: Path) -> Path:
             certs=deploy.certs,
             host=deploy.host,
             port=deploy.port,
-            database=flwr_dir / "superlink.db",
+            database=deploy.database,
             isolation=deploy.isolation,
         ),
         env=flwr_env(home),

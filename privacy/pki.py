@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -51,6 +52,7 @@ __all__ = [
     "make_node_keypair",
     "node_public_key_openssh",
     "load_node_public_key",
+    "load_node_private_key",
     "ssh_fingerprint",
     "write_private",
     "write_public",
@@ -202,10 +204,21 @@ def load_node_public_key(data: bytes) -> ec.EllipticCurvePublicKey:
     """Parse an OpenSSH public key line; only NIST EC keys are node keys (Flower's rule)."""
     try:
         key = serialization.load_ssh_public_key(data.strip())
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise PkiError(f"not an OpenSSH public key: {exc}") from exc
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in ("secp256r1", "secp384r1", "secp521r1"):
         raise PkiError(f"a node key must be ECDSA on a NIST curve (P-256/384/521), got {type(key).__name__}")
+    return key
+
+
+def load_node_private_key(data: bytes) -> ec.EllipticCurvePrivateKey:
+    """Parse an OpenSSH private key as ``flower-supernode`` does: unencrypted ECDSA only."""
+    try:
+        key = serialization.load_ssh_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise PkiError(f"not an unencrypted OpenSSH private key ({exc})") from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise PkiError(f"a node key must be ECDSA on a NIST curve, got {type(key).__name__}")
     return key
 
 
@@ -392,11 +405,9 @@ def _ensure_node(layout: PkiLayout, report: PkiReport, name: str) -> None:
     if key_path.exists():
         check_private_permissions(key_path)
         try:
-            private = serialization.load_ssh_private_key(key_path.read_bytes(), password=None)
-        except (ValueError, TypeError) as exc:
-            raise PkiError(f"{key_path}: not an OpenSSH private key ({exc})") from exc
-        if not isinstance(private, ec.EllipticCurvePrivateKey):
-            raise PkiError(f"{key_path}: a node key must be ECDSA, got {type(private).__name__}")
+            private = load_node_private_key(key_path.read_bytes())
+        except PkiError as exc:
+            raise PkiError(f"{key_path}: {exc}") from exc
         report.kept.append(key_path)
         line = node_public_key_openssh(private.public_key(), name)
         if not pub_path.exists() or load_node_public_key(pub_path.read_bytes()) != private.public_key():
