@@ -478,6 +478,11 @@ def make_private(
     """
     if not isinstance(config, DPConfig):
         raise ValueError(f"config must be a DPConfig, got {type(config).__name__}")
+    if any(hasattr(p, "_forward_counter") for p in module.parameters()):
+        raise ValueError(
+            "the module still carries Opacus hooks from an earlier make_private; call close() on that "
+            "PrivateTraining (or use it as a context manager) before wrapping the module again"
+        )
     prior = tuple(validate_history(accountant_history or ()))
     plan = plan_training(config, data_loader=data_loader, epochs=epochs, total_epochs_planned=total_epochs_planned)
     if device is not None:

@@ -88,3 +88,21 @@ def test_sasrec_clipped_gradient_sum_equals_per_user_clipping(mode):
             got = [p.grad for p in pt.optimizer.params]
         for g, e in zip(got, expected, strict=True):
             torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_dp_sgd_step_on_cuda(mode):
+    model = _model()
+    inputs, targets = _batch()
+    loader = DataLoader(TensorDataset(inputs, targets), batch_size=3)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    cfg = DPConfig(mode="dp", grad_sample_mode=mode, delta=1e-3)
+    with make_private(module=model, optimizer=opt, data_loader=loader, config=cfg, epochs=1, device="cuda") as pt:
+        before = model.head.weight.detach().clone()
+        pt.optimizer.zero_grad(set_to_none=True)
+        _, per_example = pt.module(inputs.cuda(), targets.cuda(), reduction="none")
+        pt.loss_fn(per_example).backward()
+        pt.optimizer.step()
+        assert model.head.weight.is_cuda and not torch.equal(before, model.head.weight)
+        assert pt.steps_taken == 1

@@ -237,6 +237,15 @@ def test_target_mode_calibrates_over_the_planned_epochs():
     pt.close()
 
 
+def test_wrapping_a_module_twice_without_close_is_refused():
+    model, opt, loader, _, _ = _setup()
+    first = make_private(module=model, optimizer=opt, data_loader=loader, config=DPConfig(mode="dp"), epochs=1)
+    with pytest.raises(ValueError, match="call close"):
+        make_private(module=model, optimizer=opt, data_loader=loader, config=DPConfig(mode="dp"), epochs=1)
+    first.close()
+    make_private(module=model, optimizer=opt, data_loader=loader, config=DPConfig(mode="dp"), epochs=1).close()
+
+
 def test_without_poisson_sampling_the_loader_is_kept_and_a_warning_logged(caplog):
     model, opt, loader, _, _ = _setup()
     cfg = DPConfig(mode="dp", poisson_sampling=False)
