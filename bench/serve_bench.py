@@ -171,6 +171,12 @@ async def load(port: int, requests: list[bytes], concurrency: int, duration: flo
     }
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def server_stats(port: int) -> dict:
     import httpx
 
@@ -237,7 +243,9 @@ def main() -> None:
                 for c in args.concurrency:
                     load_before = os.getloadavg()[0]
                     before = server_stats(port)
+                    cpu0, client0 = cpu_seconds(proc.pid), time.process_time()
                     r = asyncio.run(load(port, bodies, c, args.duration, args.warmup))
+                    cpu1, client1 = cpu_seconds(proc.pid), time.process_time()
                     after = server_stats(port)
                     jobs, batches = after["requests"] - before["requests"], after["batches"] - before["batches"]
                     r.update(
@@ -248,12 +256,16 @@ def main() -> None:
                         served_forward_h_ms=fast1_h * 1e3,
                         loadavg_1min=(load_before + os.getloadavg()[0]) / 2,
                         mean_batch=jobs / max(batches, 1),
+                        # CPU per request (warm-up included in both): robust to other processes' load.
+                        server_cpu_ms_per_req=(cpu1 - cpu0) * 1e3 / max(jobs, 1),
+                        client_cpu_ms_per_req=(client1 - client0) * 1e3 / max(jobs, 1),
                     )
                     results["runs"].append(r)
                     print(
                         f"items {n:>7,}  c={c:<3} {r['rps']:7.0f} req/s  p50 {r['p50_ms']:6.2f} ms  "
                         f"p99 {r['p99_ms']:7.2f} ms  errors {r['errors']}  mean batch {r['mean_batch']:.1f}  "
-                        f"load {r['loadavg_1min']:.1f}",
+                        f"server CPU {r['server_cpu_ms_per_req']:.2f} ms/req  client CPU "
+                        f"{r['client_cpu_ms_per_req']:.2f} ms/req  load {r['loadavg_1min']:.1f}",
                         flush=True,
                     )
             finally:
@@ -264,14 +276,14 @@ def main() -> None:
     print()
     print(
         "| items | concurrency | req/s | p50 ms | p99 ms | errors | mean batch | forward b=1 ms "
-        "(eager / served path) | p50 / eager forward | load avg |"
+        "(eager / served path) | p50 / eager forward | server CPU ms/req | load avg |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results["runs"]:
         print(
             f"| {r['items']:,} | {r['concurrency']} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
             f"{r['errors']} | {r['mean_batch']:.1f} | {r['bare_forward_ms']:.2f} / {r['served_forward_ms']:.2f} | "
-            f"{r['p50_ms'] / r['bare_forward_ms']:.2f}x | {r['loadavg_1min']:.1f} |"
+            f"{r['p50_ms'] / r['bare_forward_ms']:.2f}x | {r['server_cpu_ms_per_req']:.2f} | {r['loadavg_1min']:.1f} |"
         )
 
 
