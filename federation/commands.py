@@ -136,7 +136,7 @@ def registry_cmd(args: argparse.Namespace) -> int:
                 reason = reason.removeprefix(f"{v}: ")
                 console.print(f"{'[green]ok[/]' if ok else '[red]FAILED[/]'}  {v}: {reason}", soft_wrap=True)
             if bad:
-                console.print(f"[red]{bad} of {len(versions)} version(s) failed verification[/]")
+                console.print(f"[red]{bad} of {len(versions)} version(s) failed verification[/]", soft_wrap=True)
             return 1 if bad else 0
         # promote
         record = reg.promote(args.version, by=args.by or getpass.getuser())
@@ -148,9 +148,11 @@ def registry_cmd(args: argparse.Namespace) -> int:
                 AuditLog(audit).append("promotion", **{k: v for k, v in record.items() if k != "event"})
             except AuditError as exc:
                 raise UserError(f"promoted, but not recorded in the audit log: {exc}") from exc
-            console.print(f"promoted {args.version} (recorded in {reg.root / 'promotions.jsonl'} and {audit})")
+            console.print(
+                f"promoted {args.version} (recorded in {reg.root / 'promotions.jsonl'} and {audit})", soft_wrap=True
+            )
         else:
-            console.print(f"promoted {args.version} (recorded in {reg.root / 'promotions.jsonl'})")
+            console.print(f"promoted {args.version} (recorded in {reg.root / 'promotions.jsonl'})", soft_wrap=True)
         return 0
     except RegistryError as exc:
         raise UserError(str(exc)) from exc
@@ -190,10 +192,11 @@ def audit_cmd(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from exc
     result = verify_audit(path, public_key=key)
     if result.ok:
-        console.print(f"[green]ok[/]  {path}: {result.reason}")
+        console.print(f"[green]ok[/]  {path}: {result.reason}", soft_wrap=True)
         return 0
     console.print(
-        f"[red]FAILED[/]  {path} line {result.bad_line}: {result.reason} ({result.entries} good entries before it)"
+        f"[red]FAILED[/]  {path} line {result.bad_line}: {result.reason} ({result.entries} good entries before it)",
+        soft_wrap=True,
     )
     return 1
 

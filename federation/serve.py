@@ -352,14 +352,13 @@ class Server:
             version = self._select()
             if version is None or version == self.snapshot.version:
                 return None
-            if version in self.refused:
-                return None
             try:
                 snap = self._load(version)
             except (RegistryError, ServeError, ValueError) as exc:
                 self.refused[version] = str(exc)
                 log.error("refusing promoted version %s: %s; still serving %s", version, exc, self.snapshot.version)
                 return None
+            self.refused.pop(version, None)
             old, self.snapshot = self.snapshot, snap  # the swap: one reference assignment
             log.info("now serving %s (was %s)", version, old.version)
             return version

@@ -321,3 +321,17 @@ def test_swap_under_load_drops_no_request(world, support):
     assert results and all(status == 200 for status, _ in results)
     served = {v for _, v in results}
     assert world.versions[-1] in served and len(served) >= 2
+
+
+def test_a_refused_version_is_served_once_repaired_and_promoted_again(world, client, support):
+    v2 = support.publish(world, seed=2)
+    weights = world.registry_path / v2 / "weights.safetensors"
+    support.flip_byte(weights, 50)
+    client.app.state.server.maybe_reload()
+    assert client.get("/model").json()["version"] != v2
+
+    support.flip_byte(weights, 50)  # restored from a good copy
+    world.registry.promote(v2, by="pytest")
+
+    assert client.app.state.server.maybe_reload() == v2
+    assert client.get("/model").json()["refused"] == {}
