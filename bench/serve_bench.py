@@ -193,7 +193,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None, help="torch threads, in the server and the bare forward")
     ap.add_argument("--max-batch", type=int, default=64)
-    ap.add_argument("--out", type=Path, default=Path("bench/serve_bench.json"))
+    ap.add_argument("--out", type=Path, default=Path("outputs/bench/serve_bench.json"))
     args = ap.parse_args()
 
     try:
