@@ -115,6 +115,11 @@ def _save_session(ctxt: Context, node: NodeSession, server_round: int) -> None:
 
 
 def _advertise(ctxt: Context, record: ConfigRecord) -> dict:
+    # The coordinator asks only when it holds no channel key for this node: first contact,
+    # after it restarted (resume) or after this node failed a stage. Any session in progress is
+    # void then, and would make the node refuse the resumed round's keys as "stale".
+    if wire.STATE_SESSION in ctxt.state.config_records:
+        del ctxt.state[wire.STATE_SESSION]
     _, c_pk = _channel_keys(ctxt)
     return {wire.STAGE: wire.ADVERTISE, wire.CHANNEL_PK: c_pk}
 

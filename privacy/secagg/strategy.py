@@ -351,6 +351,33 @@ class SecAggStrategy(Strategy):
         )
         return self.inner.aggregate_train(server_round, [synthetic])
 
+    def validate_reply(self, reply: Message) -> str:
+        """Why a TRAIN reply cannot enter this round's secure sum ("" if it can).
+
+        For a coordinator that triages replies itself before ``aggregate_train``: a masked
+        reply carries no weights to check, only a masked vector of a known shape.
+        """
+        rnd = self._round
+        if rnd is None:
+            return "no secure-aggregation round is in progress"
+        if reply.has_error():
+            return reply.error.reason or f"error code {reply.error.code}"
+        if reply.metadata.src_node_id not in rnd.instructions:
+            return f"node {reply.metadata.src_node_id} was not asked to train in this secure round"
+        rec = reply.content.config_records.get(wire.RECORD)
+        masked = reply.content.array_records.get(wire.MASKED_RECORD)
+        if rec is None or masked is None or wire.MASKED_ARRAY not in masked:
+            return "the reply carries no masked input (is secagg_mod the outermost mod on the node?)"
+        if rec.get(wire.SESSION) != rnd.keys.session.session:
+            return "the masked input belongs to another secure-aggregation session"
+        y = masked[wire.MASKED_ARRAY]
+        d = sum(int(np.prod(a.shape)) for a in rnd.arrays.values())
+        if y.dtype != str(self._params.dtype) or tuple(y.shape) != (d + 1,):
+            return (
+                f"masked input of dtype {y.dtype} and shape {tuple(y.shape)}, expected {self._params.dtype} ({d + 1},)"
+            )
+        return ""
+
     def _unmask(self, rnd: _Round, replies: list[Message]) -> Message:
         keys, report = rnd.keys, rnd.report
         session = keys.session

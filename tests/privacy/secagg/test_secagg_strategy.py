@@ -222,6 +222,32 @@ def test_pipelined_share_keys_across_rounds(grid_factory: type) -> None:
     assert_close(arrays, {k: v.numpy() for k, v in want.items()}, 4 * CFG.encoding.error_bound)
 
 
+def test_a_restarted_coordinator_can_resume_an_earlier_round(grid_factory: type) -> None:
+    grid = grid_factory(make_app(), 4)
+    first = SecAggStrategy(FedAvg(min_available_nodes=4), config=CFG)
+    run_round(grid, first, server_round=1)
+    run_round(grid, first, server_round=2)  # nodes now hold pipelined sessions for round 3
+
+    resumed = SecAggStrategy(FedAvg(min_available_nodes=4), config=CFG)  # crash; resume from round 2
+    (arrays, _), _ = run_round(grid, resumed, server_round=2)
+
+    assert arrays is not None and resumed.last_report.masked == 4
+    assert resumed.last_report.advertised == 4  # fresh coordinator: keys again, stale sessions dropped
+
+
+def test_validate_reply_tells_masked_replies_from_anything_else(grid_factory: type) -> None:
+    grid = grid_factory(make_app(), 3)
+    strategy = SecAggStrategy(FedAvg(min_available_nodes=3), config=CFG)
+    msgs = list(strategy.configure_train(1, initial(), ConfigRecord(), grid))
+    replies = grid.send_and_receive(msgs)
+    plain = Message(RecordDict({"arrays": initial(), "metrics": MetricRecord({"num-examples": 1})}), reply_to=msgs[0])
+
+    assert [strategy.validate_reply(r) for r in replies] == ["", "", ""]
+    assert "no masked input" in strategy.validate_reply(plain)
+    strategy.aggregate_train(1, replies)
+    assert "no secure-aggregation round" in strategy.validate_reply(replies[0])
+
+
 def test_pipelining_can_be_turned_off(grid_factory: type) -> None:
     grid = grid_factory(make_app(), 3)
     strategy = SecAggStrategy(FedAvg(min_available_nodes=3), config=CFG, pipeline=False)
