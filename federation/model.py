@@ -37,6 +37,7 @@ class SASRecConfig:
     dropout: float = 0.2
     attn_dropout: float = 0.2
     text_dim: int = 0  # >0: add projected frozen title embeddings of this width
+    label_smoothing: float = 0.0  # of the training cross-entropy (0 = plain CE)
 
     def __post_init__(self) -> None:
         if self.num_items < 1:
@@ -45,6 +46,8 @@ class SASRecConfig:
             raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
         if self.max_len < 2:
             raise ValueError("max_len must be >= 2")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), not {self.label_smoothing}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,14 +90,22 @@ class SASRec(nn.Module):
             self.item_emb.weight[0].zero_()
 
     def hidden_states(self, seq: torch.Tensor) -> torch.Tensor:
-        """(b, t) item indices, left-padded with 0 -> (b, t, d) causal states."""
+        """(b, t) item indices, left-padded with 0 -> (b, t', d) causal states of the last t' positions.
+
+        Columns that are padding in every row are dropped first (t' <= t): left padding
+        puts them at the start, and positions keep their absolute index, so the states of
+        the kept positions are exactly those of the full batch, for less work.
+        """
         b, t = seq.shape
-        x = self.item_emb(seq)  # (b, t, d)
+        real = (seq > 0).any(0)  # (t,)
+        start = int(real.int().argmax()) if bool(real.any()) else t - 1
+        seq = seq[:, start:]  # (b, t')
+        x = self.item_emb(seq)  # (b, t', d)
         if self.config.text_dim:
-            x = x + self.text_proj(self.text_emb[seq])  # (b, t, d)
-        pos = torch.arange(t, device=seq.device).repeat(b, 1)  # (b, t), materialised for Opacus
-        token_type = torch.zeros_like(seq)  # (b, t)
-        mask = (seq > 0).long()  # (b, t), pads neither attend nor are attended
+            x = x + self.text_proj(self.text_emb[seq])  # (b, t', d)
+        pos = torch.arange(start, t, device=seq.device).repeat(b, 1)  # (b, t'), materialised for Opacus
+        token_type = torch.zeros_like(seq)  # (b, t')
+        mask = (seq > 0).long()  # (b, t'), pads neither attend nor are attended
         return self.encoder(
             inputs_embeds=x, attention_mask=mask, position_ids=pos, token_type_ids=token_type
         ).last_hidden_state
@@ -113,12 +124,15 @@ class SASRec(nn.Module):
 
         Returns
         -------
-        logits : (b, t, num_items + 1), padding column forced to -inf, without targets;
-            (b, t, num_items + 1) with ``reduction="none"``; (positions with a target,
-            num_items + 1) with ``reduction="mean"``
+        logits : (b, t', num_items + 1), padding column forced to -inf, without targets;
+            (b, t', num_items + 1) with ``reduction="none"``; (positions with a target,
+            num_items + 1) with ``reduction="mean"``. t' <= t: leading columns that are
+            padding in every row are not scored (see :meth:`hidden_states`).
         loss : scalar, (b,), or None
         """
-        h = self.hidden_states(seq)  # (b, t, d)
+        h = self.hidden_states(seq)  # (b, t', d): all-padding leading columns dropped
+        if targets is not None:
+            targets = targets[:, seq.shape[1] - h.shape[1] :]  # pads of input and target line up
         if targets is None:
             logits = self.head(h)  # (b, t, n + 1)
             return logits.masked_fill(_pad_column(logits), float("-inf")), None
@@ -129,12 +143,18 @@ class SASRec(nn.Module):
             # used under DP, where Opacus needs every activation to keep its batch dimension.
             valid = targets > 0  # (b, t)
             logits = self.head(h[valid])  # (v, n + 1)
-            return logits, F.cross_entropy(logits, targets[valid])
+            return logits, F.cross_entropy(logits, targets[valid], label_smoothing=self.config.label_smoothing)
         if reduction != "none":
             raise ValueError(f"reduction must be 'mean' or 'none', not {reduction!r}")
         b, t = targets.shape
         logits = self.head(h)  # (b, t, n + 1)
-        ce = F.cross_entropy(logits.view(b * t, -1), targets.view(-1), ignore_index=0, reduction="none")
+        ce = F.cross_entropy(
+            logits.view(b * t, -1),
+            targets.view(-1),
+            ignore_index=0,
+            reduction="none",
+            label_smoothing=self.config.label_smoothing,
+        )
         valid = (targets > 0).float()  # (b, t)
         return logits, (ce.view(b, t) * valid).sum(1) / valid.sum(1).clamp(min=1)  # (b,)
 

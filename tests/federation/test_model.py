@@ -23,7 +23,7 @@ def _batch():
 def test_forward_backward_shapes(model):
     seq, tgt = _batch()
     logits, loss = model(seq, tgt, reduction="none")
-    assert logits.shape == (2, 8, 31)
+    assert logits.shape == (2, 8, 31)  # row 2 has no padding: nothing is trimmed
     assert loss.shape == (2,)
     loss.mean().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
@@ -53,12 +53,24 @@ def test_causal(model):
 
 def test_padded_positions_do_not_leak_into_real_ones(model):
     model.eval()
-    seq = torch.tensor([[0, 0, 3, 4, 5, 6, 7, 8]])
-    base = model.hidden_states(seq)[:, 2:]
+    seq = torch.tensor([[0, 0, 3, 4, 5, 6, 7, 8], [0, 1, 2, 3, 4, 5, 6, 7]])
+    base = model.hidden_states(seq)[0, 1:]
     # changing what sits at padded positions' embeddings must not change real positions
     with torch.no_grad():
         model.item_emb.weight[0].add_(1.0)
-    assert torch.allclose(model.hidden_states(seq)[:, 2:], base, atol=1e-5)
+    assert torch.allclose(model.hidden_states(seq)[0, 1:], base, atol=1e-5)
+
+
+def test_trimming_all_padding_columns_is_exact(model):
+    model.eval()
+    padded = torch.tensor([[0, 0, 0, 0, 3, 4, 5, 6]])  # trimmed to 4 columns inside the model
+    untrimmed = torch.tensor([[0, 0, 0, 0, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6, 7, 8]])
+    assert model.hidden_states(padded).shape[1] == 4
+    assert torch.allclose(model.score_last(padded)[0, 1:], model.score_last(untrimmed)[0, 1:], atol=1e-5)
+    tgt = torch.tensor([[0, 0, 0, 0, 4, 5, 6, 7]])
+    _, a = model(padded, tgt, reduction="none")
+    _, b = model(untrimmed, torch.cat([tgt, torch.tensor([[2, 3, 4, 5, 6, 7, 8, 9]])]), reduction="none")
+    assert torch.allclose(a[0], b[0], atol=1e-5)
 
 
 def test_padding_never_recommended(model):
