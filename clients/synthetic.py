@@ -67,10 +67,11 @@ class SyntheticConfig:
     num_merchants: int = 50
     events_per_user: float = 20.0
     mean_session_length: float = 5.0
-    num_successors: int = 8
-    p_follow: float = 0.55
-    zipf_a: float = 1.0
-    dept_concentration: float = 0.3
+    num_successors: int = 16
+    successor_decay: float = 0.85  # weight of the k-th successor is decay**k
+    p_follow: float = 0.35
+    zipf_a: float = 0.8
+    dept_concentration: float = 0.5
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -84,6 +85,8 @@ class SyntheticConfig:
             raise ValueError("events_per_user must be >= 3 (leave-one-out needs three events)")
         if not 0.0 <= self.p_follow <= 1.0:
             raise ValueError("p_follow must be in [0, 1]")
+        if not 0.0 < self.successor_decay <= 1.0 or self.num_successors < 1:
+            raise ValueError("need 0 < successor_decay <= 1 and num_successors >= 1")
 
 
 def _dept_name(d: int) -> tuple[str, list[str]]:
@@ -148,7 +151,7 @@ def generate(cfg: SyntheticConfig | None = None) -> tuple[Catalog, Interactions]
 
     # Successor graph: related items in the same department, drawn by popularity.
     succ = popular_in(np.repeat(dept, cfg.num_successors)).reshape(n, cfg.num_successors)
-    succ_w = 0.75 ** np.arange(cfg.num_successors)
+    succ_w = cfg.successor_decay ** np.arange(cfg.num_successors)
     succ_cdf = np.cumsum(succ_w) / succ_w.sum()
 
     # Users: sparse department tastes, history lengths around events_per_user.
