@@ -34,6 +34,8 @@ __all__ = ["WorkerStats", "serve_tasks", "run_one_task"]
 log = logging.getLogger(__name__)
 
 _ERR_CLIENT_APP_RAISED_EXCEPTION = 2  # flwr.common.constant.ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+TASK_RETRIES = 8  # Runtime API calls of one task: retried briefly, then the task fails
+TASK_RETRY_SECONDS = 60.0
 
 
 @dataclass
@@ -45,19 +47,24 @@ class WorkerStats:
 
 
 def _runtime_client(address: str, token: str | None = None):
+    """A client of the SuperNode's Runtime API; ``token`` for one task's calls (bounded retries),
+    none for polling (no retries: the loop itself polls, and must notice a SuperNode that died)."""
     from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
 
     interceptors = [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp" if token else "SuperExec")]
+    retry = None
     if token:
         interceptors.append(RuntimeTokenHttpInterceptor(token))
+        retry = make_simple_http_retry_invoker()
+        retry.max_tries, retry.max_time = TASK_RETRIES, TASK_RETRY_SECONDS
     return RuntimeHttpClient.from_server_address(
         server_address=address,
         insecure=True,  # the Runtime API listens on the node's own loopback interface only
         root_certificates=None,
         interceptors=interceptors,
-        retry_invoker=make_simple_http_retry_invoker(),
+        retry_invoker=retry,
     )
 
 

@@ -64,6 +64,8 @@ __all__ = [
     "Child",
     "free_port",
     "wait_for_port",
+    "stale_serverapps",
+    "reap_stale_serverapps",
     "register_node_keys",
     "node_config_toml",
     "supernode_argv",
@@ -297,6 +299,44 @@ def wait_for_port(host: str, port: int, timeout: float, alive=lambda: True) -> b
     return False
 
 
+def stale_serverapps(address: str) -> list[int]:
+    """Pids of ServerApp processes (``flwr-serverapp``, ``flower-superexec``) still bound to ``address``.
+
+    They belong to an earlier incarnation of this coordinator: Flower starts them in their
+    own sessions, and after a crash of the SuperLink they can hang in their exit handlers,
+    retrying a Runtime API that is gone (Linux only: read from /proc).
+    """
+    pids = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            if entry.stat().st_uid != os.getuid():
+                continue
+        except OSError:
+            continue
+        names = {Path(a).name for a in argv[:2]}
+        bound = any(a == "--runtime-api-address" and b == address for a, b in zip(argv, argv[1:], strict=False))
+        if bound and names & {"flwr-serverapp", "flower-superexec"} and int(entry.name) != os.getpid():
+            pids.append(int(entry.name))
+    return pids
+
+
+def reap_stale_serverapps(address: str, grace: float = 5.0) -> list[int]:
+    """Stop :func:`stale_serverapps` (SIGTERM, then SIGKILL after ``grace`` seconds)."""
+    pids = stale_serverapps(address)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+            time.sleep(0.2)
+        pids = [p for p in pids if Path(f"/proc/{p}").exists()]
+        if not pids:
+            break
+    return pids
+
+
 def _flwr(args: list[str], home: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(["flwr", *args], env=flwr_env(home), capture_output=True, text=True, timeout=timeout)
 
@@ -368,8 +408,8 @@ def supernode_argv(
 
 
 _EXIT_HINTS = {
-    "305": "the SuperLink refused this node: its key is not registered there. Send {pub} to the coordinator "
-    "(`fedmart nodes register`) and start again",
+    "305": "the SuperLink refused this node: its key is not registered there (or not yet). Send {pub} to the "
+    "coordinator (`fedmart nodes register`) and start again",
     "304": "could not reach the SuperLink at {superlink} over TLS: check the address and that --root-cert is the "
     "coordinator's CA",
 }
@@ -767,6 +807,11 @@ def coordinate(cfg: dict[str, Any], run_dir: Path) -> Path:
 
     if wait_for_port(deploy.host, deploy.port, 0.5):
         raise UserError(f"{address} is already in use; stop what listens there or set deploy.port")
+    stale = stale_serverapps(address)
+    if stale:
+        log.warning("stopping the ServerApp processes a crashed coordinator left behind: %s", stale)
+        if reap_stale_serverapps(address):
+            raise UserError(f"ServerApp processes {stale} of an earlier coordinator on {address} would not stop")
     superlink = Child(
         "flower-superlink",
         superlink_argv(
