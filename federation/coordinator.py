@@ -133,6 +133,27 @@ def validate_update(arrays: ArrayRecord, reference: ArrayRecord, *, max_abs: flo
     return ""
 
 
+def _cast_like(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
+    """Give the aggregate the global model's dtypes.
+
+    Server optimizers compute in float64 (FedAdam's NumPy update promotes float32 weights
+    with float64 scalars); the global model must stay float32, or every node would be
+    sent, and every update checked against, another dtype.
+    """
+    from flwr.app import Array
+
+    out = {}
+    changed = False
+    for key, arr in arrays.items():
+        ref = reference.get(key)
+        if ref is not None and arr.dtype != ref.dtype:
+            out[key] = Array(arr.numpy().astype(ref.numpy().dtype))
+            changed = True
+        else:
+            out[key] = arr
+    return ArrayRecord(array_dict=out) if changed else arrays
+
+
 def _round_seed(seed: int, server_round: int) -> int:
     return int.from_bytes(hashlib.sha256(f"sample:{seed}:{server_round}".encode()).digest()[:8], "little")
 
@@ -262,6 +283,7 @@ class Coordinator:
             new_arrays = arrays
         else:
             record.aggregated = True
+            new_arrays = _cast_like(new_arrays, arrays)
         record.train_metrics = {k: float(v) for k, v in (train_metrics or {}).items() if isinstance(v, (int, float))}
         t3 = time.perf_counter()
         if server_round % self.eval_every == 0 or server_round == self.num_rounds:
