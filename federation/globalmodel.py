@@ -42,6 +42,7 @@ def model_config(catalog: Catalog, model_cfg: dict[str, Any], max_len: int) -> S
         dropout=float(model_cfg.get("dropout", 0.2)),
         attn_dropout=float(model_cfg.get("attn_dropout", model_cfg.get("dropout", 0.2))),
         text_dim=TEXT_DIM if model_cfg.get("text", False) else 0,
+        label_smoothing=float(model_cfg.get("label_smoothing", 0.0)),
     )
 
 
