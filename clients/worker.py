@@ -29,13 +29,15 @@ from dataclasses import dataclass
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
-__all__ = ["WorkerStats", "serve_tasks", "run_one_task"]
+__all__ = ["WorkerStats", "serve_tasks", "run_one_task", "pull_task_input"]
 
 log = logging.getLogger(__name__)
 
 _ERR_CLIENT_APP_RAISED_EXCEPTION = 2  # flwr.common.constant.ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 TASK_RETRIES = 8  # Runtime API calls of one task: retried briefly, then the task fails
 TASK_RETRY_SECONDS = 60.0
+OBJECT_BACKOFF = (0.05, 0.5)  # seconds: first and largest wait for a message object the SuperNode is still fetching
+OBJECT_WAIT_SECONDS = 600.0
 
 
 @dataclass
@@ -68,14 +70,59 @@ def _runtime_client(address: str, token: str | None = None):
     )
 
 
+def pull_task_input(client) -> tuple[Message, Context, object, object]:
+    """Flower's ``pull_task_input`` with a short retry backoff for the message's objects.
+
+    The SuperNode hands out a task before it has downloaded the message's objects from the
+    SuperLink; Flower's default backoff for an object not there yet (1 s doubling to 10 s)
+    suits a cold ``flwr-clientapp`` that spent 10 s importing, but would make a warm
+    executor wait up to 15 s per message for objects that arrive within a second or two.
+    """
+    from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
+    from flwr.proto.node_pb2 import Node
+    from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+        make_confirm_message_received_fn_protobuf,
+        make_pull_object_fn_protobuf,
+    )
+    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+    from flwr.supercore.task_identity import TaskIdentity
+
+    res = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id = res.task_id
+    TaskIdentity.run_id = res.run.run_id
+    TaskIdentity.node_id = res.context.node_id
+    context = context_from_proto(res.context)
+    run = run_from_proto(res.run)
+    fab = fab_from_proto(res.fab)
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise RuntimeError("no message for this task on the SuperNode's Runtime API")
+    node = Node(node_id=context.node_id)
+    tree = pulled.message_object_trees[0]
+    message = pull_and_inflate_object_from_tree(
+        tree,
+        make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
+        return_type=Message,
+        initial_backoff=OBJECT_BACKOFF[0],
+        backoff_cap=OBJECT_BACKOFF[1],
+        max_time=OBJECT_WAIT_SECONDS,
+        max_tries_per_object=None,
+    )
+    message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower sets it
+    return message, context, run, fab
+
+
 def run_one_task(
     address: str, token: str, app: ClientApp, *, fab_id: str, on_message: Callable[[Message], None] | None = None
 ) -> bool:
     """Run one acquired task in this process; returns whether the app completed it."""
     from flwr.common.constant import SubStatus
     from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-    from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+    from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
+    t0 = time.perf_counter()
     client = _runtime_client(address, token)
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
     heartbeat.start()
@@ -93,14 +140,23 @@ def run_one_task(
             details = reason
         else:
             try:
+                t_app = time.perf_counter()
                 reply = app(message=message, context=context)
                 status, details = SubStatus.COMPLETED, ""
+                log.info(
+                    "%s: ClientApp %.2fs (task input %.2fs)",
+                    message.metadata.message_type,
+                    time.perf_counter() - t_app,
+                    t_app - t0,
+                )
             except Exception as exc:  # the app's own failure: an error reply, the worker lives on
                 log.exception("the ClientApp raised on a %s message", message.metadata.message_type)
                 reason = f"{type(exc)}:<'{exc}'>"
                 reply = Message(Error(code=_ERR_CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
                 details = reason
+        t_push = time.perf_counter()
         push_message(client, reply, context)
+        log.debug("reply pushed in %.2fs; task %.2fs", time.perf_counter() - t_push, time.perf_counter() - t0)
         return status == SubStatus.COMPLETED
     finally:
         try:

@@ -29,7 +29,15 @@ from flwr.serverapp.strategy import Strategy
 
 from federation import wire
 
-__all__ = ["Coordinator", "RoundRecord", "RoundListener", "NodeInfo", "validate_update", "discover_nodes"]
+__all__ = [
+    "Coordinator",
+    "RoundRecord",
+    "RoundListener",
+    "NodeInfo",
+    "validate_update",
+    "discover_nodes",
+    "exchange",
+]
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +162,27 @@ def _cast_like(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
     return ArrayRecord(array_dict=out) if changed else arrays
 
 
+def exchange(grid: Grid, messages: list[Message], *, timeout: float, poll: tuple[float, float] = (0.05, 0.5)):
+    """``grid.send_and_receive`` with a short, growing poll interval.
+
+    Flower 1.41's deployment Grid polls for replies every 3 s; a round has two exchanges
+    (train, evaluate), so this saves up to 6 s a round there, and changes nothing else.
+    """
+    pending = set(grid.push_messages(messages))
+    replies: list[Message] = []
+    deadline = time.monotonic() + timeout
+    pause = poll[0]
+    while pending:
+        for r in grid.pull_messages(pending):
+            pending.discard(r.metadata.reply_to_message_id)
+            replies.append(r)
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+        pause = min(2 * pause, poll[1])
+    return replies
+
+
 def _round_seed(seed: int, server_round: int) -> int:
     return int.from_bytes(hashlib.sha256(f"sample:{seed}:{server_round}".encode()).digest()[:8], "little")
 
@@ -170,7 +199,7 @@ class Coordinator:
     nodes
         Known nodes (from :func:`discover_nodes`), used for names and ordering.
     num_rounds, round_timeout, seed, eval_every
-        Round plan. ``round_timeout`` bounds each ``send_and_receive``.
+        Round plan. ``round_timeout`` bounds each exchange with the nodes.
     train_config
         Extra entries for every round's training ConfigRecord.
     central_eval
@@ -269,7 +298,7 @@ class Coordinator:
         messages = list(self.strategy.configure_train(server_round, arrays, config, self.grid))
         record.sampled = [self._name(m.metadata.dst_node_id) for m in messages]
         t1 = time.perf_counter()
-        replies = list(self.grid.send_and_receive(messages, timeout=self.round_timeout)) if messages else []
+        replies = exchange(self.grid, messages, timeout=self.round_timeout) if messages else []
         t2 = time.perf_counter()
         valid = self._triage(record, messages, replies, arrays)
         new_arrays, train_metrics = (None, None)
@@ -290,7 +319,7 @@ class Coordinator:
             eval_msgs = list(self.strategy.configure_evaluate(server_round, new_arrays, ConfigRecord(), self.grid))
             eval_replies = [
                 r
-                for r in self.grid.send_and_receive(eval_msgs, timeout=self.round_timeout)
+                for r in exchange(self.grid, eval_msgs, timeout=self.round_timeout)
                 if not r.has_error() and wire.METRICS in r.content.metric_records
             ]
             agg = self.strategy.aggregate_evaluate(server_round, eval_replies) if eval_replies else None

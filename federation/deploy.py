@@ -126,9 +126,15 @@ def compose_config(overrides: Iterable[str] = (), config_name: str = "config") -
     return clean(data)
 
 
-def _group_options() -> dict[str, list[str]]:
+def _group_options(config_name: str = "config") -> dict[str, list[str]]:
+    """The options of every config group in ``config_name``'s defaults list (other groups,
+    such as train-central's ``experiment``, never reach a federation's run config)."""
+    from omegaconf import OmegaConf
+
     root = conf_dir()
-    return {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in sorted(root.iterdir()) if d.is_dir()}
+    defaults = OmegaConf.to_container(OmegaConf.load(root / f"{config_name}.yaml")).get("defaults", [])
+    groups = [next(iter(d)) for d in defaults if isinstance(d, dict)]
+    return {g: sorted(p.stem for p in (root / g).glob("*.yaml")) for g in groups if (root / g).is_dir()}
 
 
 def app_config_defaults() -> dict[str, bool | int | float | str]:
@@ -608,8 +614,9 @@ def node_cmd(args: argparse.Namespace) -> int:
         from clients.worker import serve_tasks
     restarts = 0
     while True:
-        supernode = Child("flower-supernode", argv, env=flwr_env(home), cwd=state, log_path=state / "supernode.log")
-        offset = supernode.log_path.stat().st_size if supernode.log_path.exists() else 0
+        log_path = state / "supernode.log"
+        offset = log_path.stat().st_size if log_path.exists() else 0  # this incarnation's output starts here
+        supernode = Child("flower-supernode", argv, env=flwr_env(home), cwd=state, log_path=log_path)
         try:
             if args.isolation == "process":
                 console.print(f"node {node.name}: joining {args.superlink}; the ClientApp runs in this process")
@@ -625,7 +632,7 @@ def node_cmd(args: argparse.Namespace) -> int:
         if stop.is_set():
             console.print(f"node {node.name}: stopped")
             return 0
-        text = supernode.log_path.read_text(errors="replace")[offset:]
+        text = log_path.read_bytes()[offset:].decode(errors="replace")
         if "SuperNode ID" in text and restarts < MAX_SUPERNODE_RESTARTS:
             # It was accepted, then lost the SuperLink (e.g. a coordinator restarted on a fresh
             # database answers 401): join again; an unregistered key then fails for good (305).
