@@ -1,7 +1,13 @@
 """End-to-end federations in Flower's simulation engine, driven through the real CLI.
 
-Ray is slow to start, so the runs are shared: one uninterrupted 3-round run, and
-one 2-round run that is then resumed to 3 rounds. Every assertion reads their outputs.
+Ray is slow to start, so the runs are shared, all with DP-SGD on the nodes, FedAdam on
+the coordinator and (unless said otherwise) secure aggregation:
+
+* ``full``: 3 rounds uninterrupted;
+* ``resumed``: 2 rounds, then ``resume=`` to 3 rounds;
+* ``budget``: secure aggregation off, 2 rounds, with a node budget just above the largest
+  round-1 epsilon of ``full``: round 1 equals ``full``'s up to quantisation, and in round 2
+  at least one node declines.
 """
 
 from __future__ import annotations
@@ -26,11 +32,14 @@ SMALL = [
     "model.hidden=16",
     "model.heads=1",
     "federation.central_eval_users=0",
+    "privacy=dp",
+    "federation=fedadam",
 ]
 
 
 def _simulate(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "federation.cli", "simulate", *SMALL, *overrides, f"hydra.run.dir={run_dir}"]
+    cmd = [sys.executable, "-m", "federation.cli", "simulate", *SMALL, "privacy.max_epsilon=1000", *overrides]
+    cmd.append(f"hydra.run.dir={run_dir}")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -55,7 +64,10 @@ def runs(tmp_path_factory):
         timeout=900,
     )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    return {"full": full, "resumed": part, "first_rounds": first_rounds}
+    eps_r1 = [m["epsilon"] for m in _metrics(full)[0]["node_metrics"].values()]
+    budget = base / "budget"
+    _simulate(budget, "federation.num_rounds=2", "secagg=off", f"privacy.max_epsilon={max(eps_r1) + 1e-6}")
+    return {"full": full, "resumed": part, "first_rounds": first_rounds, "budget": budget}
 
 
 def test_three_nodes_ran_and_outputs_were_written(runs):
@@ -124,3 +136,43 @@ def test_help_lists_config_groups():
     assert proc.returncode == 0
     for group in ("data:", "federation:", "partition:", "model:"):
         assert group in proc.stdout
+
+
+def test_private_rounds_report_epsilon_per_node(runs):
+    rows = _metrics(runs["full"])
+    for r in rows:
+        eps = [m["epsilon"] for m in r["node_metrics"].values()]
+        assert len(eps) == 3 and all(e > 0 for e in eps)
+    first = {n: m["epsilon"] for n, m in rows[0]["node_metrics"].items()}
+    last = {n: m["epsilon"] for n, m in rows[-1]["node_metrics"].items()}
+    assert all(last[n] > first[n] for n in first), "epsilon accumulates over rounds"
+    report = (runs["full"] / "report.md").read_text()
+    assert "## Privacy" in report and "one user's whole interaction history at one node" in report
+
+
+def test_every_ledger_equals_the_completed_rounds(runs):
+    run = runs["resumed"]
+    for ledger in sorted((run / "nodes").glob("node-*/.fedmart/privacy-ledger.json")):
+        entries = json.loads(ledger.read_text())["entries"]
+        assert sorted(e["round"] for e in entries) == [1, 2, 3], ledger
+
+
+def test_secure_aggregation_matches_plain_within_quantisation(runs):
+    secure, plain = _metrics(runs["full"])[0], _metrics(runs["budget"])[0]
+    # the nodes' local training is identical; only the aggregation path differs
+    assert secure["train_metrics"]["train_loss"] == pytest.approx(plain["train_metrics"]["train_loss"], rel=1e-6)
+    for key in ("valid_ndcg@10", "test_ndcg@10", "test_hr@10"):
+        assert abs(secure["central_eval"][key] - plain["central_eval"][key]) < 0.01, key
+
+
+def test_a_node_over_its_budget_declines_and_the_run_goes_on(runs):
+    rows = _metrics(runs["budget"])
+    assert [r["round"] for r in rows] == [1, 2]
+    assert not rows[0]["declined"]
+    declined = rows[1]["declined"]
+    assert declined, "the node with the largest round-1 epsilon must decline round 2"
+    for reason in declined.values():
+        parsed = json.loads(reason)
+        assert parsed["code"] == "budget_exceeded" and parsed["epsilon_after"] > parsed["epsilon_now"]
+    assert len(rows[1]["replied"]) + len(declined) == 3
+    assert "declined" in (runs["budget"] / "report.md").read_text()
