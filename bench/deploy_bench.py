@@ -1,0 +1,158 @@
+"""Round time of the deployed federation against the simulated one, for the same config.
+
+Both arms run the real CLI in subprocesses on the same silos:
+
+``simulated``: ``fedmart simulate`` (Flower's simulation engine, Ray, 2 nodes at a time);
+``deployed``: ``fedmart coordinate`` (a SuperLink with TLS and SuperNode authentication,
+the ServerApp in Flower's subprocess isolation) plus one ``fedmart node`` per silo (a
+SuperNode, the ClientApp warm in the node's own process), all on 127.0.0.1.
+
+The deployed nodes read the very partitions ``fedmart simulate`` wrote (``nodes/node-XXXX``
+with ``interactions.npz``), so both arms train on the same data with the same seeds.
+Per round it reads the ServerApp's own timings from ``metrics.jsonl`` (configure = secure
+aggregation's key stages, train exchange, aggregate = unmasking, federated evaluation),
+and the whole command's wall time.
+
+Usage::
+
+    python bench/deploy_bench.py --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CLI = [sys.executable, "-m", "federation.cli"]
+CONFIG = [
+    "data.synthetic.num_users=300",
+    "data.synthetic.num_items=100",
+    "data.synthetic.num_departments=3",
+    "data.synthetic.num_merchants=6",
+    "data.max_len=20",
+    "model.hidden=16",
+    "model.heads=1",
+    "privacy=dp",
+    "secagg=on",
+    "federation.central_eval=false",
+    "federation.round_timeout=300",
+]
+STAGES = ("configure", "train_exchange", "aggregate", "federated_eval", "total")
+
+
+def _load() -> float:
+    return os.getloadavg()[0]
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def simulated(base: Path, rounds: int) -> tuple[float, list[dict], Path]:
+    run_dir = base / "sim"
+    t0 = time.perf_counter()
+    subprocess.run(
+        [*CLI, "simulate", *CONFIG, f"federation.num_rounds={rounds}", f"hydra.run.dir={run_dir}"],
+        check=True,
+        capture_output=True,
+    )
+    return time.perf_counter() - t0, _rows(run_dir), run_dir
+
+
+def deployed(base: Path, rounds: int, sim_dir: Path) -> tuple[float, list[dict]]:
+    from federation.deploy import free_port
+
+    nodes = sorted((sim_dir / "nodes").glob("node-*"))
+    names = [json.loads((n / "node.json").read_text())["name"].lower().replace(" ", "") for n in nodes]
+    subprocess.run([*CLI, "certs", "--out", "certs", "--node-names", ",".join(names)], cwd=base, check=True,
+                   capture_output=True)  # fmt: skip
+    port = free_port()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    t0 = time.perf_counter()
+    coord = subprocess.Popen(
+        [*CLI, "coordinate", *CONFIG, f"federation.num_rounds={rounds}", "deploy.certs=certs", f"deploy.port={port}",
+         f"deploy.catalog={sim_dir / 'catalog.parquet'}", "hydra.run.dir=outputs/dep"],
+        cwd=base, env=env, stdout=open(base / "coordinator.log", "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
+        start_new_session=True,
+    )  # fmt: skip
+    while "SuperLink on" not in (base / "coordinator.log").read_text():
+        if coord.poll() is not None:
+            raise RuntimeError((base / "coordinator.log").read_text()[-2000:])
+        time.sleep(0.5)
+    procs = []
+    for node_dir, name in zip(nodes, names, strict=True):
+        procs.append(
+            subprocess.Popen(
+                [
+                    *CLI,
+                    "node",
+                    "--data",
+                    str(node_dir),
+                    "--superlink",
+                    f"127.0.0.1:{port}",
+                    "--root-cert",
+                    "certs/ca.pem",
+                    "--auth-key",
+                    f"certs/nodes/{name}.key",
+                    "--max-epsilon",
+                    "1000",
+                ],
+                cwd=base,
+                env=env,
+                stdout=open(base / f"{name}.log", "w"),  # noqa: SIM115
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        )
+    try:
+        rc = coord.wait(timeout=3600)
+        wall = time.perf_counter() - t0
+        if rc != 0:
+            raise RuntimeError((base / "coordinator.log").read_text()[-2000:])
+    finally:
+        for p in procs:
+            os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            p.wait(timeout=60)
+    return wall, _rows(base / "outputs" / "dep")
+
+
+def _table(label: str, wall: float, rows: list[dict], load: tuple[float, float]) -> None:
+    later = rows[1:] or rows
+    print(f"\n{label}: wall {wall:.0f} s for {len(rows)} rounds (load avg {load[0]:.1f} -> {load[1]:.1f})")
+    print("| stage | round 1 | median of rounds 2.. |")
+    print("|---|---:|---:|")
+    for stage in STAGES:
+        first = rows[0]["seconds"][stage]
+        med = statistics.median(r["seconds"][stage] for r in later)
+        print(f"| {stage} | {first:.1f} | {med:.1f} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rounds", type=int, default=3)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="deploy-bench-") as tmp:
+        base = Path(tmp)
+        l0 = _load()
+        sim_wall, sim_rows, sim_dir = simulated(base, args.rounds)
+        l1 = _load()
+        dep_wall, dep_rows = deployed(base, args.rounds, sim_dir)
+        l2 = _load()
+        _table("simulated (fedmart simulate)", sim_wall, sim_rows, (l0, l1))
+        _table("deployed (fedmart coordinate + fedmart node x3)", dep_wall, dep_rows, (l1, l2))
+        same = [a["train_metrics"].get("train_loss") == b["train_metrics"].get("train_loss")
+                for a, b in zip(sim_rows, dep_rows, strict=True)]  # fmt: skip
+        print(f"\nsame training loss per round in both arms: {same}")
+
+
+if __name__ == "__main__":
+    main()
