@@ -16,7 +16,6 @@ import time
 from typing import Any
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -237,7 +236,6 @@ def build_client_app(fixed_run_config: dict[str, Any] | None = None) -> ClientAp
     client_app.train()(_guarded(local_train, fixed_run_config))
     client_app.evaluate()(_guarded(local_evaluate, fixed_run_config))
     client_app.query("hello")(_guarded(hello, fixed_run_config))
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     return client_app
 
 

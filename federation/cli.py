@@ -8,7 +8,6 @@ subcommands are plain argparse.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -199,10 +198,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rc = COMMANDS[args.cmd][2](args)
     sys.exit(rc)
-
-
-def _json(obj) -> str:
-    return json.dumps(obj, indent=2, default=str)
 
 
 if __name__ == "__main__":

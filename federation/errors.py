@@ -35,7 +35,7 @@ def exit_on_user_error(fn: F) -> F:
             return fn(*args, **kwargs)
         except _user_error_types() as exc:
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            print(f"fedmart: error: {msg}", file=sys.stderr)
+            sys.stderr.write(f"fedmart: error: {msg}\n")
             sys.exit(2)
 
     return wrapper  # type: ignore[return-value]

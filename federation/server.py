@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, Strategy
@@ -249,5 +248,3 @@ def _catalog(settings: dict[str, Any]) -> Catalog:
 
     return load_dataset(DataConfig(**settings["data"])).catalog
 
-
-torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -132,4 +132,4 @@ class SweepSummary(Callback):
 
 
 if __name__ == "__main__":
-    print(summarise_sweep(sys.argv[1]))
+    sys.stdout.write(f"{summarise_sweep(sys.argv[1])}\n")
