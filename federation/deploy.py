@@ -690,7 +690,7 @@ def nodes_cmd(args: argparse.Namespace) -> int:
         proc = _flwr(["supernode", "unregister", args.node_id, CONNECTION], home)
     if proc.returncode != 0:
         raise UserError(" ".join((proc.stdout + proc.stderr).split())[-300:] or "flwr failed")
-    console.print(proc.stdout.strip())
+    console.print(proc.stdout.strip(), markup=False, highlight=False, soft_wrap=True)
     return 0
 
 

@@ -220,11 +220,17 @@ def federation(tmp_path_factory):
         out.stale_after_kill = bool(_flower_children_of(port))  # `coordinate resume=` stops them
         procs.start("coordinator-resumed", [*CLI, "coordinate", "resume=outputs/dep"])
 
+        # While the resumed run goes on: the registered nodes as the SuperLink lists them.
+        _wait(lambda: len(_metrics(run_dir)) >= 2, 420, "round 2 after the restart", procs, interval=0.2)
+        listing = subprocess.Popen(
+            [*CLI, "nodes", "--run", "outputs/dep", "list"], cwd=base, stdout=subprocess.PIPE, text=True
+        )
         # Round 3: the victim dies as soon as it starts training.
         _wait(lambda: "server-round 3" in procs.log(victim), 420, f"{victim} training round 3", procs, interval=0.1)
         procs.kill(victim)
         out.victim_ledger_at_kill = _ledger_rounds(dirs[victim], "dep")
 
+        out.node_list = json.loads(listing.communicate(timeout=120)[0])
         remaining = DEADLINE - (time.monotonic() - t0)
         rc = procs.procs["coordinator-resumed"].wait(timeout=max(60, remaining))
         out.coordinator_rc = rc
@@ -298,6 +304,11 @@ def test_every_ledger_holds_one_spend_per_round_the_node_trained(federation):
         died = {r["round"] for r in rows if name in r["timed_out"]}
         assert delivered <= set(spent) <= delivered | died, (name, spent, delivered, died)
     assert ROUNDS not in f.victim_ledger_at_kill or ROUNDS in _ledger_rounds(f.dirs[f.victim], "dep")
+
+
+def test_registered_nodes_are_listed_online(federation):
+    nodes = federation.node_list["nodes"]
+    assert len(nodes) == len(federation.dirs) and all(n["status"] == "online" for n in nodes), nodes
 
 
 def test_unregistered_node_is_refused_by_the_superlink(federation):
