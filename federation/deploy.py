@@ -421,6 +421,12 @@ _EXIT_HINTS = {
 }
 
 
+def _exit_code(log_text: str) -> str | None:
+    """Flower's exit code as ``flower-supernode`` logged it (``Exit Code: 305``), if any."""
+    codes = re.findall(r"Exit Code: (\d+)", log_text)
+    return codes[-1] if codes else None
+
+
 def explain_supernode_exit(log_text: str, *, pub: str, superlink: str) -> str:
     """One line saying why ``flower-supernode`` stopped, from its log."""
     codes = re.findall(r"Exit Code: (\d+)", log_text)
@@ -515,6 +521,12 @@ def _node_args(p: argparse.ArgumentParser) -> None:
         "a fresh flwr-clientapp with the coordinator's FAB per message",
     )
     p.add_argument("--runtime-port", type=int, default=0, help="the SuperNode's local Runtime API port (0: any)")
+    p.add_argument(
+        "--join-timeout",
+        type=float,
+        default=60.0,
+        help="seconds to keep asking while the SuperLink does not know this node's key (it may be registering it)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--fault", default="", help=argparse.SUPPRESS)  # test-only fault injection (clients/guard.py)
 
@@ -613,6 +625,7 @@ def node_cmd(args: argparse.Namespace) -> int:
         from clients.app import app  # imported once: every message of every run reuses it
         from clients.worker import serve_tasks
     restarts = 0
+    joining_since = time.monotonic()
     while True:
         log_path = state / "supernode.log"
         offset = log_path.stat().st_size if log_path.exists() else 0  # this incarnation's output starts here
@@ -635,9 +648,18 @@ def node_cmd(args: argparse.Namespace) -> int:
         text = log_path.read_bytes()[offset:].decode(errors="replace")
         if "SuperNode ID" in text and restarts < MAX_SUPERNODE_RESTARTS:
             # It was accepted, then lost the SuperLink (e.g. a coordinator restarted on a fresh
-            # database answers 401): join again; an unregistered key then fails for good (305).
+            # database answers 401): join again.
             restarts += 1
+            joining_since = time.monotonic()
             log.warning("flower-supernode stopped after joining; restarting (%d/%d)", restarts, MAX_SUPERNODE_RESTARTS)
+            stop.wait(5.0)
+            continue
+        if _exit_code(text) == "305" and time.monotonic() - joining_since < args.join_timeout:
+            # The key is unknown: perhaps the coordinator is still registering it. Ask again
+            # until --join-timeout; after that the refusal is final.
+            log.warning(
+                "the SuperLink does not know this node's key (yet); retrying for up to %.0fs", args.join_timeout
+            )
             stop.wait(5.0)
             continue
         raise UserError(explain_supernode_exit(text, pub=f"the .pub of {args.auth_key}", superlink=args.superlink))
