@@ -100,6 +100,7 @@ def local_train(msg: Message, context: Context, settings: dict[str, Any]) -> Mes
     run = str(cfg.get(wire.RUN, "") or "run")
     fed, data_cfg = settings["federation"], settings["data"]
     epochs = int(fed["local_epochs"])
+    max_steps = int(fed.get("local_steps") or 0) or None  # 0: whole epochs
     device = select_device(str(settings.get("device", "auto")))
     dpc = dp_config(settings)
     replay = ReplyCache(node.state_dir / "replies")
@@ -125,7 +126,11 @@ def local_train(msg: Message, context: Context, settings: dict[str, Any]) -> Mes
     if dpc.is_private:
         ledger = PrivacyLedger(node.state_dir / "privacy-ledger.json", dataset_id=node.dataset_id)
         plan = plan_training(
-            dpc, data_loader=loader, epochs=epochs, total_epochs_planned=epochs * int(fed["num_rounds"])
+            dpc,
+            data_loader=loader,
+            epochs=epochs,
+            total_epochs_planned=epochs * int(fed["num_rounds"]),
+            max_steps=max_steps,
         )
         decision = ledger.check(
             max_epsilon=node_budget(context, settings),
@@ -149,9 +154,13 @@ def local_train(msg: Message, context: Context, settings: dict[str, Any]) -> Mes
         total_epochs_planned=epochs * int(fed["num_rounds"]),
         accountant_history=history,
         device=device,
+        max_steps=max_steps,
     ) as pt:
         for _ in range(epochs):
-            stats = train_epoch_private(pt, device)
+            left = None if max_steps is None else max_steps - steps
+            if left is not None and left <= 0:
+                break
+            stats = train_epoch_private(pt, device, max_steps=left)
             losses.append(stats["loss"])
             steps += stats["steps"]
         metrics: dict[str, float] = {}
@@ -170,8 +179,49 @@ def local_train(msg: Message, context: Context, settings: dict[str, Any]) -> Mes
         }
     )
     weights = get_weights(model)
+    if wire.ITEM_HOLDERS in incoming:
+        weights = with_item_holders(weights, incoming, node, private=dpc.is_private)
     replay.put(run, server_round, incoming, weights, metrics)
     return _train_reply(msg, weights, metrics)
+
+
+def item_holders(node: NodeData, private: bool) -> np.ndarray:
+    """Which item rows this node's update speaks for (1.0) — see federation/aggregation.py.
+
+    Without DP: the items in the node's training data. With DP the set must not depend on
+    private data, so it comes from the public catalog: the items of the department the node
+    is named after (department silos), else every item (plain FedAvg on item rows).
+    """
+    rows = len(node.catalog.item_id) + 1
+    if not private:
+        held = np.zeros(rows, dtype=np.float32)
+        held[node.split.train.items] = 1.0
+        return held
+    departments = np.asarray(node.catalog.department).astype(str)
+    if node.name in set(departments.tolist()):
+        return np.concatenate([[0.0], departments == node.name]).astype(np.float32)
+    return np.ones(rows, dtype=np.float32)
+
+
+def with_item_holders(
+    weights: dict[str, np.ndarray], incoming: dict[str, np.ndarray], node: NodeData, *, private: bool
+) -> dict[str, np.ndarray]:
+    """The update plus its ``ITEM_HOLDERS`` array.
+
+    Under DP the item rows outside the (public) holder set are reset to the incoming global
+    rows before release (post-processing with public information: no privacy cost), so the
+    coordinator's division by the holders' share never amplifies other nodes' noise.
+    """
+    held = item_holders(node, private)
+    out = dict(weights)
+    if private:
+        outside = held == 0
+        for key in wire.ITEM_ROW_KEYS:
+            if key in out:
+                out[key] = out[key].copy()
+                out[key][outside] = incoming[key][outside]
+    out[wire.ITEM_HOLDERS] = held
+    return out
 
 
 def _train_reply(msg: Message, weights: dict[str, np.ndarray], metrics: dict[str, float]) -> Message:

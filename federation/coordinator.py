@@ -138,6 +138,8 @@ def validate_update(arrays: ArrayRecord, reference: ArrayRecord, *, max_abs: flo
             return f"non-finite values in {k}"
         if np.abs(v).max(initial=0.0) > max_abs:
             return f"values out of range in {k}"
+        if k == wire.ITEM_HOLDERS and ((v < 0) | (v > 1)).any():
+            return f"item holder shares outside [0, 1] in {k}"
     return ""
 
 

@@ -17,6 +17,7 @@ from safetensors.numpy import load_file, save_file
 
 from federation.catalog import Catalog
 from federation.model import SASRec, SASRecConfig
+from federation.wire import ITEM_HOLDERS
 
 __all__ = [
     "model_config",
@@ -72,7 +73,11 @@ def get_weights(model: torch.nn.Module) -> dict[str, np.ndarray]:
 
 
 def set_weights(model: torch.nn.Module, weights: dict[str, np.ndarray]) -> None:
-    """Load ``weights`` strictly: a missing, extra or mis-shaped tensor is an error."""
+    """Load ``weights`` strictly: a missing, extra or mis-shaped tensor is an error.
+
+    The aggregation bookkeeping array ``wire.ITEM_HOLDERS`` is not a weight and is ignored.
+    """
+    weights = {k: v for k, v in weights.items() if k != ITEM_HOLDERS}
     state = model.state_dict()
     if set(state) != set(weights):
         missing, extra = sorted(set(state) - set(weights)), sorted(set(weights) - set(state))

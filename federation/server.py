@@ -17,6 +17,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, Strategy
 
 from federation import wire
+from federation.aggregation import HolderFedAdam, HolderFedAvg, with_holders
 from federation.catalog import Catalog
 from federation.coordinator import Coordinator, RoundRecord, discover_nodes
 from federation.device import select_device
@@ -58,10 +59,11 @@ def _base_strategy(fed: dict[str, Any], num_nodes: int) -> Strategy:
         "min_available_nodes": min(int(fed.get("min_available_nodes", 2)), num_nodes),
     }
     name = str(fed.get("strategy", "fedavg")).lower()
+    holders = item_rows(fed) == "holders"
     if name == "fedavg":
-        return FedAvg(**common)
+        return (HolderFedAvg if holders else FedAvg)(**common)
     if name == "fedadam":
-        return FedAdam(
+        return (HolderFedAdam if holders else FedAdam)(
             **common,
             eta=float(fed.get("eta", 0.01)),
             eta_l=float(fed.get("eta_l", 0.001)),
@@ -70,6 +72,14 @@ def _base_strategy(fed: dict[str, Any], num_nodes: int) -> Strategy:
             tau=float(fed.get("tau", 1e-3)),
         )
     raise ValueError(f"federation.strategy must be fedavg or fedadam, not {name!r}")
+
+
+def item_rows(fed: dict[str, Any]) -> str:
+    """``federation.item_rows``: "holders" (federation/aggregation.py) or "mean" (plain FedAvg)."""
+    value = str(fed.get("item_rows", "mean")).lower()
+    if value not in ("holders", "mean"):
+        raise ValueError(f"federation.item_rows must be holders or mean, not {value!r}")
+    return value
 
 
 class CentralEvaluator:
@@ -160,6 +170,8 @@ def run_server(grid: Grid, settings: dict[str, Any], *, listeners_extra=()) -> A
         arrays = to_arrays(get_weights(model))
     else:
         log.info("resuming after round %d from %s", start, run.state)
+    if item_rows(fed) == "holders":
+        arrays = with_holders(arrays)
     num_rounds = int(fed["num_rounds"])
     registry, audit = open_trail(run.root, settings)
     run_name = run.root.name
@@ -247,4 +259,3 @@ def _catalog(settings: dict[str, Any]) -> Catalog:
     from clients.datasets import DataConfig, load_dataset
 
     return load_dataset(DataConfig(**settings["data"])).catalog
-

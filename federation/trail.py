@@ -10,6 +10,7 @@ import numpy as np
 from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
+from federation.aggregation import without_holders
 from federation.coordinator import RoundRecord
 from federation.outputs import from_arrays
 from federation.registry import ModelRegistry
@@ -67,7 +68,7 @@ class RegistryPublisher:
     def on_round_end(self, record: RoundRecord, arrays: ArrayRecord, strategy: Strategy) -> None:
         if not record.aggregated:
             return  # the global model did not change: no new version (the audit log says why)
-        weights = from_arrays(arrays)
+        weights = without_holders(from_arrays(arrays))
         metrics = {"central": record.central_eval, "federated": record.federated_eval, "train": record.train_metrics}
         privacy = {**self.privacy, "epsilon_by_node": _eps_by_node(record)}
         version = self.registry.publish(

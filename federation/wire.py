@@ -13,6 +13,8 @@ __all__ = [
     "ERR_DECLINED",
     "ERR_BAD_DATA",
     "ERR_BAD_UPDATE",
+    "ITEM_HOLDERS",
+    "ITEM_ROW_KEYS",
 ]
 
 ARRAYS = "arrays"  # ArrayRecord key of the model weights
@@ -22,6 +24,11 @@ NUM_EXAMPLES = "num-examples"  # aggregation weight: users trained (train) or ev
 SERVER_ROUND = "server-round"  # injected by Flower's strategies
 RUN = "fedmart-run"  # the run's name: a node's ledger and reply cache are keyed by (run, round)
 QUERY_HELLO = "query.hello"  # coordinator asks a node for its name and data summary
+# Holder-normalised item rows (federation/aggregation.py): an extra array in the global
+# ArrayRecord, zeros from the coordinator; a node returns 1.0 for every item row its update
+# touches, so the (securely) averaged array is each row's share of the round's weight.
+ITEM_HOLDERS = "fedmart.item-holders"
+ITEM_ROW_KEYS = ("item_emb.weight", "head.weight", "head.bias")  # parameters indexed by item
 
 # Error codes of a node's error reply (Flower's own codes are small integers).
 ERR_DECLINED = 4201  # the node declined the round (privacy budget); reason is JSON

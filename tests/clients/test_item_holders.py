@@ -1,0 +1,40 @@
+"""Which item rows a node's update speaks for (clients/app.py: item_holders)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+
+from clients.app import item_holders, with_item_holders
+from federation import wire
+
+
+def _node(name: str, train_items: list[int]):
+    departments = np.array(["toys", "toys", "books", "garden"])
+    catalog = SimpleNamespace(item_id=np.array(["a", "b", "c", "d"]), department=departments)
+    split = SimpleNamespace(train=SimpleNamespace(items=np.array(train_items)))
+    return SimpleNamespace(name=name, catalog=catalog, split=split)
+
+
+def test_without_dp_the_holders_are_the_items_in_the_training_data():
+    np.testing.assert_array_equal(item_holders(_node("toys", [1, 3, 3]), private=False), [0, 1, 0, 1, 0])
+
+
+def test_with_dp_the_holders_come_from_the_public_catalog_not_the_data():
+    # A department node: its department's items, whatever its data holds (row 0 is padding).
+    np.testing.assert_array_equal(item_holders(_node("toys", [3]), private=True), [0, 1, 1, 0, 0])
+    # Not named after a department: every row, i.e. plain FedAvg on item rows.
+    np.testing.assert_array_equal(item_holders(_node("node-001", [3]), private=True), [1, 1, 1, 1, 1])
+
+
+def test_with_dp_rows_outside_the_holder_set_are_reset_to_the_global_rows():
+    incoming = {k: np.zeros((5, 2), dtype=np.float32) for k in ("item_emb.weight", "head.weight")}
+    incoming["head.bias"] = np.zeros(5, dtype=np.float32)
+    noisy = {k: v + 0.5 for k, v in incoming.items()}
+    out = with_item_holders(noisy, incoming, _node("books", [3]), private=True)
+    for key in wire.ITEM_ROW_KEYS:
+        assert (out[key][3] == 0.5).all()  # the books item keeps its update
+        assert (np.delete(out[key], 3, axis=0) == 0).all()  # the rest is the global model again
+    np.testing.assert_array_equal(out[wire.ITEM_HOLDERS], [0, 0, 0, 1, 0])
+    assert (noisy["head.bias"] == 0.5).all()  # the caller's arrays are not modified
