@@ -93,7 +93,7 @@ def train_epoch(
     return {"loss": total / max(steps, 1), "steps": steps, "examples": examples}
 
 
-def train_epoch_private(pt: PrivateTraining, device: torch.device) -> dict[str, float]:
+def train_epoch_private(pt: PrivateTraining, device: torch.device, *, max_steps: int | None = None) -> dict[str, float]:
     """One pass over ``pt.data_loader`` with the objects of ``privacy.dp.make_private``.
 
     The same loop in every mode: private modes ask the model for the per-example
@@ -105,6 +105,8 @@ def train_epoch_private(pt: PrivateTraining, device: torch.device) -> dict[str, 
     Returns mean loss over non-empty batches, optimizer steps (noise-only ones
     included), examples seen, and ``epsilon`` (the dataset's total so far, 0 when off).
     The loss is computed on private data outside the DP mechanism: keep it local.
+    ``max_steps`` stops the pass early (bounded local work; the accountant counts the
+    steps actually taken).
     """
     model = pt.module
     model.train()
@@ -114,6 +116,8 @@ def train_epoch_private(pt: PrivateTraining, device: torch.device) -> dict[str, 
         # Opacus's backward hooks on the item embedding (integer inputs) make torch warn every step.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         for inputs, targets in pt.data_loader:
+            if max_steps is not None and steps >= max_steps:
+                break
             if len(inputs) == 0:
                 pt.noise_step()
                 steps += int(pt.is_private)

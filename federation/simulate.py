@@ -84,6 +84,8 @@ def check_settings(cfg: dict[str, Any]) -> None:
     make_strategy(cfg["federation"], num_nodes=2, secagg=cfg.get("secagg"))
     if int(cfg["federation"]["num_rounds"]) < 1 or int(cfg["federation"]["local_epochs"]) < 0:
         raise ValueError("federation.num_rounds must be >= 1 and federation.local_epochs >= 0")
+    if int(cfg["federation"].get("local_steps") or 0) < 0:
+        raise ValueError("federation.local_steps must be >= 0 (0 = whole local epochs)")
 
 
 def simulate(cfg: dict[str, Any], run_dir: Path) -> Path:

@@ -242,6 +242,7 @@ def plan_training(
     data_loader: DataLoader,
     epochs: int,
     total_epochs_planned: int | None = None,
+    max_steps: int | None = None,
 ) -> TrainingPlan:
     """The noise multiplier, sampling rate and step count ``make_private`` will use.
 
@@ -252,7 +253,13 @@ def plan_training(
     (default: ``epochs``) at the rate and step count the accountant will record, so the
     ledger of a fresh dataset reaches ``target_epsilon`` (within Opacus's tolerance of
     0.01, never above) after exactly the planned epochs.
+
+    ``max_steps`` caps this training's steps (a node's bounded local work per round);
+    in mode ``target`` the planned total is then ``steps × total_epochs_planned / epochs``
+    (the same capped training, once per planned round).
     """
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1 or None, got {max_steps}")
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if total_epochs_planned is not None and total_epochs_planned < epochs:
@@ -265,6 +272,7 @@ def plan_training(
     steps_per_epoch = int(1 / (1 / len(data_loader))) if config.poisson_sampling else len(data_loader)
     sample_rate = 1 / steps_per_epoch
     delta = config.resolve_delta(num_examples)
+    steps = steps_per_epoch * epochs if max_steps is None else min(steps_per_epoch * epochs, max_steps)
     if config.mode == "off":
         sigma = 0.0
     elif config.mode == "dp":
@@ -277,7 +285,7 @@ def plan_training(
             target_epsilon=config.target_epsilon,
             delta=delta,
             sample_rate=sample_rate,
-            steps=steps_per_epoch * planned,
+            steps=steps * planned // epochs,
             accountant=config.accountant,
         )
     return TrainingPlan(
@@ -285,7 +293,7 @@ def plan_training(
         noise_multiplier=sigma,
         sample_rate=sample_rate,
         steps_per_epoch=steps_per_epoch,
-        steps=steps_per_epoch * epochs,
+        steps=steps,
         delta=delta,
         accountant=config.accountant,
         num_examples=num_examples,
@@ -442,6 +450,7 @@ def make_private(
     total_epochs_planned: int | None = None,
     accountant_history: Iterable[Sequence[float]] | None = None,
     device: torch.device | str | None = None,
+    max_steps: int | None = None,
 ) -> PrivateTraining:
     """Make a node's local training differentially private (or not, in mode ``off``).
 
@@ -460,6 +469,9 @@ def make_private(
     total_epochs_planned : int or None
         Mode ``target``: local epochs summed over all planned rounds, so that the whole
         federated training reaches ``target_epsilon`` (default: ``epochs``).
+    max_steps : int or None
+        Cap on this training's optimizer steps (see :func:`plan_training`); the caller's
+        loop must stop there (``train_epoch_private(..., max_steps=...)``).
     accountant_history : iterable of (noise_multiplier, sample_rate, steps) or None
         What this dataset already spent (``PrivacyLedger.history``), so that
         ``PrivateTraining.epsilon()`` is the total. It does not change the noise.
@@ -484,7 +496,9 @@ def make_private(
             "PrivateTraining (or use it as a context manager) before wrapping the module again"
         )
     prior = tuple(validate_history(accountant_history or ()))
-    plan = plan_training(config, data_loader=data_loader, epochs=epochs, total_epochs_planned=total_epochs_planned)
+    plan = plan_training(
+        config, data_loader=data_loader, epochs=epochs, total_epochs_planned=total_epochs_planned, max_steps=max_steps
+    )
     if device is not None:
         module.to(device)  # in place: the optimizer's parameters stay the same objects
     if not config.is_private:

@@ -237,6 +237,27 @@ def test_target_mode_calibrates_over_the_planned_epochs():
     pt.close()
 
 
+def test_capped_steps_are_planned_taken_and_accounted():
+    """Bounded local work: ``max_steps`` caps the training, target mode calibrates over the
+    capped steps of every planned round, and the accountant records the steps taken."""
+    from clients.trainer import train_epoch_private
+
+    model, opt, loader, _, _ = _setup(n=40, batch_size=4)  # 10 steps an epoch
+    cfg = DPConfig(mode="target", target_epsilon=4.0, delta=1e-3)
+    plan = plan_training(cfg, data_loader=loader, epochs=2, total_epochs_planned=12, max_steps=3)
+    assert plan.steps == 3  # not 2 epochs x 10
+    expected = noise_multiplier_for(target_epsilon=4.0, delta=1e-3, sample_rate=0.1, steps=3 * 6)
+    assert plan.noise_multiplier == pytest.approx(expected)
+    with make_private(
+        module=model, optimizer=opt, data_loader=loader, config=cfg, epochs=2, total_epochs_planned=12, max_steps=3
+    ) as pt:
+        stats = train_epoch_private(pt, torch.device("cpu"), max_steps=3)
+        assert stats["steps"] == pt.steps_taken == 3
+        assert pt.spent() == (pytest.approx(expected), 0.1, 3)
+    with pytest.raises(ValueError, match="max_steps"):
+        plan_training(cfg, data_loader=loader, epochs=1, max_steps=0)
+
+
 def test_wrapping_a_module_twice_without_close_is_refused():
     model, opt, loader, _, _ = _setup()
     first = make_private(module=model, optimizer=opt, data_loader=loader, config=DPConfig(mode="dp"), epochs=1)
