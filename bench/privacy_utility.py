@@ -48,7 +48,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     common = ["experiment=privacy_utility", *args.extra]
 
-    seconds = {"inf": _run([*common, "privacy=none", f"hydra.run.dir={runs}/none"])}
+    # --runs of an earlier invocation: a finished non-private arm is kept, not rerun.
+    none_done = (runs / "none" / "report.md").is_file()
+    seconds = {"inf": 0.0 if none_done else _run([*common, "privacy=none", f"hydra.run.dir={runs}/none"])}
     t = _run(["-m", *common, f"privacy.target_epsilon={args.epsilons}", f"hydra.sweep.dir={runs}/sweep"])
     rows = {"inf": _job_row(runs / "none")}
     for job in sorted((runs / "sweep").iterdir()):

@@ -150,7 +150,7 @@ class SASRec(nn.Module):
         logits = self.head(h)  # (b, t, n + 1)
         ce = F.cross_entropy(
             logits.view(b * t, -1),
-            targets.view(-1),
+            targets.reshape(-1),  # a column slice after trimming: not viewable as one row
             ignore_index=0,
             reduction="none",
             label_smoothing=self.config.label_smoothing,

@@ -73,6 +73,20 @@ def test_trimming_all_padding_columns_is_exact(model):
     assert torch.allclose(a[0], b[0], atol=1e-5)
 
 
+def test_per_example_loss_of_a_trimmed_batch_of_several_rows(model):
+    """Every row starts with padding, so the batch is trimmed and the targets become a
+    column slice: the per-example (DP) path must still work and match the untrimmed batch."""
+    model.eval()
+    seq = torch.tensor([[0, 0, 0, 2, 3, 4, 5, 6], [0, 0, 1, 2, 3, 4, 5, 7]])
+    tgt = torch.tensor([[0, 0, 0, 3, 4, 5, 6, 8], [0, 0, 2, 3, 4, 5, 7, 9]])
+    full = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
+    full_tgt = torch.tensor([[2, 3, 4, 5, 6, 7, 8, 9]])
+    _, trimmed = model(seq, tgt, reduction="none")
+    _, reference = model(torch.cat([seq, full]), torch.cat([tgt, full_tgt]), reduction="none")
+    assert trimmed.shape == (2,)
+    assert torch.allclose(trimmed, reference[:2], atol=1e-5)
+
+
 def test_padding_never_recommended(model):
     seq, _ = _batch()
     assert torch.isinf(model.score_last(seq)[:, 0]).all()
