@@ -99,7 +99,7 @@ class SASRec(nn.Module):
         b, t = seq.shape
         real = (seq > 0).any(0)  # (t,)
         start = int(real.int().argmax()) if bool(real.any()) else t - 1
-        seq = seq[:, start:]  # (b, t')
+        seq = seq[:, start:].contiguous()  # (b, t'); contiguous: Opacus's ghost embedding sampler view()s it
         x = self.item_emb(seq)  # (b, t', d)
         if self.config.text_dim:
             x = x + self.text_proj(self.text_emb[seq])  # (b, t', d)
