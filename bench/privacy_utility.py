@@ -102,6 +102,7 @@ def _plot(table: list[dict], path: Path) -> None:
             ax.axhline(0.7 * r["test_ndcg@10"], color="grey", linestyle=":", label="70% of no DP")
     ax.set(xscale="log", xlabel="target ε per node (δ = 1e-5)", ylabel="test NDCG@10", title="privacy–utility")
     ax.set_xticks([float(r["target_epsilon"]) for r in private], [r["target_epsilon"] for r in private])
+    ax.minorticks_off()
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
