@@ -8,8 +8,10 @@ the aggregation can be compared in seconds; the shipped rule lives in
 
 VARIANT: ``central`` (one model on the pooled data, ROUNDS epochs), ``base`` (plain FedAvg),
 ``fedadam`` (server Adam, eta 0.01), ``restrict`` (each node's softmax over its own items),
-``rownorm_emb`` (holder-normalised embedding rows), ``rownorm`` (embedding and head rows:
-the shipped rule), ``restrict_rownorm``. Prints validation NDCG@10 on the pooled split
+``rownorm_emb`` (holder-normalised embedding rows), ``rownorm`` (embedding and head rows,
+non-holders' head updates kept and amplified), ``restrict_rownorm``, ``holders_only``
+(each item row averaged over its holders only: non-holders' updates of the row dropped;
+the shipped rule). Prints validation NDCG@10 on the pooled split
 after every round. BENCHMARKS.md, "Department silos", used 5000 users and 4 rounds.
 """
 
@@ -29,7 +31,7 @@ from clients.synthetic import SyntheticConfig, generate
 from clients.trainer import OptimConfig, evaluate, evaluate_popularity, make_loader, make_optimizer, train_epoch
 from federation.globalmodel import build_model
 
-VARIANTS = ("central", "base", "fedadam", "restrict", "rownorm_emb", "rownorm", "restrict_rownorm")
+VARIANTS = ("central", "base", "fedadam", "restrict", "rownorm_emb", "rownorm", "restrict_rownorm", "holders_only")
 MODEL = {"hidden": 64, "layers": 2, "heads": 2, "dropout": 0.2, "attn_dropout": 0.2, "text": False}
 OPTIM = OptimConfig(lr=1e-3, batch_size=128)
 CPU = torch.device("cpu")
@@ -83,7 +85,7 @@ def main() -> None:
         return
     print("popularity", round(evaluate_popularity(central, n_rows - 1, "valid")["ndcg@10"], 4))
     row_keys = {"rownorm": ("item_emb.weight", "head.weight", "head.bias"), "rownorm_emb": ("item_emb.weight",)}
-    row_keys["restrict_rownorm"] = row_keys["rownorm"]
+    row_keys["restrict_rownorm"] = row_keys["holders_only"] = row_keys["rownorm"]
     adam: dict[str, dict] = {"m": {}, "v": {}}
     for r in range(rounds):
         gs = {k: v.clone() for k, v in g.state_dict().items()}
@@ -97,7 +99,10 @@ def main() -> None:
             wsum += w
             held += w * present.float()
             for k, v in m.state_dict().items():
-                acc[k] += w * (v.float() - gs[k].float())
+                delta = v.float() - gs[k].float()
+                if variant == "holders_only" and k in row_keys["rownorm"]:
+                    delta[~present] = 0.0  # a node speaks only for the items it holds
+                acc[k] += w * delta
         new = {}
         for k in gs:
             if k in row_keys.get(variant, ()):

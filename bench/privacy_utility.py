@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every arm")
     ap.add_argument("--out", default="bench/results/privacy_utility", help="where the table and plot go")
     ap.add_argument("--runs", default=None, help="run directory (default outputs/privacy-utility-<time>)")
+    ap.add_argument("--table-only", action="store_true", help="only rebuild the table and plot from --runs")
     args = ap.parse_args()
     runs = Path(args.runs or f"outputs/privacy-utility-{time.strftime('%Y-%m-%d_%H-%M-%S')}")
     out = ROOT / args.out
@@ -50,8 +51,11 @@ def main() -> None:
 
     # --runs of an earlier invocation: a finished non-private arm is kept, not rerun.
     none_done = (runs / "none" / "report.md").is_file()
-    seconds = {"inf": 0.0 if none_done else _run([*common, "privacy=none", f"hydra.run.dir={runs}/none"])}
-    t = _run(["-m", *common, f"privacy.target_epsilon={args.epsilons}", f"hydra.sweep.dir={runs}/sweep"])
+    if args.table_only:
+        seconds, t = {"inf": 0.0}, 0.0
+    else:
+        seconds = {"inf": 0.0 if none_done else _run([*common, "privacy=none", f"hydra.run.dir={runs}/none"])}
+        t = _run(["-m", *common, f"privacy.target_epsilon={args.epsilons}", f"hydra.sweep.dir={runs}/sweep"])
     rows = {"inf": _job_row(runs / "none")}
     for job in sorted((runs / "sweep").iterdir()):
         if job.is_dir() and (row := _job_row(job)):
@@ -70,7 +74,7 @@ def main() -> None:
                 "test_ndcg@10": row["test_ndcg@10"],
                 "test_hr@10": row["test_hr@10"],
                 "fraction_of_non_private": row["test_ndcg@10"] / base if base else None,
-                "minutes": round(seconds[eps] / 60, 1),
+                "minutes": round(seconds[eps] / 60, 1) if seconds[eps] else None,
             }
         )
     result = {"runs": str(runs), "overrides": common, "date": time.strftime("%Y-%m-%d"), "arms": table}

@@ -118,6 +118,13 @@ def local_train(msg: Message, context: Context, settings: dict[str, Any]) -> Mes
     set_weights(model, incoming)
     model.train()  # the cached skeleton may come from an evaluation; Opacus checks the mode
     dataset = node.train_dataset(int(data_cfg["max_len"]))
+    if len(dataset) == 0:
+        # A silo can be too thin (a rare genre: every user has < 2 events left after the
+        # held-out ones). Say so instead of failing inside the data loader.
+        users = node.split.train.num_users
+        reason = f"node {node.name} has no training example: none of its {users} users has 2 training events"
+        log.warning(reason)
+        return Message(Error(code=wire.ERR_NO_TRAINING_DATA, reason=reason), reply_to=msg)
     optim = OptimConfig(**settings["train"])
     opt = make_optimizer(model, optim)
     loader = make_loader(dataset, optim.batch_size, seed)
@@ -208,18 +215,20 @@ def with_item_holders(
 ) -> dict[str, np.ndarray]:
     """The update plus its ``ITEM_HOLDERS`` array.
 
-    Under DP the item rows outside the (public) holder set are reset to the incoming global
-    rows before release (post-processing with public information: no privacy cost), so the
-    coordinator's division by the holders' share never amplifies other nodes' noise.
+    The item rows outside the holder set are reset to the incoming global rows: a node
+    speaks only for the items it holds, so the coordinator's holder-normalised mean of a
+    row is a convex combination of its holders' updates and never amplifies anyone's.
+    (Keeping non-holders' head updates and dividing them by the holders' share diverged
+    on MovieLens genre silos, where a rare item's holders carry a tiny share.) Under DP the
+    set is public, so the reset is post-processing with no privacy cost.
     """
     held = item_holders(node, private)
     out = dict(weights)
-    if private:
-        outside = held == 0
-        for key in wire.ITEM_ROW_KEYS:
-            if key in out:
-                out[key] = out[key].copy()
-                out[key][outside] = incoming[key][outside]
+    outside = held == 0
+    for key in wire.ITEM_ROW_KEYS:
+        if key in out:
+            out[key] = out[key].copy()
+            out[key][outside] = incoming[key][outside]
     out[wire.ITEM_HOLDERS] = held
     return out
 

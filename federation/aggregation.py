@@ -6,18 +6,21 @@ the item and return the row unchanged, so every item's update is divided by the 
 of silos (ten departments: a tenth of the step). Measured on the synthetic department
 silos (BENCHMARKS.md, "Department silos"), that dilution kept FedAvg below popularity.
 
-The fix keeps FedAvg for every other parameter and, for the item-indexed ones
-(``wire.ITEM_ROW_KEYS``), divides each row's averaged update by the share of the round's
-weight held by the nodes whose update touched that row:
+The fix keeps FedAvg for every other parameter and averages each item-indexed row
+(``wire.ITEM_ROW_KEYS``) over the nodes that hold the item only. A node resets the rows of
+items it does not hold to the global rows before it replies (``clients/app.py``), so its
+update there is zero, and the coordinator divides each row's averaged update by the share
+of the round's weight held by the item's holders:
 
-    new[i] = global[i] + (Σ_k w_k Δ_k[i]) / (Σ_k w_k h_k[i])
+    new[i] = global[i] + (Σ_k w_k h_k[i] Δ_k[i]) / (Σ_k w_k h_k[i])
 
-where ``h_k[i]`` is 1 when node k's update touched row i. The nodes report ``h_k`` as
+a convex combination of the holders' updates, where ``h_k[i]`` is 1 when node k holds
+item i. The nodes report ``h_k`` as
 one more array (``wire.ITEM_HOLDERS``) inside the same weighted average, so under secure
 aggregation the coordinator learns only the averaged holder shares, never a node's item
 set. When every node holds every item the rule is exactly FedAvg. A row's divisor is
 floored at ``MIN_SHARE``: below it the row keeps the plain average, so a rare item held by
-one tiny node cannot amplify quantisation error (or noise) without bound.
+one tiny node cannot amplify the secure sum's quantisation error without bound.
 
 The rule is applied *before* a server optimizer (FedAdam sees the corrected average),
 by putting :class:`HolderNormalised` between the strategy and FedAvg in the MRO.

@@ -13,6 +13,7 @@ __all__ = [
     "ERR_DECLINED",
     "ERR_BAD_DATA",
     "ERR_BAD_UPDATE",
+    "ERR_NO_TRAINING_DATA",
     "ITEM_HOLDERS",
     "ITEM_ROW_KEYS",
 ]
@@ -34,3 +35,4 @@ ITEM_ROW_KEYS = ("item_emb.weight", "head.weight", "head.bias")  # parameters in
 ERR_DECLINED = 4201  # the node declined the round (privacy budget); reason is JSON
 ERR_BAD_DATA = 4202  # the node's data failed validation; it refuses to take part
 ERR_BAD_UPDATE = 4203  # the node refused to send its own malformed update (NaN/Inf, shape, dtype, range)
+ERR_NO_TRAINING_DATA = 4204  # no user at the node has two training events: nothing to train on

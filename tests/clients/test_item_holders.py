@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 from clients.app import item_holders, with_item_holders
 from federation import wire
@@ -28,11 +29,12 @@ def test_with_dp_the_holders_come_from_the_public_catalog_not_the_data():
     np.testing.assert_array_equal(item_holders(_node("node-001", [3]), private=True), [1, 1, 1, 1, 1])
 
 
-def test_with_dp_rows_outside_the_holder_set_are_reset_to_the_global_rows():
+@pytest.mark.parametrize("private", [False, True])
+def test_rows_outside_the_holder_set_are_reset_to_the_global_rows(private):
     incoming = {k: np.zeros((5, 2), dtype=np.float32) for k in ("item_emb.weight", "head.weight")}
     incoming["head.bias"] = np.zeros(5, dtype=np.float32)
     noisy = {k: v + 0.5 for k, v in incoming.items()}
-    out = with_item_holders(noisy, incoming, _node("books", [3]), private=True)
+    out = with_item_holders(noisy, incoming, _node("books", [3]), private=private)
     for key in wire.ITEM_ROW_KEYS:
         assert (out[key][3] == 0.5).all()  # the books item keeps its update
         assert (np.delete(out[key], 3, axis=0) == 0).all()  # the rest is the global model again
