@@ -15,15 +15,14 @@ of the round's weight held by the item's holders:
     new[i] = global[i] + (Σ_k w_k h_k[i] Δ_k[i]) / (Σ_k w_k h_k[i])
 
 a convex combination of the holders' updates, where ``h_k[i]`` is 1 when node k holds
-item i. The nodes report ``h_k`` as
-one more array (``wire.ITEM_HOLDERS``) inside the same weighted average, so under secure
-aggregation the coordinator learns only the averaged holder shares, never a node's item
-set. When every node holds every item the rule is exactly FedAvg. A row's divisor is
+item i. The nodes report ``h_k`` as one more array (``wire.ITEM_HOLDERS``) inside the same
+weighted average, so under secure aggregation the coordinator learns only the averaged
+holder shares, never a node's item set. When every node holds every item the rule is exactly FedAvg. A row's divisor is
 floored at ``MIN_SHARE``: below it the row keeps the plain average, so a rare item held by
 one tiny node cannot amplify the secure sum's quantisation error without bound.
 
 The rule is applied *before* a server optimizer (FedAdam sees the corrected average),
-by putting :class:`HolderNormalised` between the strategy and FedAvg in the MRO.
+by putting :class:`_HolderNormalised` between the strategy and FedAvg in the MRO.
 """
 
 from __future__ import annotations
