@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from federation.sweep import _job_row
+from federation.sweep import job_row
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,9 +56,9 @@ def main() -> None:
     else:
         seconds = {"inf": 0.0 if none_done else _run([*common, "privacy=none", f"hydra.run.dir={runs}/none"])}
         t = _run(["-m", *common, f"privacy.target_epsilon={args.epsilons}", f"hydra.sweep.dir={runs}/sweep"])
-    rows = {"inf": _job_row(runs / "none")}
+    rows = {"inf": job_row(runs / "none")}
     for job in sorted((runs / "sweep").iterdir()):
-        if job.is_dir() and (row := _job_row(job)):
+        if job.is_dir() and (row := job_row(job)):
             eps = next(o.split("=")[1] for o in row["overrides"] if o.startswith("privacy.target_epsilon="))
             rows[eps] = row
             seconds[eps] = t / len(args.epsilons.split(","))  # the sweep's jobs run one after another

@@ -204,9 +204,9 @@ def item_holders(node: NodeData, private: bool) -> np.ndarray:
         held = np.zeros(rows, dtype=np.float32)
         held[node.split.train.items] = 1.0
         return held
-    departments = np.asarray(node.catalog.department).astype(str)
-    if node.name in set(departments.tolist()):
-        return np.concatenate([[0.0], departments == node.name]).astype(np.float32)
+    own = np.asarray(node.catalog.department).astype(str) == node.name
+    if own.any():  # a department node: its department's items
+        return np.concatenate([[0.0], own]).astype(np.float32)
     return np.ones(rows, dtype=np.float32)
 
 

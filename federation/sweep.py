@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from federation.outputs import best_round, read_metrics
 
-__all__ = ["SweepSummary", "summarise_sweep"]
+__all__ = ["SweepSummary", "job_row", "summarise_sweep"]
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def _overrides(job_dir: Path) -> list[str]:
     return [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
 
 
-def _job_row(job_dir: Path) -> dict[str, Any] | None:
+def job_row(job_dir: Path) -> dict[str, Any] | None:
     rows = read_metrics(job_dir / "metrics.jsonl")
     if not rows:
         return None
@@ -65,7 +65,7 @@ def _value(row: dict[str, Any], key: str) -> str:
 def summarise_sweep(sweep_dir: str | Path) -> Path | None:
     """Write ``summary.md``, ``summary.json`` (and ``summary.png``) into ``sweep_dir``."""
     sweep_dir = Path(sweep_dir)
-    rows = [r for d in sorted(sweep_dir.iterdir(), key=lambda p: p.name) if d.is_dir() and (r := _job_row(d))]
+    rows = [r for d in sorted(sweep_dir.iterdir(), key=lambda p: p.name) if d.is_dir() and (r := job_row(d))]
     if not rows:
         log.warning("no finished runs under %s: no sweep summary", sweep_dir)
         return None
