@@ -9,9 +9,12 @@ each in its own subprocess (fair peak memory, no warm caches shared):
 ``nodp-none``   the per-example path without DP: ``reduction="none"`` scores every
                 position (the head over all ``b*t`` positions) and averages;
 ``dp-hooks``    ``privacy.dp.make_private`` with Opacus per-sample gradients;
-``dp-ghost``    ``privacy.dp.make_private`` with Opacus ghost clipping.
+``dp-ghost``    ``privacy.dp.make_private`` with Opacus ghost clipping;
+``dp-bk``       ``privacy.dp.make_private`` with fedmart's one-pass book-keeping clipping
+                (``privacy.bookkeeping``) and the packed head (positions with a target
+                only, like ``nodp-mean``); Opacus samples, noises and accounts.
 
-DP needs ``reduction="none"`` (every activation keeps its batch dimension), so the DP
+Opacus's modes need ``reduction="none"`` (every activation keeps its batch dimension), so the DP
 arms are compared both with the fastest non-private path (what DP costs a node) and with
 the same per-example path without DP (what Opacus itself costs). Batches are drawn before
 timing (fixed batches of ``--batch-size`` for the non-private arms, Poisson batches of
@@ -21,7 +24,7 @@ and the median is reported, because the machine may be shared; examples per CPU-
 (process time of all threads) is reported beside wall-clock examples/s, as it is far
 less sensitive to other processes competing for the cores.
 
-    python bench/dp_overhead.py                    # 3 reps x 4 arms, 20 timed steps each
+    python bench/dp_overhead.py                    # 3 reps x 5 arms, 20 timed steps each
     python bench/dp_overhead.py --reps 5 --steps 30 --out bench/results/dp_overhead.json
 """
 
@@ -39,7 +42,7 @@ import time
 import warnings
 from pathlib import Path
 
-ARMS = ("nodp-mean", "nodp-none", "dp-hooks", "dp-ghost")
+ARMS = ("nodp-mean", "nodp-none", "dp-hooks", "dp-ghost", "dp-bk")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -79,6 +82,7 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict:
     )
     pt = make_private(module=model, optimizer=opt, data_loader=loader, config=cfg, epochs=1)
     reduction = "mean" if arm == "nodp-mean" else "none"
+    extra = {"packed": True} if arm == "dp-bk" else {}
     batches = []
     for x, y in pt.data_loader:  # drawn up front: time the training step, not the data pipeline
         if len(x):
@@ -91,7 +95,7 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict:
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         pt.optimizer.zero_grad(set_to_none=True)
-        _, loss = pt.module(x, y, reduction=reduction)
+        _, loss = pt.module(x, y, reduction=reduction, **extra)
         pt.loss_fn(loss).backward()
         pt.optimizer.step()
 

@@ -111,6 +111,8 @@ def train_epoch_private(pt: PrivateTraining, device: torch.device, *, max_steps:
     model = pt.module
     model.train()
     reduction = "none" if pt.is_private else "mean"
+    # bk clips in one pass and can score only the positions with a target, like "mean"
+    extra = {"packed": True} if pt.grad_sample_mode == "bk" else {}
     total, batches, steps, examples = 0.0, 0, 0, 0
     with warnings.catch_warnings():
         # Opacus's backward hooks on the item embedding (integer inputs) make torch warn every step.
@@ -124,7 +126,7 @@ def train_epoch_private(pt: PrivateTraining, device: torch.device, *, max_steps:
                 continue
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             pt.optimizer.zero_grad(set_to_none=True)
-            _, per_example = model(inputs, targets, reduction=reduction)  # (b,) or scalar when off
+            _, per_example = model(inputs, targets, reduction=reduction, **extra)  # (b,) or scalar when off
             loss = pt.loss_fn(per_example)
             loss.backward()
             pt.optimizer.step()

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig, BertModel
 
+from privacy.bookkeeping import tag_rows
+
 __all__ = ["SASRecConfig", "SASRec"]
 
 
@@ -111,7 +113,12 @@ class SASRec(nn.Module):
         ).last_hidden_state
 
     def forward(
-        self, seq: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"
+        self,
+        seq: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        reduction: str = "mean",
+        *,
+        packed: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Scores for the next item at every position, and the loss if ``targets`` is given.
 
@@ -121,6 +128,11 @@ class SASRec(nn.Module):
         targets : (b, t) long, 0 where there is nothing to predict
         reduction : "mean" (mean over all target positions) or "none" (one loss per
             example: mean over that example's positions, shape (b,))
+        packed : with ``reduction="none"``, score only the positions that have a target
+            (as "mean" does) and tag the packed head input with each row's example
+            (``privacy.bookkeeping.tag_rows``), for DP's one-pass ``bk`` clipping; logits
+            are then (positions with a target, num_items + 1). Opacus's own modes need
+            the unpacked (b, t, ...) head.
 
         Returns
         -------
@@ -147,6 +159,15 @@ class SASRec(nn.Module):
         if reduction != "none":
             raise ValueError(f"reduction must be 'mean' or 'none', not {reduction!r}")
         b, t = targets.shape
+        if packed:
+            valid = targets > 0  # (b, t)
+            owner = valid.nonzero()[:, 0]  # (v,): the example of each scored row, non-decreasing
+            logits = self.head(tag_rows(h[valid], owner))  # (v, n + 1)
+            ce = F.cross_entropy(
+                logits, targets[valid], reduction="none", label_smoothing=self.config.label_smoothing
+            )  # (v,)
+            per_example = torch.zeros(b, dtype=ce.dtype, device=ce.device).index_add(0, owner, ce)
+            return logits, per_example / valid.sum(1).clamp(min=1)  # (b,)
         logits = self.head(h)  # (b, t, n + 1)
         ce = F.cross_entropy(
             logits.view(b * t, -1),

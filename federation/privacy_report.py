@@ -8,6 +8,12 @@ __all__ = ["privacy_section"]
 
 _USER_WHOLE = ("dirichlet", "iid")
 
+_CLIPPING = {
+    "bk": "fedmart's one-pass book-keeping (privacy/bookkeeping.py; Opacus samples, noises and accounts)",
+    "ghost": "Opacus ghost clipping",
+    "hooks": "Opacus per-sample gradients (hooks)",
+}
+
 
 def _user_spread(settings: dict[str, Any]) -> tuple[str, bool]:
     """(description, users_whole): whether each user's data sits at one node."""
@@ -54,7 +60,7 @@ def privacy_section(settings: dict[str, Any], rows: list[dict[str, Any]]) -> str
         "- **Unit of privacy**: one user's whole interaction history at one node (one training example = one user).",
         f"- **Mechanism**: DP-SGD with Opacus on every node: Poisson sampling of users, per-user clipping to "
         f"C = {p.get('max_grad_norm')} (flat L2 over all trainable parameters), Gaussian noise ({mode}); "
-        f"per-sample gradients by {p.get('grad_sample_mode', 'hooks')}.",
+        f"per-user clipping by {_CLIPPING.get(str(p.get('grad_sample_mode')), p.get('grad_sample_mode'))}.",
         f"- **Accountant**: {str(p.get('accountant', 'rdp')).upper()} over the node's whole ledger "
         "(all rounds, all runs on the same dataset); ε is reported per node.",
         "- **δ**: "

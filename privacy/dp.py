@@ -85,9 +85,12 @@ from typing import Any, Literal, Protocol
 import torch
 from opacus import PrivacyEngine
 from opacus.accountants import IAccountant
+from opacus.data_loader import DPDataLoader
+from opacus.optimizers import DPOptimizerFastGradientClipping
 from torch import nn
 from torch.utils.data import DataLoader
 
+from privacy.bookkeeping import BookKeeping, is_hooked
 from privacy.accounting import (
     ACCOUNTANTS,
     HistoryEntry,
@@ -111,8 +114,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MODES = ("off", "dp", "target")
-GRAD_SAMPLE_MODES = ("hooks", "ghost")
-DEFAULT_GRAD_SAMPLE_MODE = "ghost"
+GRAD_SAMPLE_MODES = ("hooks", "ghost", "bk")
+DEFAULT_GRAD_SAMPLE_MODE = "bk"
 """Chosen by measurement (``bench/dp_overhead.py``, BENCHMARKS.md "DP overhead"): on the
 2-layer, 64-wide SASRec over ~2000 items on a quiet 2-core CPU, with batches trimmed of
 their all-padding columns, ghost clipping ran 382 examples/s and hooks 336 (medians of 3),
@@ -152,9 +155,11 @@ class DPConfig:
         Mode ``target`` only; > 0.
     accountant : {"rdp", "prv"}
         Opacus accountant; RDP by default.
-    grad_sample_mode : {"hooks", "ghost"}
-        Opacus per-sample gradients (``hooks``) or ghost clipping (``ghost``: per-sample
-        norms without per-sample gradients, two backward passes). Same guarantee.
+    grad_sample_mode : {"hooks", "ghost", "bk"}
+        Opacus per-sample gradients (``hooks``), Opacus ghost clipping (``ghost``:
+        per-sample norms without per-sample gradients, two backward passes), or
+        fedmart's book-keeping clipping (``bk``, :mod:`privacy.bookkeeping`: one backward
+        pass; Opacus still samples, noises and accounts). Same guarantee.
     poisson_sampling : bool
         Required for the accountant's guarantee; ``False`` makes epsilon an approximation.
     secure_rng : bool
@@ -167,7 +172,7 @@ class DPConfig:
     delta: float | None = None
     target_epsilon: float | None = None
     accountant: Literal["rdp", "prv"] = "rdp"
-    grad_sample_mode: Literal["hooks", "ghost"] = DEFAULT_GRAD_SAMPLE_MODE
+    grad_sample_mode: Literal["hooks", "ghost", "bk"] = DEFAULT_GRAD_SAMPLE_MODE
     poisson_sampling: bool = True
     secure_rng: bool = False
 
@@ -410,7 +415,7 @@ class PrivateTraining:
         opt = self.optimizer
         opt.zero_grad(set_to_none=True)
         for p in opt.params:  # type: ignore[attr-defined]
-            if self.grad_sample_mode == "ghost":
+            if self.grad_sample_mode in ("ghost", "bk"):
                 p.grad = torch.zeros_like(p)
             else:
                 p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
@@ -491,7 +496,7 @@ def make_private(
     """
     if not isinstance(config, DPConfig):
         raise ValueError(f"config must be a DPConfig, got {type(config).__name__}")
-    if any(hasattr(p, "_forward_counter") for p in module.parameters()):
+    if any(hasattr(p, "_forward_counter") for p in module.parameters()) or is_hooked(module):
         raise ValueError(
             "the module still carries Opacus hooks from an earlier make_private; call close() on that "
             "PrivateTraining (or use it as a context manager) before wrapping the module again"
@@ -525,6 +530,11 @@ def make_private(
             "poisson_sampling=False: the accountant's epsilon assumes Poisson sampling and is only an approximation"
         )
     engine = _engine(config)
+    if config.grad_sample_mode == "bk":
+        private_module, private_opt, loss_fn, private_loader = _make_private_bk(
+            engine, module=module, optimizer=optimizer, data_loader=data_loader, config=config, plan=plan
+        )
+        return _finish(engine, config, plan, prior, module, private_module, private_opt, loss_fn, private_loader)
     criterion = _PerExampleLoss()
     common: dict[str, Any] = {
         "module": module,
@@ -548,6 +558,20 @@ def make_private(
     else:
         private_module, private_opt, private_loader = out
         loss_fn = _private_mean
+    return _finish(engine, config, plan, prior, module, private_module, private_opt, loss_fn, private_loader)
+
+
+def _finish(
+    engine: PrivacyEngine,
+    config: DPConfig,
+    plan: TrainingPlan,
+    prior: tuple[HistoryEntry, ...],
+    module: nn.Module,
+    private_module: nn.Module,
+    private_opt: Any,
+    loss_fn: Callable[[torch.Tensor], BackwardLoss],
+    private_loader: DataLoader,
+) -> PrivateTraining:
     if not math.isclose(private_opt.noise_multiplier, plan.noise_multiplier, rel_tol=1e-12):
         raise RuntimeError(
             f"Opacus chose noise_multiplier {private_opt.noise_multiplier}, the plan said {plan.noise_multiplier}"
@@ -583,6 +607,75 @@ def make_private(
         plan.delta,
     )
     return pt
+
+
+class _BookKeepingLoss:
+    """``loss_fn``'s result in mode ``bk``: ``backward()`` writes the clipped sum to ``p.grad``."""
+
+    def __init__(self, bk: BookKeeping, per_example: torch.Tensor) -> None:
+        self._bk, self._per_example = bk, _check_per_example(per_example)
+
+    def backward(self) -> None:
+        self._bk.clip_and_sum(self._per_example)
+
+    def item(self) -> float:
+        return float(self._per_example.detach().mean())
+
+
+class _BookKeepingModule(nn.Module):
+    """The module a ``bk`` training calls: the caller's model, plus ``cleanup()`` for ``close()``."""
+
+    def __init__(self, module: nn.Module, bk: BookKeeping) -> None:
+        super().__init__()
+        self._module = module
+        self._bk = bk
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self._bk.discard()  # a forward pass without its backward (an exception) must not linger
+        return self._module(*args, **kwargs)
+
+    def cleanup(self) -> None:
+        self._bk.remove()
+
+
+def _make_private_bk(
+    engine: PrivacyEngine,
+    *,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data_loader: DataLoader,
+    config: DPConfig,
+    plan: TrainingPlan,
+) -> tuple[nn.Module, Any, Callable[[torch.Tensor], BackwardLoss], DataLoader]:
+    """Opacus's sampler, noise and accountant around fedmart's one-pass clipping.
+
+    The same objects ``PrivacyEngine.make_private(grad_sample_mode="ghost")`` builds,
+    except the module wrapper: ghost clipping's optimizer takes ``p.grad`` as the
+    clipped sum and only noises, scales and accounts, which is what ``bk`` provides.
+    """
+    trainable = {id(p) for p in module.parameters() if p.requires_grad}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in trainable:
+                raise ValueError("Module parameters are different than optimizer Parameters")
+    bk = BookKeeping(module, max_grad_norm=config.max_grad_norm)
+    loader = (
+        DPDataLoader.from_data_loader(data_loader, generator=engine.secure_rng if config.secure_rng else None)
+        if config.poisson_sampling
+        else data_loader
+    )
+    sample_rate = 1 / len(loader)
+    opt = DPOptimizerFastGradientClipping(
+        optimizer,
+        noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=config.max_grad_norm,
+        expected_batch_size=int(len(data_loader.dataset) * sample_rate),  # type: ignore[arg-type]
+        loss_reduction="mean",
+        generator=engine.secure_rng if config.secure_rng else None,
+        secure_mode=config.secure_rng,
+    )
+    opt.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+    return _BookKeepingModule(module, bk), opt, lambda per_example: _BookKeepingLoss(bk, per_example), loader
 
 
 def _engine(config: DPConfig) -> PrivacyEngine:

@@ -22,7 +22,7 @@ def _dataset(users: int = 24, max_len: int = 6) -> TrainDataset:
     return TrainDataset(seqs, max_len)
 
 
-@pytest.mark.parametrize(("mode", "gsm"), [("off", "hooks"), ("dp", "hooks"), ("dp", "ghost")])
+@pytest.mark.parametrize(("mode", "gsm"), [("off", "hooks"), ("dp", "hooks"), ("dp", "ghost"), ("dp", "bk")])
 def test_a_node_round_check_train_record(tmp_path, mode, gsm):
     torch.manual_seed(0)
     model = SASRec(SASRecConfig(num_items=30, max_len=6, hidden=16, layers=1, heads=2))

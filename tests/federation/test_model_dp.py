@@ -32,8 +32,16 @@ def _batch(n: int = 6, t: int = 8, min_pad: int = 0) -> tuple[torch.Tensor, torc
     return inputs, targets
 
 
+MODES = ["hooks", "ghost", "bk"]
+
+
+def _kwargs(mode: str) -> dict:
+    # bk scores only the positions with a target (packed head); Opacus's modes cannot
+    return {"reduction": "none", "packed": mode == "bk"}
+
+
 @pytest.mark.parametrize("trimmed", [False, True], ids=["full-width", "trimmed"])
-@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("mode", MODES)
 def test_one_dp_sgd_step_on_sasrec_runs_and_changes_the_weights(mode, trimmed):
     """``trimmed``: every row starts with padding, so the model drops leading columns and
     works on a column slice of the batch (Opacus once failed to view() it)."""
@@ -46,7 +54,7 @@ def test_one_dp_sgd_step_on_sasrec_runs_and_changes_the_weights(mode, trimmed):
     with make_private(module=model, optimizer=opt, data_loader=loader, config=cfg, epochs=1) as pt:
         pt.module.train()
         pt.optimizer.zero_grad(set_to_none=True)
-        _, per_example = pt.module(inputs, targets, reduction="none")
+        _, per_example = pt.module(inputs, targets, **_kwargs(mode))
         assert per_example.shape == (len(inputs),)
         loss = pt.loss_fn(per_example)
         loss.backward()
@@ -61,10 +69,11 @@ def test_one_dp_sgd_step_on_sasrec_runs_and_changes_the_weights(mode, trimmed):
     assert "encoder.embeddings.word_embeddings.weight" not in changed
 
 
-@pytest.mark.parametrize("mode", ["hooks", "ghost"])
-def test_sasrec_clipped_gradient_sum_equals_per_user_clipping(mode):
+@pytest.mark.parametrize("trimmed", [False, True], ids=["full-width", "trimmed"])
+@pytest.mark.parametrize("mode", MODES)
+def test_sasrec_clipped_gradient_sum_equals_per_user_clipping(mode, trimmed):
     model = _model(dropout=0.0)  # deterministic forward, so one user at a time is comparable
-    inputs, targets = _batch()
+    inputs, targets = _batch(min_pad=2 if trimmed else 0)
     clip = 0.05
     reference = copy.deepcopy(model)
     params = [p for p in reference.parameters() if p.requires_grad]
@@ -82,7 +91,7 @@ def test_sasrec_clipped_gradient_sum_equals_per_user_clipping(mode):
     cfg = DPConfig(mode="dp", max_grad_norm=clip, grad_sample_mode=mode)
     with make_private(module=model, optimizer=opt, data_loader=loader, config=cfg, epochs=1) as pt:
         pt.optimizer.zero_grad()
-        _, per_example = pt.module(inputs, targets, reduction="none")
+        _, per_example = pt.module(inputs, targets, **_kwargs(mode))
         pt.loss_fn(per_example).backward()
         if mode == "hooks":
             pt.optimizer.clip_and_accumulate()
@@ -94,7 +103,7 @@ def test_sasrec_clipped_gradient_sum_equals_per_user_clipping(mode):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("mode", MODES)
 def test_dp_sgd_step_on_cuda(mode):
     model = _model()
     inputs, targets = _batch()
@@ -104,7 +113,7 @@ def test_dp_sgd_step_on_cuda(mode):
     with make_private(module=model, optimizer=opt, data_loader=loader, config=cfg, epochs=1, device="cuda") as pt:
         before = model.head.weight.detach().clone()
         pt.optimizer.zero_grad(set_to_none=True)
-        _, per_example = pt.module(inputs.cuda(), targets.cuda(), reduction="none")
+        _, per_example = pt.module(inputs.cuda(), targets.cuda(), **_kwargs(mode))
         pt.loss_fn(per_example).backward()
         pt.optimizer.step()
         assert model.head.weight.is_cuda and not torch.equal(before, model.head.weight)

@@ -29,7 +29,8 @@ class Tiny(nn.Module):
         self.emb = nn.Embedding(vocab, d)
         self.head = nn.Linear(d, classes)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean"):
+    def forward(self, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean", packed: bool = False):
+        # packed (bk's compact head) changes nothing here: one row per example already
         logits = self.head(self.emb(x).mean(1))  # (b, classes)
         loss = F.cross_entropy(logits, y, reduction="none")  # (b,)
         return logits, loss if reduction == "none" else loss.mean()
@@ -156,7 +157,7 @@ def test_clipped_per_sample_gradient_norm_never_exceeds_the_bound(batch, clip, s
             assert clipped == pytest.approx(raw, rel=1e-4, abs=1e-7)
 
 
-@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])
 def test_private_clipped_sum_equals_per_user_clipping(mode):
     model, opt, loader, x, y = _setup(n=6)
     reference = copy.deepcopy(model)
@@ -177,7 +178,7 @@ def test_private_clipped_sum_equals_per_user_clipping(mode):
     if mode == "hooks":
         pt.optimizer.clip_and_accumulate()
         got = [p.summed_grad for p in pt.optimizer.params]
-    else:  # ghost: the second backward pass leaves the clipped sum in .grad
+    else:  # ghost's second backward pass, or bk's one pass, leaves the clipped sum in .grad
         got = [p.grad for p in pt.optimizer.params]
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
@@ -194,7 +195,7 @@ def test_loss_fn_refuses_a_reduced_loss_in_private_modes():
 # ---- accounting through make_private --------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])
 def test_private_training_counts_every_step_and_reports_the_total(mode):
     model, opt, loader, _, _ = _setup(n=24, batch_size=6)
     prior = [(1.3, 0.1, 40)]
@@ -212,7 +213,7 @@ def test_private_training_counts_every_step_and_reports_the_total(mode):
     assert not hasattr(model.emb.weight, "grad_sample")  # closed: hooks and attributes removed
 
 
-@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])
 def test_noise_step_releases_noise_and_is_accounted(mode):
     model, opt, loader, _, _ = _setup()
     pt = make_private(
