@@ -104,9 +104,7 @@ class BookKeeping:
         self.max_grad_norm = float(max_grad_norm)
         self.params = [p for p in module.parameters() if p.requires_grad]
         self._records: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
-        self._handles = [
-            m.register_forward_hook(self._record) for m in module.modules() if _trainable(m)
-        ]
+        self._handles = [m.register_forward_hook(self._record) for m in module.modules() if _trainable(m)]
         self.last_norms: torch.Tensor | None = None  # per-example norms of the last step, for tests
 
     def _record(self, m: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
@@ -138,7 +136,9 @@ class BookKeeping:
         seen: set[int] = set()
         for m, _, _ in records:
             if id(m) in seen:
-                raise ValueError(f"{type(m).__name__} was called twice in one forward pass; bk cannot clip shared weights")
+                raise ValueError(
+                    f"{type(m).__name__} was called twice in one forward pass: bk cannot clip shared weights"
+                )
             seen.add(id(m))
         b = per_example_loss.shape[0]
         outputs = [out for _, _, out in records]

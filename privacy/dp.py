@@ -90,7 +90,6 @@ from opacus.optimizers import DPOptimizerFastGradientClipping
 from torch import nn
 from torch.utils.data import DataLoader
 
-from privacy.bookkeeping import BookKeeping, is_hooked
 from privacy.accounting import (
     ACCOUNTANTS,
     HistoryEntry,
@@ -99,6 +98,7 @@ from privacy.accounting import (
     noise_multiplier_for,
     validate_history,
 )
+from privacy.bookkeeping import BookKeeping, is_hooked
 
 __all__ = [
     "MODES",
