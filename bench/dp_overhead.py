@@ -1,7 +1,7 @@
 """DP-SGD overhead on the recommender: throughput and peak memory with and without Opacus.
 
 Same model (SASRec, 2 layers, 64 wide, ~2000 items, max_len 50), same data (synthetic,
-``clients.synthetic.generate``), same optimizer (AdamW), same batch size, CPU. Four arms,
+``clients.synthetic.generate``), same optimizer (AdamW), same batch size, CPU. Five arms,
 each in its own subprocess (fair peak memory, no warm caches shared):
 
 ``nodp-mean``   the fastest non-private path: ``reduction="mean"`` scores only positions

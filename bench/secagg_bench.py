@@ -10,7 +10,10 @@ vectorised add, so the numbers are the cost of the round's protocol, not of lear
                      ``NumPyClient``): the baseline of the next arm's own machinery;
 ``flower-secagg+``   Flower's SecAgg+ (``SecAggPlusWorkflow`` + ``secaggplus_mod``) on that path;
 ``fedmart``          ``SecAggStrategy(FedAvg)`` + ``secagg_mod`` (``privacy/secagg``);
-``fedmart-nopipe``   the same with ``pipeline=False`` (a separate share-keys exchange every round).
+``fedmart-nopipe``   the same with ``pipeline=False`` (a separate share-keys exchange every round);
+``none-echo``        ``none`` plus one exchange of empty messages with every node after the
+                     aggregation (polled like fedmart's unmask stage): the engine's price of
+                     one more exchange, the floor under any protocol that needs a second one.
 
 Timing is the same for every arm: the wall-clock time of one *fit round* in the ServerApp
 (Message API: ``configure_train`` entry to ``aggregate_train`` exit; legacy: the fit workflow
@@ -42,7 +45,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ARMS = ("none", "flower-legacy", "flower-secagg+", "fedmart", "fedmart-nopipe")
+ARMS = ("none", "none-echo", "flower-legacy", "flower-secagg+", "fedmart", "fedmart-nopipe")
 THRESHOLD = 0.5
 CLIP, BITS, MAX_WEIGHT = 0.5, 16, 1000
 
@@ -51,7 +54,7 @@ CLIP, BITS, MAX_WEIGHT = 0.5, 16, 1000
 def run_arm(arm: str, nodes: int, params: int, rounds: int, neighbours: int = 0) -> dict:
     """Run ``rounds`` rounds of one arm in Flower's simulation engine; return the timings."""
     import numpy as np
-    from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
@@ -116,7 +119,7 @@ def run_arm(arm: str, nodes: int, params: int, rounds: int, neighbours: int = 0)
 
     def _label(msg: Message) -> str:
         c = msg.content
-        for key in ("secagg", "secaggplus_configs"):
+        for key in ("secagg", "secaggplus_configs", "echo"):
             if key in c.config_records:
                 return str(c.config_records[key]["stage"])
         return msg.metadata.message_type
@@ -130,7 +133,7 @@ def run_arm(arm: str, nodes: int, params: int, rounds: int, neighbours: int = 0)
 
     init = np.zeros(params, np.float32)
 
-    if arm in ("none", "fedmart", "fedmart-nopipe"):
+    if arm in ("none", "none-echo", "fedmart", "fedmart-nopipe"):
         from flwr.serverapp.strategy import FedAvg
 
         from privacy.secagg import SecAggConfig, SecAggStrategy, secagg_mod
@@ -139,6 +142,8 @@ def run_arm(arm: str, nodes: int, params: int, rounds: int, neighbours: int = 0)
 
         @client.train()
         def train(msg: Message, context: Context) -> Message:
+            if "echo" in msg.content.config_records:
+                return Message(RecordDict({"echo": msg.content.config_records["echo"]}), reply_to=msg)
             pid = int(context.node_config["partition-id"])
             w = msg.content["arrays"]["w"].numpy() + np.float32(delta(pid))
             metrics = MetricRecord({"num-examples": 10 * (pid + 1)})
@@ -149,10 +154,14 @@ def run_arm(arm: str, nodes: int, params: int, rounds: int, neighbours: int = 0)
                 def configure_train(self, server_round, arrays, config, grid):
                     state["round"] = server_round
                     self._t0 = time.perf_counter()
+                    self._grid = grid
                     return super().configure_train(server_round, arrays, config, grid)
 
                 def aggregate_train(self, server_round, replies):
+                    replies = list(replies)
                     out = super().aggregate_train(server_round, replies)
+                    if arm == "none-echo":
+                        echo(self._grid, [r.metadata.src_node_id for r in replies], server_round)
                     timings["rounds"].append(time.perf_counter() - self._t0)
                     report = getattr(self, "last_report", None)
                     if report is not None:
@@ -160,6 +169,27 @@ def run_arm(arm: str, nodes: int, params: int, rounds: int, neighbours: int = 0)
                     return out
 
             return Timed
+
+        def echo(grid: Grid, node_ids: list[int], server_round: int) -> None:
+            """One exchange of empty messages, polled as SecAggStrategy._exchange polls."""
+            from privacy.secagg.strategy import _POLL_FIRST, _POLL_MAX
+
+            messages = [
+                Message(
+                    RecordDict({"echo": ConfigRecord({"stage": "echo"})}),
+                    dst_node_id=n,
+                    message_type="train",
+                    group_id=str(server_round),
+                )
+                for n in node_ids
+            ]
+            pending, pause = set(grid.push_messages(messages)), _POLL_FIRST
+            while pending:
+                for r in grid.pull_messages(pending):
+                    pending.discard(r.metadata.reply_to_message_id)
+                if pending:
+                    time.sleep(pause)
+                    pause = min(2 * pause, _POLL_MAX)
 
         server = ServerApp()
 
