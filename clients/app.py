@@ -33,6 +33,7 @@ from federation import wire
 from federation.device import select_device
 from federation.globalmodel import get_weights, set_weights
 from federation.runconfig import unflatten
+from privacy.client_dp import clip_update
 from privacy.dp import DPConfig, make_private, plan_training
 from privacy.ledger import PrivacyLedger
 from privacy.secagg import secagg_mod
@@ -186,10 +187,29 @@ def local_train(msg: Message, context: Context, settings: dict[str, Any]) -> Mes
         }
     )
     weights = get_weights(model)
+    client_dp = client_dp_clip(fed)
     if wire.ITEM_HOLDERS in incoming:
-        weights = with_item_holders(weights, incoming, node, private=dpc.is_private)
+        # Under either DP layer the holder set must not depend on the node's data.
+        weights = with_item_holders(weights, incoming, node, private=dpc.is_private or client_dp is not None)
+    if client_dp is not None:
+        # Client-level DP (privacy/client_dp.py): the node bounds its contribution to the sum
+        # (the coordinator adds the noise) and every node weighs the same: a weight that
+        # depended on the node's size would change the sum's sensitivity.
+        update, norm = clip_update(
+            {k: weights[k] - incoming[k] for k in weights if k in incoming and k != wire.ITEM_HOLDERS},
+            max_norm=client_dp,
+        )
+        weights = {k: incoming[k] + update[k] if k in update else v for k, v in weights.items()}
+        log.info("node %s: update norm %.4g clipped to %g (client-level DP)", node.name, norm, client_dp)
+        metrics.update({wire.NUM_EXAMPLES: 1, "users_trained": len(dataset)})
     replay.put(run, server_round, incoming, weights, metrics)
     return _train_reply(msg, weights, metrics)
+
+
+def client_dp_clip(fed: dict[str, Any]) -> float | None:
+    """The clipping norm C of client-level DP (``federation.client_dp``), None when it is off."""
+    c = fed.get("client_dp") or {}
+    return float(c["clipping_norm"]) if c.get("enabled") else None
 
 
 def item_holders(node: NodeData, private: bool) -> np.ndarray:

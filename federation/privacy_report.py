@@ -31,7 +31,39 @@ def _user_spread(settings: dict[str, Any]) -> tuple[str, bool]:
 
 
 def privacy_section(settings: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    """Markdown for ``report.md``; a short note when the run was not private."""
+    """Markdown for ``report.md``: user-level DP, then client-level DP if it was on."""
+    return _user_level(settings, rows) + _client_level(settings, rows)
+
+
+def _client_level(settings: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    c = (settings.get("federation") or {}).get("client_dp") or {}
+    if not c.get("enabled"):
+        return ""
+    eps = next((r["train_metrics"]["client_dp_epsilon"] for r in reversed(rows)
+                if "client_dp_epsilon" in r.get("train_metrics", {})), None)  # fmt: skip
+    released = sum(1 for r in rows if r.get("aggregated"))
+    return "\n".join(
+        [
+            "",
+            "",
+            "### Client-level DP (second layer)",
+            "",
+            "- **Unit of privacy**: one whole node (all of a department's or merchant's data), under add/remove "
+            "of one node; reported apart from the per-user ε above.",
+            f"- **Mechanism**: each node clips its update to L2 norm {c.get('clipping_norm')} and weighs 1; the "
+            f"coordinator adds Gaussian noise of std {c.get('noise_multiplier')} × {c.get('clipping_norm')} to the "
+            "sum of the clipped updates before dividing by the number of nodes in it (DP-FedAvg).",
+            f"- **ε after {released} released aggregates**: "
+            + (f"{eps:.3f}" if eps is not None else "n/a")
+            + f" at δ = {c.get('delta')} (RDP, no amplification by node sampling: Flower samples a fixed number).",
+            "- **Against whom**: everyone who sees the global model (other nodes, the serving path, the public); "
+            "not the coordinator, which adds the noise and so sees the noiseless sum (secure aggregation still "
+            "hides each node's update from it).",
+        ]
+    )
+
+
+def _user_level(settings: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     p = settings.get("privacy") or {}
     secagg = (settings.get("secagg") or {}).get("enabled", False)
     lines = ["## Privacy", ""]

@@ -17,7 +17,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, Strategy
 
 from federation import wire
-from federation.aggregation import HolderFedAdam, HolderFedAvg, with_holders
+from federation.aggregation import ClientDPFedAdam, ClientDPFedAvg, HolderFedAdam, HolderFedAvg, with_holders
 from federation.catalog import Catalog
 from federation.coordinator import Coordinator, RoundRecord, discover_nodes
 from federation.device import select_device
@@ -34,6 +34,7 @@ from federation.outputs import (
 )
 from federation.runconfig import config_hash
 from federation.trail import AuditRecorder, RegistryPublisher, open_trail
+from privacy.client_dp import ClientDPConfig
 
 __all__ = ["make_strategy", "run_server", "CentralEvaluator"]
 
@@ -50,6 +51,37 @@ def make_strategy(fed: dict[str, Any], num_nodes: int, secagg: dict[str, Any] | 
     return inner
 
 
+def client_dp_config(fed: dict[str, Any]) -> ClientDPConfig | None:
+    """``federation.client_dp`` as a validated config, or None when the layer is off."""
+    c = fed.get("client_dp") or {}
+    if not c.get("enabled"):
+        return None
+    try:
+        # Flower's samplers pick a fixed number of nodes: no amplification (q = 1) is the valid bound.
+        return ClientDPConfig(
+            noise_multiplier=float(c["noise_multiplier"]),
+            clipping_norm=float(c["clipping_norm"]),
+            delta=float(c.get("delta", 1e-3)),
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(
+            f"federation.client_dp: {err}; set clipping_norm > 0, noise_multiplier > 0 and delta in (0, 1)"
+        ) from err
+
+
+class ClientDPAccountant:
+    """Adds the client-level ε so far (RDP over the rounds that released an aggregate) to each round's record."""
+
+    def __init__(self, config: ClientDPConfig, released_before: int = 0) -> None:
+        self.config = config
+        self.released = released_before  # a resumed run: every completed round counts
+
+    def on_round_end(self, record: RoundRecord, arrays: ArrayRecord, strategy: Strategy) -> None:
+        self.released += int(record.aggregated)
+        record.train_metrics["client_dp_epsilon"] = self.config.epsilon(self.released)
+        record.train_metrics["client_dp_delta"] = self.config.delta
+
+
 def _base_strategy(fed: dict[str, Any], num_nodes: int) -> Strategy:
     common = {
         "fraction_train": float(fed.get("fraction_train", 1.0)),
@@ -60,10 +92,12 @@ def _base_strategy(fed: dict[str, Any], num_nodes: int) -> Strategy:
     }
     name = str(fed.get("strategy", "fedavg")).lower()
     holders = item_rows(fed) == "holders"
+    cdp = client_dp_config(fed)
+    strategy: FedAvg
     if name == "fedavg":
-        return (HolderFedAvg if holders else FedAvg)(**common)
-    if name == "fedadam":
-        return (HolderFedAdam if holders else FedAdam)(
+        strategy = (HolderFedAvg if holders else ClientDPFedAvg if cdp else FedAvg)(**common)
+    elif name == "fedadam":
+        strategy = (HolderFedAdam if holders else ClientDPFedAdam if cdp else FedAdam)(
             **common,
             eta=float(fed.get("eta", 0.01)),
             eta_l=float(fed.get("eta_l", 0.001)),
@@ -71,7 +105,11 @@ def _base_strategy(fed: dict[str, Any], num_nodes: int) -> Strategy:
             beta_2=float(fed.get("beta_2", 0.99)),
             tau=float(fed.get("tau", 1e-3)),
         )
-    raise ValueError(f"federation.strategy must be fedavg or fedadam, not {name!r}")
+    else:
+        raise ValueError(f"federation.strategy must be fedavg or fedadam, not {name!r}")
+    if cdp is not None:
+        strategy.client_dp = cdp  # type: ignore[attr-defined]  # noise on the sum (federation/aggregation.py)
+    return strategy
 
 
 def item_rows(fed: dict[str, Any]) -> str:
@@ -210,6 +248,7 @@ def run_server(grid: Grid, settings: dict[str, Any], *, listeners_extra=()) -> A
         listeners=[
             publisher,
             AuditRecorder(audit, run_name),
+            *([ClientDPAccountant(cdp, released_before=start)] if (cdp := client_dp_config(fed)) else []),
             MetricsWriter(run),
             *listeners_extra,
             Checkpointer(run, keep_models=False),

@@ -9,7 +9,15 @@ from flwr.serverapp.strategy import FedAdam, FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
 from federation import wire
-from federation.aggregation import MIN_SHARE, HolderFedAdam, HolderFedAvg, normalise_rows, with_holders
+from federation.aggregation import (
+    MIN_SHARE,
+    ClientDPFedAdam,
+    ClientDPFedAvg,
+    HolderFedAdam,
+    HolderFedAvg,
+    normalise_rows,
+    with_holders,
+)
 
 ROWS, DIM = 5, 3
 
@@ -120,3 +128,48 @@ def test_rows_with_a_negligible_holder_share_keep_the_plain_average(share):
     current = {"head.bias": np.zeros(ROWS), wire.ITEM_HOLDERS: np.zeros(ROWS)}
     averaged = {"head.bias": np.full(ROWS, 0.01), wire.ITEM_HOLDERS: np.full(ROWS, share)}
     np.testing.assert_allclose(normalise_rows(current, averaged)["head.bias"], 0.01)
+
+
+# ---- client-level DP: noise on the sum of clipped updates -------------------------------
+
+
+def _big_global(n: int = 40_000) -> ArrayRecord:
+    return ArrayRecord({"w": Array(np.zeros(n, dtype=np.float32))})
+
+
+@pytest.mark.parametrize("cls", [ClientDPFedAvg, ClientDPFedAdam])
+def test_client_dp_noise_is_on_the_sum_with_the_configured_std(cls):
+    from privacy.client_dp import ClientDPConfig
+
+    g = _big_global()
+    m, sigma, clip = 4, 1.5, 0.2
+    strategy = cls(min_train_nodes=2, min_available_nodes=2, fraction_evaluate=0.0)
+    strategy.client_dp = ClientDPConfig(noise_multiplier=sigma, clipping_norm=clip)
+    updates = [({"w": np.full(40_000, 0.01 * (k + 1), np.float32)}, 1) for k in range(m)]
+    out = _round(strategy, g, updates)["w"]
+    if cls is ClientDPFedAvg:
+        noise = out - 0.01 * (1 + 2 + 3 + 4) / m  # mean of the clipped updates is 0.025
+        assert noise.mean() == pytest.approx(0.0, abs=4 * sigma * clip / m / 200)
+        # N(0, (sigma C)^2) on the sum, divided by m nodes
+        assert noise.std() == pytest.approx(sigma * clip / m, rel=0.03)
+    else:  # FedAdam takes its step on the noised average: the update is not the plain mean
+        assert not np.allclose(out, 0.0)
+
+
+def test_without_client_dp_the_average_is_exact():
+    g = _big_global(10)
+    out = _round(ClientDPFedAvg(min_train_nodes=2, min_available_nodes=2), g, [({"w": np.ones(10, np.float32)}, 1)] * 2)
+    np.testing.assert_array_equal(out["w"], np.ones(10, np.float32))
+
+
+def test_client_dp_noise_comes_before_the_holder_division_and_spares_the_holder_shares():
+    from privacy.client_dp import ClientDPConfig
+
+    g = _global()
+    strategy = HolderFedAvg(min_train_nodes=2, min_available_nodes=2)
+    strategy.client_dp = ClientDPConfig(noise_multiplier=1.0, clipping_norm=1e-6)  # tiny noise: values checkable
+    out = _round(strategy, g, [(_node_update(g, [1, 2], 0.5), 1), (_node_update(g, [2, 3], 0.5), 1)])
+    np.testing.assert_array_equal(out[wire.ITEM_HOLDERS], np.zeros(ROWS, np.float32))  # reset for the next round
+    emb = g["item_emb.weight"].numpy()
+    # row 1 is held by one node of two: its averaged update 0.25 is divided by the share 0.5
+    np.testing.assert_allclose(out["item_emb.weight"][1], emb[1] + 0.5, atol=1e-4)

@@ -176,3 +176,30 @@ def test_a_node_over_its_budget_declines_and_the_run_goes_on(runs):
         assert parsed["code"] == "budget_exceeded" and parsed["epsilon_after"] > parsed["epsilon_now"]
     assert len(rows[1]["replied"]) + len(declined) == 3
     assert "declined" in (runs["budget"] / "report.md").read_text()
+
+
+def test_client_level_dp_composes_with_dp_sgd_and_secure_aggregation(tmp_path):
+    """The optional second layer: nodes clip their updates and weigh 1, the coordinator
+    noises the sum; its epsilon (unit: a node) is reported per round, apart from the users'."""
+    from privacy.client_dp import ClientDPConfig
+
+    run = tmp_path / "client-dp"
+    _simulate(
+        run,
+        "federation.num_rounds=2",
+        "federation.client_dp.enabled=true",
+        "federation.client_dp.clipping_norm=0.05",
+        "federation.client_dp.noise_multiplier=0.8",
+        "federation.client_dp.delta=0.01",
+    )
+    rows = _metrics(run)
+    assert [r["aggregated"] for r in rows] == [True, True]
+    config = ClientDPConfig(noise_multiplier=0.8, clipping_norm=0.05, delta=0.01)
+    for i, r in enumerate(rows, start=1):
+        assert r["train_metrics"]["client_dp_epsilon"] == pytest.approx(config.epsilon(i))
+        for m in r["node_metrics"].values():
+            assert m["num-examples"] == 1 and m["users_trained"] > 1  # every node weighs the same
+            assert m["epsilon"] > 0  # the users' DP-SGD guarantee is still there, reported apart
+    assert rows[1]["train_metrics"]["client_dp_epsilon"] > rows[0]["train_metrics"]["client_dp_epsilon"]
+    report = (run / "report.md").read_text()
+    assert "### Client-level DP (second layer)" in report and "one whole node" in report
