@@ -34,3 +34,16 @@ def test_user_whole_silos_use_parallel_composition():
 
 def test_non_private_run_says_so():
     assert "No differential privacy" in privacy_section({**BASE, "privacy": {"mode": "off"}}, [])
+
+
+def test_client_level_dp_is_reported_apart_with_its_own_unit_and_epsilon():
+    fed = {"client_dp": {"enabled": True, "clipping_norm": 0.1, "noise_multiplier": 1.2, "delta": 0.01}}
+    rows = [
+        {"aggregated": True, "train_metrics": {"client_dp_epsilon": 3.25}},
+        {"aggregated": True, "train_metrics": {"client_dp_epsilon": 4.5}},
+    ]
+    text = privacy_section({**BASE, "privacy": {"mode": "off"}, "federation": fed}, rows)
+    assert "No differential privacy" in text  # the users' layer is off...
+    assert "### Client-level DP (second layer)" in text and "one whole node" in text  # ...the nodes' is on
+    assert "ε after 2 released aggregates**: 4.500 at δ = 0.01" in text
+    assert "client" not in privacy_section({**BASE, "privacy": {"mode": "off"}, "federation": {}}, rows).lower()
