@@ -104,12 +104,14 @@ class BookKeeping:
         self.max_grad_norm = float(max_grad_norm)
         self.params = [p for p in module.parameters() if p.requires_grad]
         self._records: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
+        self._versions: list[int] = []  # each output's version: an in-place change would hide its gradient
         self._handles = [m.register_forward_hook(self._record) for m in module.modules() if _trainable(m)]
         self.last_norms: torch.Tensor | None = None  # per-example norms of the last step, for tests
 
     def _record(self, m: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         if m.training and torch.is_grad_enabled():
             self._records.append((m, inputs[0], output))
+            self._versions.append(output._version)
 
     def remove(self) -> None:
         """Remove the hooks (idempotent)."""
@@ -118,11 +120,12 @@ class BookKeeping:
         if self._handles:
             setattr(self.module, _HOOKED, False)
         self._handles = []
-        self._records.clear()
+        self.discard()
 
     def discard(self) -> None:
         """Forget the recorded forward pass (e.g. after an exception)."""
         self._records.clear()
+        self._versions.clear()
 
     def clip_and_sum(self, per_example_loss: torch.Tensor) -> torch.Tensor:
         """Set ``p.grad`` to the sum over examples of their clipped gradients.
@@ -131,8 +134,12 @@ class BookKeeping:
         entry per example. Returns the per-example gradient norms before clipping.
         """
         records, self._records = self._records, []
+        versions, self._versions = self._versions, []
         if per_example_loss.dim() != 1:
             raise ValueError(f"need the per-example loss of shape (b,), got {tuple(per_example_loss.shape)}")
+        for (m, _, out), version in zip(records, versions, strict=True):
+            if out._version != version:
+                raise ValueError(f"the output of a {type(m).__name__} was modified in place: bk cannot clip it")
         seen: set[int] = set()
         for m, _, _ in records:
             if id(m) in seen:

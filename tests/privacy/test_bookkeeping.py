@@ -152,3 +152,12 @@ def test_hooks_are_removed_and_the_module_can_be_wrapped_again():
     model(x, y)  # no hook records anything now
     assert bk._records == []
     BookKeeping(model, max_grad_norm=1.0).remove()
+
+
+def test_an_output_changed_in_place_is_refused():
+    lin = nn.Linear(3, 3)
+    bk = BookKeeping(lin, max_grad_norm=1.0)
+    out = lin(torch.randn(2, 3))
+    out.mul_(2)  # the gradient at the layer's output is no longer what autograd would give for it
+    with pytest.raises(ValueError, match="modified in place"):
+        bk.clip_and_sum(out.sum(1))
