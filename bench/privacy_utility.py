@@ -10,7 +10,7 @@ local steps and batch in every arm), one after the other, then writes a table an
 Each run's model is the round with the best central validation NDCG@10; its test NDCG@10
 is reported. The goal (issue 4): at epsilon = 8, at least 70% of the non-private run.
 
-    python bench/privacy_utility.py                       # all five arms (~30 min on 2 cores)
+    python bench/privacy_utility.py                       # all five arms (~50 min on 2 cores)
     python bench/privacy_utility.py --epsilons 8 --extra federation.num_rounds=2   # a quick look
 """
 

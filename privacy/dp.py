@@ -117,10 +117,10 @@ MODES = ("off", "dp", "target")
 GRAD_SAMPLE_MODES = ("hooks", "ghost", "bk")
 DEFAULT_GRAD_SAMPLE_MODE = "bk"
 """Chosen by measurement (``bench/dp_overhead.py``, BENCHMARKS.md "DP overhead"): on the
-2-layer, 64-wide SASRec over ~2000 items on a quiet 2-core CPU, with batches trimmed of
-their all-padding columns, ghost clipping ran 382 examples/s and hooks 336 (medians of 3),
-with the same guarantee and ~30% less training memory (376 vs 560 MiB above setup).
-An earlier, loaded run before trimming had hooks ahead (45 vs 38 examples per CPU-second)."""
+2-layer, 64-wide SASRec over ~2000 items on a quiet 2-core CPU, with trimmed batches, bk ran
+750 examples/s (0.69x the non-private path), ghost 436 and hooks 372 (medians of 3), with the
+same guarantee and the least training memory (250 vs 405 and 545 MiB above setup). Models
+with layers bk does not support must choose ghost or hooks (make_private says so)."""
 
 
 class BackwardLoss(Protocol):
