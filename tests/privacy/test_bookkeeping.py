@@ -53,6 +53,17 @@ def _data(b: int, seed: int, t: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
+def _scaled(seed: int, scale: float) -> Seq:
+    """A seeded model with every weight times ``scale``: large weights give large gradients
+    (clipping binds), small ones small gradients (nothing to clip)."""
+    torch.manual_seed(seed)
+    model = Seq()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(scale)
+    return model
+
+
 def _brute_force(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clip: float):
     params = [p for p in model.parameters() if p.requires_grad]
     norms, total = [], [torch.zeros_like(p) for p in params]
@@ -74,11 +85,7 @@ def _brute_force(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clip: float
     seed=st.integers(0, 2**16),
 )
 def test_norms_and_clipped_sum_equal_brute_force(batch, clip, scale, seed):
-    torch.manual_seed(seed)
-    model = Seq()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(scale)  # large weights -> large gradients, small ones -> no clipping
+    model = _scaled(seed, scale)
     x, y = _data(batch, seed)
     want_norms, want = _brute_force(copy.deepcopy(model), x, y, clip)
     bk = BookKeeping(model, max_grad_norm=clip)
@@ -91,11 +98,7 @@ def test_norms_and_clipped_sum_equal_brute_force(batch, clip, scale, seed):
 @settings(max_examples=25, deadline=None)
 @given(clip=st.floats(1e-3, 10.0), scale=st.floats(0.05, 20.0), seed=st.integers(0, 2**16))
 def test_one_examples_clipped_gradient_never_exceeds_the_bound(clip, scale, seed):
-    torch.manual_seed(seed)
-    model = Seq()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(scale)
+    model = _scaled(seed, scale)
     x, y = _data(1, seed)
     bk = BookKeeping(model, max_grad_norm=clip)
     raw = float(bk.clip_and_sum(model(x, y))[0])
