@@ -51,14 +51,53 @@ CLIP, BITS, MAX_WEIGHT = 0.5, 16, 1000
 
 
 # ----------------------------------------------------------------------------- one arm (subprocess)
-def run_arm(arm: str, nodes: int, params: int, rounds: int, neighbours: int = 0) -> dict:
-    """Run ``rounds`` rounds of one arm in Flower's simulation engine; return the timings."""
+def shorten_engine_tick(tick: float) -> None:
+    """Make Flower's simulation engine dispatch and collect messages every ``tick`` seconds.
+
+    Flower 1.41's engine moves pushed messages to its workers on a fixed 0.1 s timer
+    (``vce_api.add_messages_to_queue``) and ``InMemoryGrid.send_and_receive`` pulls replies
+    every 0.1 s, so every exchange waits ~0.05 s for the first timer and up to 0.1 s for the
+    second, whatever it carries. This replaces both timers for **every arm alike**, to show
+    what the protocols themselves cost once the engine's fixed waits are out of the way.
+    """
+    import threading
+
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    def dispatch(state, queue, nodes_mapping, f_stop: threading.Event) -> None:
+        while not f_stop.is_set():
+            for node_id in nodes_mapping:
+                for msg in state.get_message_ins(node_id=node_id, limit=1):
+                    queue.put(msg)
+            f_stop.wait(tick)
+
+    vce_api.add_messages_to_queue = dispatch
+    InMemoryGrid.__init__.__defaults__ = (tick,)
+
+
+def run_arm(
+    arm: str, nodes: int, params: int, rounds: int, neighbours: int = 0, tick: float = 0.0, dephase: bool = True
+) -> dict:
+    """Run ``rounds`` rounds of one arm in Flower's simulation engine; return the timings.
+
+    ``tick > 0`` shortens the engine's two 0.1 s timers (:func:`shorten_engine_tick`).
+    ``dephase`` waits a random 0..0.1 s (untimed) before each round: the engine's timers
+    tick every 0.1 s regardless of the rounds, and back-to-back rounds lock onto one phase
+    of them that depends on the arm's own stage timings, which biases a comparison of arms
+    by up to a whole tick per exchange. Real rounds are separated by evaluation and
+    checkpointing, so a random phase is also the realistic case.
+    """
+    import random
+
     import numpy as np
     from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
+    if tick > 0:
+        shorten_engine_tick(tick)
     timings: dict = {"rounds": [], "stages": []}  # stages: (round, label, seconds)
     state = {"round": 0}
 
@@ -153,6 +192,8 @@ def run_arm(arm: str, nodes: int, params: int, rounds: int, neighbours: int = 0)
             class Timed(cls):
                 def configure_train(self, server_round, arrays, config, grid):
                     state["round"] = server_round
+                    if dephase:
+                        time.sleep(random.uniform(0.0, 0.1))
                     self._t0 = time.perf_counter()
                     self._grid = grid
                     return super().configure_train(server_round, arrays, config, grid)
@@ -251,6 +292,8 @@ def run_arm(arm: str, nodes: int, params: int, rounds: int, neighbours: int = 0)
 
         def fit_workflow(grid: Grid, context) -> None:
             state["round"] = int(context.state.config_records["config"]["current_round"])
+            if dephase:
+                time.sleep(random.uniform(0.0, 0.1))
             t0 = time.perf_counter()
             base(grid, context)
             timings["rounds"].append(time.perf_counter() - t0)
@@ -323,6 +366,9 @@ def _summary(t: dict, arm: str) -> dict:
         "arm": arm,
         "round1_s": rounds[0] if rounds else None,
         "round_s": statistics.median(later) if later else None,
+        # rounds move in steps of the engine's 0.1 s timers, so the median can flip between
+        # two steps from run to run; the mean is steadier
+        "round_mean_s": statistics.fmean(later) if later else None,
         "rounds_s": rounds,
         "stages_s": {k: statistics.median(v) for k, v in stages.items()},
         "reports": t.get("reports"),
@@ -345,6 +391,17 @@ def main() -> None:
     )
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--rounds", type=int, default=4, help="rounds per run; the first is reported apart")
+    ap.add_argument(
+        "--engine-tick",
+        type=float,
+        default=0.0,
+        help="seconds; replace the engine's fixed 0.1 s dispatch and pull timers in every arm (0 = Flower's)",
+    )
+    ap.add_argument(
+        "--no-dephase",
+        action="store_true",
+        help="start each round right after the last (default: after a random, untimed 0-0.1 s wait)",
+    )
     ap.add_argument("--micro", action="store_true", help="also time the per-node masking work in-process")
     ap.add_argument("--out", type=Path, default=None, help="write all results as JSON")
     ap.add_argument("--_arm", help=argparse.SUPPRESS)
@@ -354,7 +411,7 @@ def main() -> None:
     if args._arm:  # child process: one arm, JSON on the last stdout line
         logging.disable(logging.WARNING)
         nodes, params, k = _parse_size(args._size)
-        print(json.dumps(run_arm(args._arm, nodes, params, args.rounds, k)))
+        print(json.dumps(run_arm(args._arm, nodes, params, args.rounds, k, args.engine_tick, not args.no_dephase)))
         return
 
     results = []
@@ -363,7 +420,11 @@ def main() -> None:
         for arm in args.arms.split(","):
             t0, load0 = time.perf_counter(), os.getloadavg()[0]
             proc = subprocess.run(
-                [sys.executable, __file__, "--_arm", arm, "--_size", size, "--rounds", str(args.rounds)],
+                [
+                    *(sys.executable, __file__, "--_arm", arm, "--_size", size),
+                    *("--rounds", str(args.rounds), "--engine-tick", str(args.engine_tick)),
+                    *(("--no-dephase",) if args.no_dephase else ()),
+                ],
                 cwd=ROOT,
                 capture_output=True,
                 text=True,
@@ -376,6 +437,8 @@ def main() -> None:
                 "nodes": nodes,
                 "params": params,
                 "neighbours": k,
+                "engine_tick_s": args.engine_tick or 0.1,
+                "dephased": not args.no_dephase,
                 "wall_s": time.perf_counter() - t0,
                 "load1": [load0, os.getloadavg()[0]],
             }
@@ -392,11 +455,12 @@ def main() -> None:
                 + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in m.items())
             )
 
-    base = {(r["nodes"], r["params"]): r["round_s"] for r in results if r.get("arm") == "none"}
+    base = {(r["nodes"], r["params"]): r for r in results if r.get("arm") == "none"}
     for r in results:
         key = (r["nodes"], r["params"])
         if r.get("arm") and key in base and r["round_s"]:
-            print(f"{key[0]:>3} x {key[1]:>8} {r['arm']:<15} {r['round_s'] / base[key]:.2f}x plain")
+            median, mean = r["round_s"] / base[key]["round_s"], r["round_mean_s"] / base[key]["round_mean_s"]
+            print(f"{key[0]:>3} x {key[1]:>8} {r['arm']:<15} {median:.2f}x plain (median), {mean:.2f}x (mean)")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(), "python": platform.python_version()}

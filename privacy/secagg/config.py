@@ -37,6 +37,12 @@ class SecAggConfig:
         modulus (``max_nodes * max_weight * (2**bits - 1) < 2**64``).
     timeout : float
         Seconds the coordinator waits for replies at each key or unmask stage.
+    unmask_spare : int
+        Share holders asked in the unmask stage beyond the ``t`` each secret needs. The stage
+        asks only enough survivors to hold ``t + unmask_spare`` shares of every secret and
+        ends as soon as ``t`` of each are in, so up to ``unmask_spare`` silent holders per
+        secret cost neither a second wave nor the timeout. A value at least the number of
+        nodes asks every survivor, as plain SecAgg does.
     """
 
     enabled: bool = False
@@ -47,6 +53,7 @@ class SecAggConfig:
     max_weight: int = 1000
     max_nodes: int = 50
     timeout: float = 60.0
+    unmask_spare: int = 1
 
     def __post_init__(self) -> None:
         t = self.threshold
@@ -64,6 +71,8 @@ class SecAggConfig:
             raise ValueError(f"neighbours must be 0 (complete graph) or an even number >= 2, got {self.neighbours}")
         if not (math.isfinite(self.timeout) and self.timeout > 0):
             raise ValueError(f"timeout must be a positive number of seconds, got {self.timeout}")
+        if isinstance(self.unmask_spare, bool) or not isinstance(self.unmask_spare, int) or self.unmask_spare < 0:
+            raise ValueError(f"unmask_spare must be an int >= 0, got {self.unmask_spare!r}")
         _ = self.encoding  # validates clip_range, bits, max_weight, max_nodes and the modulus
 
     @property

@@ -5,18 +5,21 @@ e.g. Flower's ``fixedclipping_mod``)::
 
     app = ClientApp(mods=[secagg_mod, fixedclipping_mod])
 
-Stage messages (``advertise``, ``share-keys``, ``unmask``) are answered by the mod itself (an
-unmask message may also carry the next round's share-keys stage under ``secagg.next``:
-pipelining, see :class:`~privacy.secagg.SecAggStrategy`); the
+Stage messages (``advertise``, ``share-keys``, ``unmask``) are answered by the mod itself; the
 ``masked-input`` stage is the round's TRAIN message: the mod lets it through to the handler
 (``call_next``), then replaces the reply's ArrayRecord (the full new weights) by the masked
-encoding of ``w * (new - global)`` and ``w``, where ``w`` is the reply's ``num-examples``.
+encoding of ``w * (new - global)`` and ``w``, where ``w`` is the reply's ``num-examples``. A
+TRAIN message may also carry the next round's share-keys stage under ``secagg.next``
+(pipelining, see :class:`~privacy.secagg.SecAggStrategy`), answered in the same reply.
 The reply's MetricRecords and ConfigRecords travel **in plaintext** (the coordinator needs
 the metrics for its round summary); nothing else leaves the node.
 
 State between stages lives in ``ctxt.state``: :data:`~privacy.secagg.wire.STATE_CHANNEL`
-holds the node's long-lived channel key pair, :data:`~privacy.secagg.wire.STATE_SESSION` the
-secrets of the current round; the latter is wiped after the unmask stage.
+holds the node's long-lived channel key pair; :data:`~privacy.secagg.wire.STATE_SESSION_NEXT`
+a session whose keys are shared (waiting for its TRAIN message) and
+:data:`~privacy.secagg.wire.STATE_SESSION` the session that masked this node's input (waiting
+for the unmask stage). The latter is wiped after the unmask stage, or at the next masked input
+if the coordinator did not need this node's shares.
 
 A TRAIN message without a secagg record passes through untouched with :func:`secagg_mod`
 (so the same app runs with ``secagg=off``) and is refused by :func:`strict_secagg_mod`.
@@ -59,15 +62,7 @@ def secagg_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Mes
     handler = {wire.ADVERTISE: _advertise, wire.SHARE_KEYS: _share_keys, wire.UNMASK: _unmask}.get(str(stage))
     if handler is None:
         raise ValueError(f"unknown secure-aggregation stage {stage!r}")
-    content = RecordDict({wire.RECORD: ConfigRecord(handler(ctxt, record))})
-    pipelined = msg.content.config_records.get(wire.RECORD_NEXT)
-    if pipelined is not None:  # the next round's share-keys stage, riding on this message
-        try:
-            content[wire.RECORD_NEXT] = ConfigRecord(_share_keys(ctxt, pipelined))
-        except ValueError as err:  # must not cost the reply to this round's stage
-            log.warning("secagg: cannot start the next round's session: %s", err)
-            content[wire.RECORD_NEXT] = ConfigRecord({wire.STAGE: wire.SHARE_KEYS, wire.ERROR: str(err)})
-    return Message(content, reply_to=msg)
+    return Message(RecordDict({wire.RECORD: ConfigRecord(handler(ctxt, record))}), reply_to=msg)
 
 
 def strict_secagg_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
@@ -103,23 +98,29 @@ def _channel_keys(ctxt: Context) -> tuple[bytes, bytes]:
     return cast(bytes, rec["sk"]), cast(bytes, rec["pk"])
 
 
-def _load_session(ctxt: Context) -> tuple[NodeSession, int]:
-    rec = ctxt.state.config_records.get(wire.STATE_SESSION)
-    if rec is None:
-        raise ValueError("no secure-aggregation session in progress on this node")
+def _load_session(ctxt: Context, slot: str, session: bytes) -> tuple[NodeSession, int]:
+    rec = ctxt.state.config_records.get(slot)
+    if rec is None or rec.get("session") != session:
+        what = "with shared keys" if slot == wire.STATE_SESSION_NEXT else "that masked an input"
+        raise ValueError(f"this node holds no secure-aggregation session {what} for this message")
     return NodeSession.from_dict(rec), cast(int, rec[wire.ROUND])
 
 
-def _save_session(ctxt: Context, node: NodeSession, server_round: int) -> None:
-    ctxt.state.config_records[wire.STATE_SESSION] = ConfigRecord({**node.to_dict(), wire.ROUND: server_round})
+def _save_session(ctxt: Context, slot: str, node: NodeSession, server_round: int) -> None:
+    ctxt.state.config_records[slot] = ConfigRecord({**node.to_dict(), wire.ROUND: server_round})
+
+
+def _wipe(ctxt: Context, *slots: str) -> None:
+    for slot in slots:
+        if slot in ctxt.state.config_records:
+            del ctxt.state[slot]
 
 
 def _advertise(ctxt: Context, record: ConfigRecord) -> dict:
     # The coordinator asks only when it holds no channel key for this node: first contact,
     # after it restarted (resume) or after this node failed a stage. Any session in progress is
     # void then, and would make the node refuse the resumed round's keys as "stale".
-    if wire.STATE_SESSION in ctxt.state.config_records:
-        del ctxt.state[wire.STATE_SESSION]
+    _wipe(ctxt, wire.STATE_SESSION, wire.STATE_SESSION_NEXT)
     _, c_pk = _channel_keys(ctxt)
     return {wire.STAGE: wire.ADVERTISE, wire.CHANNEL_PK: c_pk}
 
@@ -129,9 +130,10 @@ def _share_keys(ctxt: Context, record: ConfigRecord) -> dict:
     if record[wire.CHANNEL_PK] != c_pk:
         raise ValueError("the coordinator holds a stale channel key for this node; it must advertise again")
     server_round = cast(int, record[wire.ROUND])
-    previous = ctxt.state.config_records.get(wire.STATE_SESSION)
-    if previous is not None and cast(int, previous.get(wire.ROUND, 0)) > server_round:
-        raise ValueError(f"stale share-keys message of round {server_round}: a later round has begun")
+    for slot in (wire.STATE_SESSION, wire.STATE_SESSION_NEXT):
+        previous = ctxt.state.config_records.get(slot)
+        if previous is not None and cast(int, previous.get(wire.ROUND, 0)) > server_round:
+            raise ValueError(f"stale share-keys message of round {server_round}: a later round has begun")
     neighbours = cast(list[int], record[wire.NEIGHBOURS])
     pks = cast(list[bytes], record[wire.CHANNEL_PKS])
     request = ShareKeysRequest(
@@ -141,7 +143,7 @@ def _share_keys(ctxt: Context, record: ConfigRecord) -> dict:
         neighbours=dict(zip(neighbours, pks, strict=True)),
     )
     node, reply = NodeSession.share_keys(request, c_sk)
-    _save_session(ctxt, node, server_round)
+    _save_session(ctxt, wire.STATE_SESSION_NEXT, node, server_round)
     dsts = sorted(reply.ciphertexts)
     return {
         wire.STAGE: wire.SHARE_KEYS,
@@ -154,8 +156,8 @@ def _share_keys(ctxt: Context, record: ConfigRecord) -> dict:
 
 
 def _masked_input(msg: Message, ctxt: Context, record: ConfigRecord, call_next: ClientAppCallable) -> Message:
-    node, server_round = _load_session(ctxt)
     session = cast(bytes, record[wire.SESSION])
+    node, server_round = _load_session(ctxt, wire.STATE_SESSION_NEXT, session)
     params = EncodingParams(
         clip_range=cast(float, record[wire.CLIP_RANGE]),
         bits=cast(int, record[wire.BITS]),
@@ -171,7 +173,10 @@ def _masked_input(msg: Message, ctxt: Context, record: ConfigRecord, call_next: 
         ciphertexts=dict(zip(sources, cast(list[bytes], record[wire.CIPHERTEXTS]), strict=True)),
     )
     node.expect("shared", session)  # fail before training, not after
+    pipelined = msg.content.config_records.get(wire.RECORD_NEXT)
     del msg.content[wire.RECORD]  # the handler sees the plain train message
+    if pipelined is not None:
+        del msg.content[wire.RECORD_NEXT]
     out = call_next(msg, ctxt)
     if out.has_error():
         return out
@@ -182,9 +187,12 @@ def _masked_input(msg: Message, ctxt: Context, record: ConfigRecord, call_next: 
     if len(metrics) != 1:
         raise ValueError(f"the train reply must carry one MetricRecord with {weight_key!r}")
     weight = params.cap_weight(float(cast(float, metrics[0][weight_key])))
-    x = encode(flatten_update(new_arrays, global_arrays), weight, params)
+    x = encode(flatten_update(new_arrays, global_arrays), weight, params, overwrite=True)
     y = node.mask(request, x, in_place=True)
-    _save_session(ctxt, node, server_round)
+    # this session now waits for its unmask stage; it replaces any older one (whose unmask
+    # stage, if any, did not need this node)
+    _save_session(ctxt, wire.STATE_SESSION, node, server_round)
+    _wipe(ctxt, wire.STATE_SESSION_NEXT)
     content = RecordDict()
     for key, rec in out.content.metric_records.items():
         content[key] = MetricRecord(dict(rec))
@@ -192,18 +200,24 @@ def _masked_input(msg: Message, ctxt: Context, record: ConfigRecord, call_next: 
         content[key] = ConfigRecord(dict(rec))
     content[wire.MASKED_RECORD] = ArrayRecord({wire.MASKED_ARRAY: Array(y)})
     content[wire.RECORD] = ConfigRecord({wire.STAGE: wire.MASKED_INPUT, wire.SESSION: session})
+    if pipelined is not None:  # the next round's share-keys stage, riding on this message
+        try:
+            content[wire.RECORD_NEXT] = ConfigRecord(_share_keys(ctxt, pipelined))
+        except ValueError as err:  # must not cost this round's masked input
+            log.warning("secagg: cannot start the next round's session: %s", err)
+            content[wire.RECORD_NEXT] = ConfigRecord({wire.STAGE: wire.SHARE_KEYS, wire.ERROR: str(err)})
     return Message(content, reply_to=msg)
 
 
 def _unmask(ctxt: Context, record: ConfigRecord) -> dict:
-    node, _ = _load_session(ctxt)
+    node, _ = _load_session(ctxt, wire.STATE_SESSION, cast(bytes, record[wire.SESSION]))
     request = UnmaskRequest(
         session=cast(bytes, record[wire.SESSION]),
         survivors=cast(list[int], record[wire.SURVIVORS]),
         dropped=cast(list[int], record[wire.DROPPED]),
     )
     reply = node.unmask(request)
-    del ctxt.state[wire.STATE_SESSION]  # the session's secrets are no longer needed: wipe them
+    _wipe(ctxt, wire.STATE_SESSION)  # the session's secrets are no longer needed
     b_src, sk_src = sorted(reply.b_shares), sorted(reply.sk_shares)
     return {
         wire.STAGE: wire.UNMASK,

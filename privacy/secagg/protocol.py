@@ -24,7 +24,9 @@ fresh 256-bit self-mask seed ``b``. Nodes are identified by small integer indice
    with ``s_uv = HKDF(X25519(s_sk_u, s_pk_v), session)`` and ``sign = +1 if u < v else -1``, so
    the pairwise masks cancel in the sum. Responders form ``U3``.
 4. **unmask**: the coordinator tells ``u in U3`` which neighbours survived (``N(u) & U3``) and
-   which dropped (``N(u) & (U2 - U3)``). ``u`` returns its shares of ``b_v`` for survivors (and
+   which dropped (``N(u) & (U2 - U3)``); it need not ask every ``u``, only enough nodes to hold
+   ``t`` shares of each secret (:meth:`ServerSession.unmask_cover`), and asks the rest only if
+   some of those do not answer. ``u`` returns its shares of ``b_v`` for survivors (and
    itself) and of ``s_sk_v`` for the dropped, never both for the same ``v``. The coordinator
    rebuilds ``b_u`` for every ``u in U3`` and ``s_sk_v`` for every dropped ``v``, and computes::
 
@@ -401,6 +403,7 @@ class ServerSession:
         self.u3: frozenset[int] = frozenset()
         self._share_replies: dict[int, ShareKeysReply] = {}
         self._masked: dict[int, np.ndarray] = {}
+        self._unmask_cache: tuple[dict[int, UnmaskRequest], dict[tuple[str, int], frozenset[int]]] | None = None
 
     def _need(self, survivors: Collection[int], stage: str) -> None:
         if len(survivors) < self.threshold:
@@ -461,11 +464,21 @@ class ServerSession:
         self._masked = {u: y for u, y in vectors.items() if u in self.u2 and y.shape == (length,) and y.dtype == dtype}
         self._need(self._masked, "masked input")
         self.u3 = frozenset(self._masked)
+        self._unmask_cache = None
         return self.u3
 
     # --- stage 4 ------------------------------------------------------------------------------
     def unmask_requests(self) -> dict[int, UnmaskRequest]:
         """Tell each node in U3 which of its neighbours survived and which dropped."""
+        return dict(self._unmask_plan()[0])
+
+    def _unmask_plan(self) -> tuple[dict[int, UnmaskRequest], dict[tuple[str, int], frozenset[int]]]:
+        # fixed once U3 is: cached, because the strategy checks partial answers on every poll
+        if self._unmask_cache is None:
+            self._unmask_cache = (self._build_unmask_requests(), self._build_secrets())
+        return self._unmask_cache
+
+    def _build_unmask_requests(self) -> dict[int, UnmaskRequest]:
         dropped = self.u2 - self.u3
         return {
             u: UnmaskRequest(
@@ -476,22 +489,85 @@ class ServerSession:
             for u in sorted(self.u3)
         }
 
-    def receive_unmask(self, replies: Mapping[int, UnmaskReply]) -> np.ndarray:
-        """Rebuild the secrets and return ``sum_{u in U3} x_u`` modulo M.
+    def secrets_to_rebuild(self) -> dict[tuple[str, int], frozenset[int]]:
+        """Each secret the unmask stage must rebuild, mapped to the nodes of U3 holding a share.
 
-        Raises
-        ------
-        SecAggAbort
-            If fewer than ``t`` nodes replied or a secret lacks ``t`` shares.
+        ``("b", u)`` for every ``u`` in U3 (held by ``u`` and its neighbours in U3) and
+        ``("sk", v)`` for every dropped ``v`` with a neighbour in U3 (held by those neighbours).
         """
-        requests = self.unmask_requests()
-        valid = {
+        return dict(self._unmask_plan()[1])
+
+    def _build_secrets(self) -> dict[tuple[str, int], frozenset[int]]:
+        out: dict[tuple[str, int], frozenset[int]] = {}
+        for u in sorted(self.u3):
+            out[("b", u)] = frozenset({u, *self.graph[u]} & self.u3)
+        for v in sorted(self.u2 - self.u3):
+            partners = frozenset(self.graph[v]) & self.u3
+            if partners:
+                out[("sk", v)] = partners
+        return out
+
+    def unmask_cover(self, spare: int = 0, order: Sequence[int] | None = None) -> list[int]:
+        """Nodes of U3 to ask first: together they hold ``t + spare`` shares of every secret.
+
+        Rebuilding needs only ``t`` shares of each secret, so the unmask stage need not ask
+        every survivor: with the complete graph any ``t + spare`` of them will do. Greedy set
+        multicover: repeatedly take the node that holds shares of the most secrets still short
+        (ties go to the earlier node in ``order``, default ascending). A secret with fewer
+        holders than ``t + spare`` gets all of them. Asking fewer nodes reveals fewer shares and
+        lets the stage finish without waiting for stragglers; the ``spare`` holders absorb
+        nodes that drop during the stage without a second wave.
+        """
+        if spare < 0:
+            raise ValueError(f"spare must be >= 0, got {spare}")
+        holders = self.secrets_to_rebuild()
+        need = {s: min(self.threshold + spare, len(h)) for s, h in holders.items()}
+        held_by: dict[int, list[tuple[str, int]]] = {u: [] for u in self.u3}
+        for s, hs in holders.items():
+            for h in hs:
+                held_by[h].append(s)
+        candidates = list(order) if order is not None else sorted(self.u3)
+        if set(candidates) != set(self.u3) or len(candidates) != len(self.u3):
+            raise ValueError("order must list every node of U3 once")
+        chosen: list[int] = []
+        while candidates and any(n > 0 for n in need.values()):
+            gain, best = max((sum(need[s] > 0 for s in held_by[h]), -i) for i, h in enumerate(candidates))
+            if gain == 0:
+                break
+            h = candidates[-best]
+            chosen.append(h)
+            candidates.remove(h)
+            for s in held_by[h]:
+                need[s] -= 1
+        return chosen
+
+    def _valid_unmask(self, replies: Mapping[int, UnmaskReply]) -> dict[int, UnmaskReply]:
+        """The replies that answer exactly what their node was asked."""
+        requests = self._unmask_plan()[0]
+        return {
             h: r
             for h, r in replies.items()
             if h in self.u3
             and set(r.b_shares) == {*requests[h].survivors, h}
             and set(r.sk_shares) == set(requests[h].dropped)
         }
+
+    def can_rebuild(self, replies: Mapping[int, UnmaskReply]) -> bool:
+        """Whether ``replies`` hold ``t`` shares of every secret (the unmask stage may stop)."""
+        valid = self._valid_unmask(replies)
+        return all(len(hs & valid.keys()) >= self.threshold for hs in self._unmask_plan()[1].values())
+
+    def receive_unmask(self, replies: Mapping[int, UnmaskReply]) -> np.ndarray:
+        """Rebuild the secrets and return ``sum_{u in U3} x_u`` modulo M.
+
+        ``replies`` may come from any subset of U3 (see :meth:`unmask_cover`).
+
+        Raises
+        ------
+        SecAggAbort
+            If fewer than ``t`` nodes replied or a secret lacks ``t`` shares.
+        """
+        valid = self._valid_unmask(replies)
         self._need(valid, "unmask")
         t = self.threshold
         total = np.zeros_like(next(iter(self._masked.values())))
@@ -539,12 +615,15 @@ def run_round_locally(
     neighbours: int = 0,
     drop: Mapping[str, Collection[int]] | None = None,
     transcript: list[tuple[str, int, Any]] | None = None,
+    spare: int | None = None,
 ) -> tuple[np.ndarray, frozenset[int]]:
     """Run one session in memory: ``inputs`` maps node index -> encoded unsigned vector.
 
     ``drop`` maps a stage (``"advertise"``, ``"share-keys"``, ``"masked-input"``, ``"unmask"``)
     to the nodes that do not answer it. If ``transcript`` is given, every message the
-    coordinator *receives* is appended as ``(stage, sender, payload)``.
+    coordinator *receives* is appended as ``(stage, sender, payload)``. ``spare=None`` asks
+    every survivor to unmask; an int asks :meth:`ServerSession.unmask_cover` first and the rest
+    only if the first wave's answers cannot rebuild every secret (as the strategy does).
 
     Returns
     -------
@@ -579,10 +658,15 @@ def run_round_locally(
         record.append(("masked-input", u, masked[u]))
     sample = next(iter(inputs.values()))
     server.receive_masked(masked, sample.size, sample.dtype)
-    unmask_replies = {}
-    for u, ureq in server.unmask_requests().items():
-        if u in drop.get("unmask", ()):
-            continue
-        unmask_replies[u] = nodes[u].unmask(ureq)
-        record.append(("unmask", u, unmask_replies[u]))
+    requests = server.unmask_requests()
+    first = list(requests) if spare is None else server.unmask_cover(spare)
+    unmask_replies: dict[int, UnmaskReply] = {}
+    for wave in (first, [u for u in requests if u not in first]):
+        for u in wave:
+            if u in drop.get("unmask", ()):
+                continue
+            unmask_replies[u] = nodes[u].unmask(requests[u])
+            record.append(("unmask", u, unmask_replies[u]))
+        if server.can_rebuild(unmask_replies):
+            break
     return server.receive_unmask(unmask_replies), server.u3

@@ -7,7 +7,9 @@ never sees a node's update. Per round (``Strategy.start`` calls these in this or
   stages with them (``advertise`` only for nodes whose channel key it does not hold yet, then
   ``share-keys``) and returns the TRAIN messages, each carrying the secagg record of the
   ``masked-input`` stage. Nodes that fail a key stage are simply not asked to train.
-* ``aggregate_train`` takes the masked replies, runs the ``unmask`` stage, rebuilds
+* ``aggregate_train`` takes the masked replies, runs the ``unmask`` stage (with only as many
+  survivors as hold ``t + unmask_spare`` shares of every secret, ending once ``t`` of each
+  are in; the other survivors are asked only if that falls short), rebuilds
   ``sum w_u q_u`` and ``W = sum w_u``, decodes ``global + sum w_u delta_u / W`` and hands the
   inner strategy **one** synthetic reply: ``{arrays: ArrayRecord(averaged weights),
   metrics: MetricRecord(num-examples = W, weighted mean of the nodes' plaintext metrics)}``.
@@ -15,12 +17,13 @@ never sees a node's update. Per round (``Strategy.start`` calls these in this or
   ``DifferentialPrivacyClientSideFixedClipping(SecAggStrategy(FedAvg(...)))`` adds its noise
   to the unmasked mean (nodes clip with ``fixedclipping_mod`` inside ``secagg_mod``).
 
-**Pipelining.** By default the unmask message of round ``r`` also carries the share-keys stage
-of round ``r + 1`` for the same nodes (record ``secagg.next``); if ``inner`` then samples
-exactly those nodes for round ``r + 1`` (the usual case with ``fraction_train=1``), round
-``r + 1`` skips its share-keys exchange. Otherwise the speculation is dropped and the stage
-runs as usual. In steady state a secure round thus costs one message exchange more than a
-plain one (the unmask stage); ``pipeline=False`` turns this off.
+**Pipelining.** By default the TRAIN message of round ``r`` also carries the share-keys stage
+of round ``r + 1`` for the same nodes (record ``secagg.next``), answered in the same reply as
+the masked input; if ``inner`` then samples exactly those nodes for round ``r + 1`` (the usual
+case with ``fraction_train=1``), round ``r + 1`` skips its share-keys exchange. Otherwise the
+speculation is dropped and the stage runs as usual. In steady state a secure round thus costs
+one message exchange more than a plain one (the unmask stage, which then carries nothing but
+the unmasking and so need not reach every node); ``pipeline=False`` turns this off.
 
 A round that cannot complete (fewer survivors than the threshold at some stage, a secret
 without enough shares, too many nodes for the modulus) aborts: ``aggregate_train`` returns
@@ -34,8 +37,9 @@ aggregators (Krum, median, trimmed mean) need individual updates and cannot work
 from __future__ import annotations
 
 import logging
+import secrets
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -70,7 +74,8 @@ class RoundReport:
     advertised: int = 0  # nodes asked to advertise a channel key this round
     shared: int = 0  # |U2|: nodes that shared keys
     masked: int = 0  # |U3|: nodes whose masked input is in the sum
-    unmasked: int = 0  # |U4|: nodes that answered the unmask stage
+    asked: int = 0  # nodes asked to unmask (a covering subset of U3, more if some were silent)
+    unmasked: int = 0  # |U4|: nodes whose unmask answers were used
     threshold: int = 0
     pipelined: bool = False  # the share-keys stage rode on the previous round's unmask messages
     seconds: dict[str, float] = field(default_factory=dict)  # per stage, as the coordinator sees it
@@ -87,6 +92,7 @@ class _Round:
     instructions: dict[int, Message]  # node id -> TRAIN message sent
     report: RoundReport
     sent_at: float = 0.0
+    upcoming: _Session | None = None  # next round's session, its share-keys stage riding on these TRAIN messages
 
 
 @dataclass
@@ -200,9 +206,12 @@ class SecAggStrategy(Strategy):
         if (
             speculation is not None
             and speculation.server_round == server_round
-            and set(speculation.node_of.values()) == set(node_ids)
+            and {speculation.node_of[i] for i in speculation.session.u2} == set(node_ids)
         ):
-            keys = speculation  # share-keys already ran with the previous round's unmask stage
+            # share-keys already ran with the previous round's TRAIN messages, and every node
+            # sampled now took part (one that failed last round's training did not: it gets
+            # a fresh share-keys stage instead of sitting this round out)
+            keys = speculation
             report.pipelined = True
         else:
             keys = self._fresh_keys(server_round, node_ids, grid, report)
@@ -210,9 +219,12 @@ class SecAggStrategy(Strategy):
         report.threshold = session.threshold
         report.shared = len(session.u2)
 
-        # masked input: the inner TRAIN messages, each with the secagg record added
+        # masked input: the inner TRAIN messages, each with the secagg record added (and the
+        # next round's share-keys stage, answered in the same reply)
         by_node = {m.metadata.dst_node_id: m for m in messages}
         params = self._params
+        upcoming = self._speculate(server_round + 1, [keys.node_of[i] for i in sorted(session.u2)])
+        next_payloads = self._share_keys_payloads(upcoming) if upcoming is not None else {}
         out: dict[int, Message] = {}
         for i, req in session.mask_requests().items():
             n = keys.node_of[i]
@@ -234,6 +246,8 @@ class SecAggStrategy(Strategy):
                     wire.ARRAYS_KEY: array_keys[0],
                 }
             )
+            if n in next_payloads:
+                content[wire.RECORD_NEXT] = ConfigRecord(next_payloads[n])
             out[n] = Message(
                 content,
                 dst_node_id=n,
@@ -250,6 +264,7 @@ class SecAggStrategy(Strategy):
             instructions=out,
             report=report,
             sent_at=time.perf_counter(),
+            upcoming=upcoming,
         )
         return list(out.values())
 
@@ -338,18 +353,21 @@ class SecAggStrategy(Strategy):
             return None, None
         report = rnd.report
         report.seconds[wire.MASKED_INPUT] = time.perf_counter() - rnd.sent_at
+        replies = list(replies)
+        self._harvest_next_keys(rnd, replies)  # first: an aborted round still leaves keys for the next
         try:
-            synthetic = self._unmask(rnd, list(replies))
+            synthetic = self._unmask(rnd, replies)
         except SecAggAbort as err:
             self._abort(report, err.reason)
             return None, None
         log.info(
-            "secagg round %d: %d sampled, %d shared keys, %d in the sum, %d unmasked (threshold %d); %s",
+            "secagg round %d: %d sampled, %d shared keys, %d in the sum, %d of %d asked unmasked (threshold %d); %s",
             server_round,
             report.sampled,
             report.shared,
             report.masked,
             report.unmasked,
+            report.asked,
             report.threshold,
             ", ".join(f"{k} {v:.3f}s" for k, v in report.seconds.items()),
         )
@@ -403,46 +421,39 @@ class SecAggStrategy(Strategy):
         report.masked = len(u3)
 
         t0 = time.perf_counter()
-        payloads: dict[int, dict[str, dict]] = {
-            keys.node_of[i]: {
-                wire.RECORD: {
-                    wire.STAGE: wire.UNMASK,
-                    wire.SESSION: session.session,
-                    wire.SURVIVORS: list(req.survivors),
-                    wire.DROPPED: list(req.dropped),
+        requests = session.unmask_requests()
+        order = list(requests)
+        secrets.SystemRandom().shuffle(order)  # spread the unmask work over the survivors
+        first = session.unmask_cover(self.config.unmask_spare, order)
+        parsed: dict[int, UnmaskReply] = {}
+        seen: set[int] = set()
+
+        def enough(answers: Mapping[int, dict[str, ConfigRecord]]) -> bool:
+            for n in answers.keys() - seen:
+                seen.add(n)
+                self._parse_unmask(rnd, keys, n, answers[n][wire.RECORD], parsed)
+            return session.can_rebuild(parsed)
+
+        for wave in (first, [i for i in order if i not in first]):
+            if not wave:
+                continue
+            report.asked += len(wave)
+            payloads = {
+                keys.node_of[i]: {
+                    wire.RECORD: {
+                        wire.STAGE: wire.UNMASK,
+                        wire.SESSION: session.session,
+                        wire.SURVIVORS: list(requests[i].survivors),
+                        wire.DROPPED: list(requests[i].dropped),
+                    }
                 }
+                for i in wave
             }
-            for i, req in session.unmask_requests().items()
-        }
-        upcoming = self._speculate(rnd.server_round + 1, [keys.node_of[i] for i in sorted(u3)])
-        if upcoming is not None:
-            for n, p in self._share_keys_payloads(upcoming).items():
-                payloads[n][wire.RECORD_NEXT] = p
-        replies_u = self._exchange(rnd.grid, payloads, rnd.server_round)
+            if enough(self._exchange(rnd.grid, payloads, rnd.server_round, done=enough)):
+                break
         report.seconds[wire.UNMASK] = time.perf_counter() - t0
-        if upcoming is not None:
-            try:
-                records = {n: recs[wire.RECORD_NEXT] for n, recs in replies_u.items() if wire.RECORD_NEXT in recs}
-                self._receive_share_keys(upcoming, records)
-                self._next = upcoming
-            except SecAggAbort as err:
-                log.info("secagg: no pipelined keys for round %d: %s", upcoming.server_round, err.reason)
 
         t0 = time.perf_counter()
-        parsed = {}
-        for n, recs in replies_u.items():
-            r = recs[wire.RECORD]
-            try:
-                parsed[keys.index_of[n]] = UnmaskReply(
-                    b_shares=dict(
-                        zip(cast(list[int], r[wire.B_SOURCES]), cast(list[bytes], r[wire.B_SHARES]), strict=True)
-                    ),
-                    sk_shares=dict(
-                        zip(cast(list[int], r[wire.SK_SOURCES]), cast(list[bytes], r[wire.SK_SHARES]), strict=True)
-                    ),
-                )
-            except (KeyError, ValueError, TypeError):
-                log.warning("secagg round %d: malformed unmask reply from node %d", rnd.server_round, n)
         report.unmasked = len(parsed)
         total = session.receive_unmask(parsed)
         try:
@@ -452,6 +463,38 @@ class SecAggStrategy(Strategy):
         message = self._synthetic_reply(rnd, mean, total_weight, {i: metrics[i] for i in u3})
         report.seconds["reconstruct"] = time.perf_counter() - t0
         return message
+
+    def _harvest_next_keys(self, rnd: _Round, replies: list[Message]) -> None:
+        """Take the next round's share-keys answers out of this round's TRAIN replies."""
+        upcoming = rnd.upcoming
+        if upcoming is None:
+            return
+        records = {
+            r.metadata.src_node_id: r.content.config_records[wire.RECORD_NEXT]
+            for r in replies
+            if not r.has_error()
+            and r.metadata.src_node_id in rnd.instructions
+            and wire.RECORD_NEXT in r.content.config_records
+        }
+        try:
+            self._receive_share_keys(upcoming, records)
+            self._next = upcoming
+        except SecAggAbort as err:
+            log.info("secagg: no pipelined keys for round %d: %s", upcoming.server_round, err.reason)
+
+    @staticmethod
+    def _parse_unmask(rnd: _Round, keys: _Session, n: int, r: ConfigRecord, into: dict[int, UnmaskReply]) -> None:
+        try:
+            into[keys.index_of[n]] = UnmaskReply(
+                b_shares=dict(
+                    zip(cast(list[int], r[wire.B_SOURCES]), cast(list[bytes], r[wire.B_SHARES]), strict=True)
+                ),
+                sk_shares=dict(
+                    zip(cast(list[int], r[wire.SK_SOURCES]), cast(list[bytes], r[wire.SK_SHARES]), strict=True)
+                ),
+            )
+        except (KeyError, ValueError, TypeError):
+            log.warning("secagg round %d: malformed unmask reply from node %d", rnd.server_round, n)
 
     def _speculate(self, server_round: int, node_ids: list[int]) -> _Session | None:
         """A session for the next round over ``node_ids``, if pipelining is on and it is feasible."""
@@ -471,7 +514,10 @@ class SecAggStrategy(Strategy):
             g = arr.numpy()
             part = mean[offset : offset + g.size].reshape(g.shape)
             offset += g.size
-            arrays[key] = Array(np.asarray(g.astype(np.float64) + part, dtype=g.dtype))
+            # the sum in float64, stored in the global's dtype: one pass, no temporaries
+            new = np.empty(g.shape, dtype=g.dtype)
+            np.add(g, part, out=new, dtype=np.float64, casting="unsafe")
+            arrays[key] = Array(new)
         metric_key, averaged = self._mean_metrics(metrics)
         averaged[self.weighted_by_key] = total_weight
         content = RecordDict({rnd.arrays_key: ArrayRecord(arrays), metric_key: MetricRecord(averaged)})
@@ -519,12 +565,13 @@ class SecAggStrategy(Strategy):
         payloads: Mapping[int, Mapping[str, dict]],
         server_round: int,
         errors_out: set[int] | None = None,
+        done: Callable[[Mapping[int, dict[str, ConfigRecord]]], bool] | None = None,
     ) -> dict[int, dict[str, ConfigRecord]]:
         """Send one stage message per node (record key -> values); return each answer's secagg records.
 
         Polls with a short, growing interval (a stage message is small and answered at once)
-        until every node answered or ``config.timeout`` passed. Error replies are left out
-        (and their senders added to ``errors_out``).
+        until every node answered, ``done(answers so far)`` holds, or ``config.timeout``
+        passed. Error replies are left out (and their senders added to ``errors_out``).
         """
         timeout = float(self.config.timeout)
         messages = [
@@ -555,7 +602,7 @@ class SecAggStrategy(Strategy):
                 recs = {k: v for k, v in r.content.config_records.items() if k in (wire.RECORD, wire.RECORD_NEXT)}
                 if wire.RECORD in recs:
                     out[n] = recs
-            if not pending or time.monotonic() >= deadline:
+            if not pending or time.monotonic() >= deadline or (done is not None and out and done(out)):
                 break
             time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
             pause = min(2 * pause, _POLL_MAX)

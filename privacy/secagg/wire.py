@@ -15,6 +15,7 @@ __all__ = [
     "MASKED_RECORD",
     "MASKED_ARRAY",
     "STATE_SESSION",
+    "STATE_SESSION_NEXT",
     "STATE_CHANNEL",
     "STAGE",
     "ADVERTISE",
@@ -24,10 +25,11 @@ __all__ = [
 ]
 
 RECORD = "secagg"  # ConfigRecord of every stage message and reply
-RECORD_NEXT = "secagg.next"  # ConfigRecord of the next round's share-keys stage, pipelined with an unmask message
+RECORD_NEXT = "secagg.next"  # ConfigRecord of the next round's share-keys stage, riding on a TRAIN message
 MASKED_RECORD = "secagg.masked"  # ArrayRecord of a masked-input reply
 MASKED_ARRAY = "y"  # its single Array: the masked vector
-STATE_SESSION = "secagg.session"  # ctxt.state ConfigRecord: the current session (secrets; wiped after unmask)
+STATE_SESSION = "secagg.session"  # ctxt.state ConfigRecord: the session that masked (wiped after unmask)
+STATE_SESSION_NEXT = "secagg.session.next"  # ctxt.state ConfigRecord: a session whose keys are shared
 STATE_CHANNEL = "secagg.channel"  # ctxt.state ConfigRecord: the node's long-lived channel key pair
 
 STAGE = "stage"

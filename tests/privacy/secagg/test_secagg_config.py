@@ -47,6 +47,8 @@ def test_both_options_name_the_same_keys() -> None:
         ({"neighbours": 3}, "even"),
         ({"neighbours": -2}, "even"),
         ({"timeout": 0}, "timeout"),
+        ({"unmask_spare": -1}, "unmask_spare must be an int >= 0"),
+        ({"unmask_spare": 1.5}, "unmask_spare must be an int >= 0"),
         ({"bits": 40}, "bits"),
         ({"clip_range": -1.0}, "clip_range"),
         ({"max_nodes": 10**6, "max_weight": 10**6, "bits": 32}, r"must be < 2\*\*64"),

@@ -97,3 +97,18 @@ def test_decoded_weighted_mean_is_within_the_bound(
     plain = sum(w * np.clip(d, -clip, clip) for d, w in zip(deltas, weights, strict=True)) / sum(weights)
     assert w_total == sum(weights)
     assert np.max(np.abs(mean - plain)) <= p.error_bound * (1 + 1e-9) + 1e-12
+
+
+@pytest.mark.parametrize("shape", [(300,), (20, 15)])
+def test_overwrite_encodes_identically_and_leaves_other_inputs_alone(shape: tuple[int, ...]) -> None:
+    params = EncodingParams(clip_range=0.5, bits=16, max_weight=1000, max_nodes=50)
+    delta = np.random.default_rng(3).normal(0, 0.3, size=shape)  # some coordinates clipped
+    keep = delta.copy()
+
+    want = encode(delta, 7, params)
+    assert np.array_equal(delta, keep)  # the default never touches the input
+    float32 = delta.astype(np.float32)
+    assert np.array_equal(encode(float32, 7, params, overwrite=True), encode(float32.astype(np.float64), 7, params))
+    assert np.array_equal(float32, keep.astype(np.float32))  # not float64: converted, so not overwritten
+
+    assert np.array_equal(encode(delta, 7, params, overwrite=True), want)

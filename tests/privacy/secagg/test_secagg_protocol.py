@@ -89,6 +89,78 @@ def test_sparse_graph_with_dropouts() -> None:
     assert np.max(np.abs(mean - plain)) <= PARAMS.error_bound
 
 
+# --- unmasking with a covering subset of the survivors ---------------------------------------
+def _session_after_masking(n: int, neighbours: int, threshold: int | float, dropped: set[int]) -> ServerSession:
+    """A ServerSession at the unmask stage, with ``dropped`` silent at the masked-input stage."""
+    channel = {u: new_channel_keypair() for u in range(1, n + 1)}
+    server = ServerSession(list(channel), threshold=threshold, neighbours=neighbours)
+    nodes, replies = {}, {}
+    for u, req in server.share_keys_requests({u: kp[1] for u, kp in channel.items()}).items():
+        nodes[u], replies[u] = NodeSession.share_keys(req, channel[u][0])
+    server.receive_share_keys(replies)
+    masked = {
+        u: nodes[u].mask(m, np.zeros(4, np.uint32)) for u, m in server.mask_requests().items() if u not in dropped
+    }
+    server.receive_masked(masked, 4, np.uint32)
+    return server
+
+
+@pytest.mark.parametrize(
+    ("n", "neighbours", "dropped"), [(10, 0, set()), (10, 0, {4}), (50, 12, {7, 30}), (30, 10, set())]
+)
+@pytest.mark.parametrize("spare", [0, 1, 3])
+def test_unmask_cover_holds_t_plus_spare_shares_of_every_secret(
+    n: int, neighbours: int, dropped: set[int], spare: int
+) -> None:
+    server = _session_after_masking(n, neighbours, 0.5, dropped)
+    t = server.threshold
+    order = sorted(server.u3)
+    random.Random(n + spare).shuffle(order)
+
+    cover = server.unmask_cover(spare, order)
+
+    assert len(set(cover)) == len(cover) and set(cover) <= server.u3
+    secrets = server.secrets_to_rebuild()
+    assert {kind for kind, _ in secrets} == ({"b", "sk"} if dropped else {"b"})
+    for holders in secrets.values():
+        assert len(holders & set(cover)) >= min(t + spare, len(holders))
+    if neighbours == 0:  # complete graph: every survivor holds a share of every secret
+        assert len(cover) == min(t + spare, len(server.u3))
+    else:
+        assert len(cover) < len(server.u3)  # the point of it: not every survivor is asked
+
+
+def test_a_cover_of_silent_nodes_is_completed_by_a_second_wave() -> None:
+    # 12 nodes, t = 4, spare 1: the first wave asks 5; three of them stay silent
+    transcript: list = []
+    cover = _session_after_masking(12, 0, 4, set()).unmask_cover(1)
+    assert cover == [1, 2, 3, 4, 5]
+    mean, plain, members = _secure_mean(
+        12, 200, threshold=4, spare=1, drop={"unmask": [1, 2, 3]}, transcript=transcript
+    )
+
+    assert len(members) == 12 and np.max(np.abs(mean - plain)) <= PARAMS.error_bound
+    answered = [u for stage, u, _ in transcript if stage == "unmask"]
+    assert answered == [4, 5, 6, 7, 8, 9, 10, 11, 12]  # second wave: everyone not asked before
+
+
+def test_without_silent_nodes_only_the_cover_answers() -> None:
+    transcript: list = []
+    mean, plain, members = _secure_mean(
+        12, 200, threshold=4, spare=1, drop={"masked-input": [6]}, transcript=transcript
+    )
+
+    assert 6 not in members and np.max(np.abs(mean - plain)) <= PARAMS.error_bound
+    assert len([u for stage, u, _ in transcript if stage == "unmask"]) == 5  # t + spare of 11 survivors
+
+
+def test_can_rebuild_needs_t_valid_shares_of_every_secret() -> None:
+    server = _session_after_masking(6, 0, 3, {6})
+    assert not server.can_rebuild({})
+    with pytest.raises(ValueError, match="every node of U3"):
+        server.unmask_cover(0, [1, 2])
+
+
 @pytest.mark.parametrize("stage", ["share-keys", "masked-input", "unmask"])
 def test_fewer_survivors_than_the_threshold_abort(stage: str) -> None:
     inputs = {u: np.arange(5, dtype=np.uint32) for u in range(1, 7)}  # t = 4 of 6

@@ -109,6 +109,71 @@ def test_one_dropout_at_each_stage(grid_factory: type, stage: str) -> None:
     assert strategy.last_report.masked == len(pids)
 
 
+def test_unmask_asks_a_cover_and_does_not_wait_for_a_silent_node(grid_factory: type) -> None:
+    # 6 nodes, t = 3, unmask_spare 1: 4 asked; the first one asked stays silent. The stage's
+    # timeout is long (30 s): it ends because the other three's shares suffice, not by timing out.
+    silent: list[int] = []
+
+    def drop(stage: str, node: int) -> bool:
+        if stage == wire.UNMASK and not silent:
+            silent.append(node)
+        return stage == wire.UNMASK and node in silent
+
+    grid = grid_factory(make_app(), 6, drop=drop)
+    strategy = SecAggStrategy(FedAvg(min_available_nodes=6), config=SecAggConfig(**{**vars(CFG), "timeout": 30.0}))
+
+    (arrays, _), _ = run_round(grid, strategy)
+
+    assert_close(arrays, expected(list(range(6)), initial()), CFG.encoding.error_bound)
+    report = strategy.last_report
+    assert (report.threshold, report.asked, report.unmasked) == (3, 4, 3)
+    assert report.seconds[wire.UNMASK] < 10.0  # a wait for the silent node would take the full 30 s
+    assert len([m for m in grid.sent if stage_of(m) == wire.UNMASK]) == 4
+
+
+def test_unmask_asks_the_other_survivors_when_the_cover_falls_short(grid_factory: type) -> None:
+    # the first two nodes asked stay silent: 2 of 4 answer, below t = 3, so the other 2 are asked
+    silent: list[int] = []
+
+    def drop(stage: str, node: int) -> bool:
+        if stage == wire.UNMASK and len(silent) < 2 and node not in silent:
+            silent.append(node)
+        return stage == wire.UNMASK and node in silent
+
+    grid = grid_factory(make_app(), 6, drop=drop)
+    strategy = SecAggStrategy(FedAvg(min_available_nodes=6), config=CFG)
+
+    (arrays, _), _ = run_round(grid, strategy)
+
+    assert_close(arrays, expected(list(range(6)), initial()), CFG.encoding.error_bound)
+    assert (strategy.last_report.asked, strategy.last_report.unmasked) == (6, 4)
+
+
+def test_nodes_keep_at_most_the_last_masked_session_and_the_next_one(grid_factory: type) -> None:
+    grid = grid_factory(make_app(), 6)
+    strategy = SecAggStrategy(FedAvg(min_available_nodes=6), config=CFG)
+
+    strategy.start(grid, initial(), num_rounds=3)
+
+    for node, ctx in grid.contexts.items():
+        slots = {k: int(v[wire.ROUND]) for k, v in ctx.state.config_records.items() if k.startswith("secagg.session")}
+        assert slots.get(wire.STATE_SESSION_NEXT) == 4, node  # keys for round 4, shared in round 3
+        # a node the coordinator did not ask to unmask keeps round 3's secrets until round 4 masks;
+        # one it asked has wiped them; no older session survives anywhere
+        assert slots.get(wire.STATE_SESSION, 3) == 3, node
+    asked = sum(wire.STATE_SESSION not in ctx.state.config_records for ctx in grid.contexts.values())
+    assert asked == strategy.last_report.asked == 4
+
+
+def test_unmask_spare_large_asks_every_survivor(grid_factory: type) -> None:
+    grid = grid_factory(make_app(), 5)
+    strategy = SecAggStrategy(FedAvg(min_available_nodes=5), config=SecAggConfig(**{**vars(CFG), "unmask_spare": 50}))
+
+    run_round(grid, strategy)
+
+    assert (strategy.last_report.asked, strategy.last_report.unmasked) == (5, 5)
+
+
 def test_train_handler_error_counts_as_a_dropout(grid_factory: type) -> None:
     app = make_app()
     inner = app._registered_funcs["train.default"]
@@ -187,7 +252,7 @@ def test_two_rounds_reuse_channel_keys_and_advertise_again_after_a_restart(grid_
 
     result = strategy.start(grid, initial(), num_rounds=2)
     assert strategy.last_report.advertised == 0  # round 2 reused round 1's channel keys
-    assert strategy.last_report.pipelined  # and its share-keys stage rode on round 1's unmask
+    assert strategy.last_report.pipelined  # and its share-keys stage rode on round 1's TRAIN messages
     grid.contexts[102].state = RecordDict()  # node 102 restarts and loses its keys and session
     (arrays, _), _ = run_round(grid, strategy, result.arrays, server_round=3)
     assert strategy.last_report.masked == 3  # 102 had no session for the pipelined round 3
@@ -199,12 +264,12 @@ def test_two_rounds_reuse_channel_keys_and_advertise_again_after_a_restart(grid_
 
 
 def test_pipelined_share_keys_across_rounds(grid_factory: type) -> None:
-    # node 104 misses round 1's unmask message (which also carries round 2's share-keys stage)
+    # node 104 misses round 2's TRAIN message (which also carries round 3's share-keys stage)
     seen: dict[int, int] = {}
 
     def drop(stage: str, node: int) -> bool:
-        seen[node] = seen.get(node, 0) + (stage == wire.UNMASK)
-        return node == 104 and stage == wire.UNMASK and seen[node] == 1
+        seen[node] = seen.get(node, 0) + (stage == wire.MASKED_INPUT)
+        return node == 104 and stage == wire.MASKED_INPUT and seen[node] == 2
 
     grid = grid_factory(make_app(), 4, drop=drop)
     strategy = SecAggStrategy(FedAvg(min_available_nodes=4), config=CFG)
@@ -214,7 +279,7 @@ def test_pipelined_share_keys_across_rounds(grid_factory: type) -> None:
         reports.append(strategy.last_report)
 
     assert [rep.pipelined for rep in reports] == [False, True, False, True]
-    assert [rep.masked for rep in reports] == [4, 3, 4, 4]  # 104 sat out round 2: no keys shared
+    assert [rep.masked for rep in reports] == [4, 3, 4, 4]  # round 3 shared keys afresh to bring 104 back
     assert [wire.SHARE_KEYS in rep.seconds for rep in reports] == [True, False, True, False]
     want = initial()
     for pids in ([0, 1, 2, 3], [0, 1, 2], [0, 1, 2, 3], [0, 1, 2, 3]):
