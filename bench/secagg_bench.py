@@ -21,14 +21,18 @@ call, which contains ``configure_fit`` .. ``aggregate_fit``), and per stage the 
 time of each exchange with the nodes (``send_and_receive``, or push..last pull), i.e. the
 messages there and back plus the nodes' work. Round 1 starts Ray's actors (and, for
 fedmart, advertises channel keys once), so it is reported apart; the table shows the median
-over the later rounds. Both secure arms use the complete graph (every node a neighbour of
-every other), threshold 1/2, 16-bit quantisation, modulus 2**32, max weight 1000.
+(and mean) over the later rounds of all runs of an arm (``--reps`` processes per arm,
+interleaved). Before each round the ServerApp waits a random, untimed 0..0.1 s so that rounds
+do not lock onto one phase of the engine's 0.1 s timers (``--no-dephase`` turns it off).
+Both secure arms use the complete graph (every node a neighbour of every other) unless a
+size names ``:K``, threshold 1/2, 16-bit quantisation, modulus 2**32, max weight 1000.
 
 ``--micro`` also times, in one process and without Flower's engine, the per-node masking work
 of both implementations (quantise + one self mask + n-1 pairwise masks) for the same sizes.
 
     python bench/secagg_bench.py                               # both sizes, all arms, 4 rounds
     python bench/secagg_bench.py --sizes 10x1000000 --rounds 5 --micro
+    python bench/secagg_bench.py --sizes 10x1000000,50x200000:12 --arms none,none-echo,fedmart --rounds 21 --reps 3
 """
 
 from __future__ import annotations
@@ -402,6 +406,13 @@ def main() -> None:
         action="store_true",
         help="start each round right after the last (default: after a random, untimed 0-0.1 s wait)",
     )
+    ap.add_argument(
+        "--reps",
+        type=int,
+        default=1,
+        help="runs (processes) per arm, interleaved arm by arm; the plain round's pace differs from one "
+        "process to the next by up to 1.6x at 10 x 1M, so ratios need several",
+    )
     ap.add_argument("--micro", action="store_true", help="also time the per-node masking work in-process")
     ap.add_argument("--out", type=Path, default=None, help="write all results as JSON")
     ap.add_argument("--_arm", help=argparse.SUPPRESS)
@@ -417,7 +428,7 @@ def main() -> None:
     results = []
     for size in args.sizes.split(","):
         nodes, params, k = _parse_size(size)
-        for arm in args.arms.split(","):
+        for rep, arm in ((rep, arm) for rep in range(args.reps) for arm in args.arms.split(",")):
             t0, load0 = time.perf_counter(), os.getloadavg()[0]
             proc = subprocess.run(
                 [
@@ -439,6 +450,7 @@ def main() -> None:
                 "neighbours": k,
                 "engine_tick_s": args.engine_tick or 0.1,
                 "dephased": not args.no_dephase,
+                "rep": rep,
                 "wall_s": time.perf_counter() - t0,
                 "load1": [load0, os.getloadavg()[0]],
             }
@@ -455,16 +467,45 @@ def main() -> None:
                 + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in m.items())
             )
 
-    base = {(r["nodes"], r["params"]): r for r in results if r.get("arm") == "none"}
-    for r in results:
-        key = (r["nodes"], r["params"])
-        if r.get("arm") and key in base and r["round_s"]:
-            median, mean = r["round_s"] / base[key]["round_s"], r["round_mean_s"] / base[key]["round_mean_s"]
-            print(f"{key[0]:>3} x {key[1]:>8} {r['arm']:<15} {median:.2f}x plain (median), {mean:.2f}x (mean)")
+    pooled = _pool(results)
+    base = {key[:2]: p for key, p in pooled.items() if key[2] == "none"}
+    for (nodes, params, arm), p in pooled.items():
+        if (nodes, params) in base:
+            b = base[(nodes, params)]
+            print(
+                f"{nodes:>3} x {params:>8} {arm:<15} {p['round_s'] / b['round_s']:.2f}x plain (median), "
+                f"{p['round_mean_s'] / b['round_mean_s']:.2f}x (mean); {p['rounds']} rounds in {p['reps']} runs, "
+                f"per-run medians {', '.join(f'{m:.3f}' for m in p['run_medians_s'])} s"
+            )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(), "python": platform.python_version()}
-        args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+        pooled_out = [{"nodes": n, "params": d, "arm": a} | p for (n, d, a), p in pooled.items()]
+        args.out.write_text(json.dumps({"meta": meta, "results": results, "pooled": pooled_out}, indent=2))
+
+
+def _pool(results: list[dict]) -> dict[tuple[int, int, str], dict]:
+    """Per (nodes, params, arm): median and mean over the later rounds of all its runs."""
+    groups: dict[tuple[int, int, str], list[dict]] = {}
+    for r in results:
+        if r.get("arm"):
+            groups.setdefault((r["nodes"], r["params"], r["arm"]), []).append(r)
+    out = {}
+    for key, runs in groups.items():
+        later = [x for r in runs for x in (r["rounds_s"][1:] or r["rounds_s"])]
+        stages: dict[str, list[float]] = {}
+        for r in runs:
+            for label, v in r["stages_s"].items():
+                stages.setdefault(label, []).append(v)
+        out[key] = {
+            "round_s": statistics.median(later),
+            "round_mean_s": statistics.fmean(later),
+            "rounds": len(later),
+            "reps": len(runs),
+            "run_medians_s": [r["round_s"] for r in runs],
+            "stages_s": {k: statistics.median(v) for k, v in stages.items()},
+        }
+    return out
 
 
 if __name__ == "__main__":
