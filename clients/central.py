@@ -19,10 +19,9 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from clients.datasets import DataConfig, load_dataset
+from clients.datasets import load_dataset
 from clients.sequences import TrainDataset, build_sequences, leave_one_out
 from clients.trainer import (
-    OptimConfig,
     evaluate,
     evaluate_popularity,
     make_loader,
@@ -30,6 +29,8 @@ from clients.trainer import (
     seed_everything,
     train_epoch,
 )
+from conf.settings import CentralSettings
+from conf.typed import register as register_schemas
 from federation.device import select_device
 from federation.globalmodel import build_model, get_weights, save_weights, set_weights
 
@@ -37,23 +38,24 @@ __all__ = ["run_central", "main"]
 
 log = logging.getLogger(__name__)
 
+register_schemas()  # conf/central.yaml starts from the typed schema
+
 
 def _jsonl(path: Path, record: dict[str, Any]) -> None:
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
 
 
-def run_central(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+def run_central(cfg: CentralSettings, out_dir: Path) -> dict[str, Any]:
     """Train one model per seed and return the summary (also written to ``results.json``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     device = select_device(cfg.device)
-    data_cfg = DataConfig(**OmegaConf.to_container(cfg.data, resolve=True))
+    data_cfg = cfg.data
     data = load_dataset(data_cfg, report_dir=out_dir / "data")
     split = leave_one_out(build_sequences(data.interactions))
     dataset = TrainDataset(split.train, data_cfg.max_len)
-    optim = OptimConfig(**OmegaConf.to_container(cfg.train, resolve=True))
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    optim = cfg.train
+    model_cfg = cfg.model
     pop = {w: evaluate_popularity(split, data.catalog.num_items, w) for w in ("valid", "test")}
     log.info(
         "data: %d users (%d evaluated), %d items; popularity test NDCG@10 %.4f HR@10 %.4f",
@@ -66,7 +68,6 @@ def run_central(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     metrics_path = out_dir / "metrics.jsonl"
     runs = []
     for seed in cfg.seeds:
-        seed = int(seed)
         seed_everything(seed)
         model = build_model(
             data.catalog,
@@ -78,13 +79,13 @@ def run_central(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         opt = make_optimizer(model, optim)
         loader = make_loader(dataset, optim.batch_size, seed)
         best, best_epoch, best_weights, epoch_times = -1.0, 0, None, []
-        for epoch in range(1, int(cfg.max_epochs) + 1):
+        for epoch in range(1, cfg.max_epochs + 1):
             t0 = time.perf_counter()
             stats = train_epoch(model, loader, opt, device)
             epoch_times.append(time.perf_counter() - t0)
-            if epoch % int(cfg.eval_every):
+            if epoch % cfg.eval_every:
                 continue
-            val = evaluate(model, split, "valid", device, batch_size=int(cfg.eval_batch_size))
+            val = evaluate(model, split, "valid", device, batch_size=cfg.eval_batch_size)
             improved = val["ndcg@10"] > best
             if improved:
                 best, best_epoch, best_weights = val["ndcg@10"], epoch, get_weights(model)
@@ -103,12 +104,12 @@ def run_central(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
                 "seed %d epoch %3d  loss %.4f  valid NDCG@10 %.4f HR@10 %.4f%s  (%.1fs)",
                 seed, epoch, stats["loss"], val["ndcg@10"], val["hr@10"], " *" if improved else "", epoch_times[-1],
             )  # fmt: skip
-            if epoch - best_epoch >= int(cfg.patience):
+            if epoch - best_epoch >= cfg.patience:
                 break
         assert best_weights is not None
         set_weights(model, best_weights)
         save_weights(best_weights, out_dir / f"best-seed{seed}.safetensors", {"epoch": str(best_epoch)})
-        test = evaluate(model, split, "test", device, batch_size=int(cfg.eval_batch_size))
+        test = evaluate(model, split, "test", device, batch_size=cfg.eval_batch_size)
         runs.append(
             {
                 "seed": seed,
@@ -180,6 +181,8 @@ def main(cfg: DictConfig) -> None:
 
     quiet_third_party_logs()
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    summary = run_central(cfg, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    summary = run_central(CentralSettings.from_dict(OmegaConf.to_container(cfg, resolve=True)), out_dir)
     console.print(format_summary(summary))
     console.print(f"outputs: {out_dir}")

@@ -3,36 +3,21 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from clients import movielens
 from clients.interactions import DataError, Interactions, read_table
-from clients.synthetic import SyntheticConfig, generate
+from clients.synthetic import generate
 from clients.validation import validate, write_report
+from conf.settings import DataSettings
 from federation.catalog import Catalog
 
-__all__ = ["DataConfig", "LoadedData", "load_dataset"]
+__all__ = ["LoadedData", "load_dataset"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class DataConfig:
-    source: str = "synthetic"  # synthetic | movielens | files
-    path: str | None = None  # movielens dir, or interactions file for `files`
-    catalog: str | None = None  # catalog.parquet for `files`
-    fetch: bool = True  # movielens: download it when missing
-    max_len: int = 50
-    min_history: int = 3
-    synthetic: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.source not in ("synthetic", "movielens", "files"):
-            raise ValueError(f"data.source must be synthetic, movielens or files, not {self.source!r}")
 
 
 @dataclass
@@ -42,10 +27,10 @@ class LoadedData:
     report: dict | None  # validation report, None for generated data
 
 
-def load_dataset(cfg: DataConfig, report_dir: str | Path | None = None) -> LoadedData:
+def load_dataset(cfg: DataSettings, report_dir: str | Path | None = None) -> LoadedData:
     """Load and validate the configured data; the report (and quarantine) go to ``report_dir``."""
     if cfg.source == "synthetic":
-        catalog, inter = generate(SyntheticConfig(**cfg.synthetic))
+        catalog, inter = generate(cfg.synthetic)
         log.info(
             "synthetic data: %d users, %d items, %d events",
             inter.num_users,

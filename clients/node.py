@@ -21,13 +21,13 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from clients.interactions import DataError, Interactions, read_table
 from clients.sequences import Split, TrainDataset, build_sequences, leave_one_out
 from clients.validation import validate, write_report
+from conf.settings import DataSettings, ModelSettings, NodeSettings, PartitionSettings, RunSettings
 from federation.catalog import Catalog
 from federation.globalmodel import build_model
 from federation.model import SASRec
@@ -124,45 +124,36 @@ def _load_dir(directory: str, catalog_path: str | None, name: str | None, max_qu
 
 
 @lru_cache(maxsize=4)
-def _builtin(settings_json: str, partition_id: int) -> NodeData:
-    from clients.datasets import DataConfig, load_dataset
-    from clients.partition import PartitionConfig, partition
+def _builtin(data_settings: DataSettings, partition_settings: PartitionSettings, partition_id: int) -> NodeData:
+    from clients.datasets import load_dataset
+    from clients.partition import partition
 
-    settings = json.loads(settings_json)
-    data = load_dataset(DataConfig(**settings["data"]))
-    part = partition(data.interactions, data.catalog, PartitionConfig(**settings["partition"]))
+    data = load_dataset(data_settings)
+    part = partition(data.interactions, data.catalog, partition_settings)
     if not 0 <= partition_id < len(part):
         raise DataError(
             f"partition-id {partition_id} is out of range: the built-in data has {len(part)} "
-            f"{settings['partition']['scheme']} silos; run with num-supernodes={len(part)}"
+            f"{partition_settings.scheme} silos; run with num-supernodes={len(part)}"
         )
     inter = data.interactions.take(part.rows[partition_id])
     return _make(part.names[partition_id], None, data.catalog, inter)
 
 
-def load_node(node_config: dict[str, Any], settings: dict[str, Any]) -> NodeData:
+def load_node(node: NodeSettings, settings: RunSettings) -> NodeData:
     """Resolve and load this node's data (cached per process)."""
-    if node_config.get("data-dir"):
-        return _load_dir(
-            str(node_config["data-dir"]),
-            node_config.get("catalog") or None,
-            node_config.get("name") or None,
-            float(node_config.get("max-quarantine-fraction", 0.0)),
-        )
-    pid = int(node_config.get("partition-id", 0))
-    sim = settings.get("sim") or {}
-    if sim.get("nodes-dir"):
-        return _load_dir(str(node_dir_for(sim["nodes-dir"], pid)), None, None, 0.0)
-    builtin = {"data": settings["data"], "partition": settings["partition"]}
-    return _builtin(json.dumps(builtin, sort_keys=True), pid)
+    if node.data_dir:
+        return _load_dir(node.data_dir, node.catalog, node.name, node.max_quarantine_fraction)
+    if settings.sim.nodes_dir:
+        return _load_dir(str(node_dir_for(settings.sim.nodes_dir, node.partition_id)), None, None, 0.0)
+    return _builtin(settings.data, settings.partition, node.partition_id)
 
 
 _MODELS: dict[tuple, SASRec] = {}
 
 
-def model_skeleton(node: NodeData, model_cfg: dict[str, Any], max_len: int) -> SASRec:
+def model_skeleton(node: NodeData, model_cfg: ModelSettings, max_len: int) -> SASRec:
     """A model of the right shape, reused across rounds in this process (weights are overwritten)."""
-    key = (node.catalog.version, json.dumps(model_cfg, sort_keys=True), int(max_len))
+    key = (node.catalog.version, model_cfg, int(max_len))
     if key not in _MODELS:
         cache = node.state_dir / f"title_emb-{node.catalog.version}.npy"
         _MODELS[key] = build_model(node.catalog, model_cfg, max_len, text_cache=cache)

@@ -21,27 +21,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from clients.interactions import Interactions
+from conf.settings import PARTITION_SCHEMES, PartitionSettings
 from federation.catalog import Catalog
 
-__all__ = ["PartitionConfig", "Partition", "partition", "SCHEMES"]
+__all__ = ["Partition", "partition", "SCHEMES"]
 
-SCHEMES = ("merchant", "department", "dirichlet", "iid")
-
-
-@dataclass
-class PartitionConfig:
-    scheme: str = "department"
-    num_partitions: int | None = None  # dirichlet / iid only; silos fix their own count
-    alpha: float = 0.5
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.scheme not in SCHEMES:
-            raise ValueError(f"partition.scheme must be one of {', '.join(SCHEMES)}, not {self.scheme!r}")
-        if self.scheme in ("dirichlet", "iid") and (self.num_partitions is None or self.num_partitions < 1):
-            raise ValueError(f"partition.scheme={self.scheme} needs partition.num_partitions >= 1")
-        if self.alpha <= 0:
-            raise ValueError("partition.alpha must be > 0")
+SCHEMES = PARTITION_SCHEMES
 
 
 @dataclass
@@ -77,7 +62,7 @@ def _majority_department(data: Interactions, catalog: Catalog) -> np.ndarray:
     return counts.argmax(axis=1)
 
 
-def partition(data: Interactions, catalog: Catalog, cfg: PartitionConfig) -> Partition:
+def partition(data: Interactions, catalog: Catalog, cfg: PartitionSettings) -> Partition:
     """Assign every row of ``data`` to exactly one node."""
     if cfg.scheme == "merchant":
         if "occupation" in data.user_attrs:

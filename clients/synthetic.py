@@ -16,14 +16,13 @@ over all sessions at once (a loop over position-in-session, not over events), so
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from clients.interactions import Interactions
+from conf.settings import SyntheticSettings
 from federation.catalog import Catalog
 
-__all__ = ["SyntheticConfig", "generate"]
+__all__ = ["generate"]
 
 _DEPARTMENTS = [
     (
@@ -57,44 +56,12 @@ _ADJECTIVES = [
 ]  # fmt: skip
 
 
-@dataclass(frozen=True)
-class SyntheticConfig:
-    """Size and shape of the synthetic world. Defaults give ~20 events x 20k users."""
-
-    num_users: int = 20_000
-    num_items: int = 2_000
-    num_departments: int = 10
-    num_merchants: int = 50
-    events_per_user: float = 20.0
-    mean_session_length: float = 5.0
-    num_successors: int = 16
-    successor_decay: float = 0.85  # weight of the k-th successor is decay**k
-    p_follow: float = 0.35
-    zipf_a: float = 0.8
-    dept_concentration: float = 0.5
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.num_users < 1 or self.num_items < self.num_departments:
-            raise ValueError("need num_users >= 1 and num_items >= num_departments")
-        if not 1 <= self.num_departments <= len(_DEPARTMENTS) * 100:
-            raise ValueError(f"num_departments must be in [1, {len(_DEPARTMENTS) * 100}]")
-        if self.num_merchants < 1:
-            raise ValueError("num_merchants must be >= 1")
-        if self.events_per_user < 3:
-            raise ValueError("events_per_user must be >= 3 (leave-one-out needs three events)")
-        if not 0.0 <= self.p_follow <= 1.0:
-            raise ValueError("p_follow must be in [0, 1]")
-        if not 0.0 < self.successor_decay <= 1.0 or self.num_successors < 1:
-            raise ValueError("need 0 < successor_decay <= 1 and num_successors >= 1")
-
-
 def _dept_name(d: int) -> tuple[str, list[str]]:
     name, nouns = _DEPARTMENTS[d % len(_DEPARTMENTS)]
     return (name if d < len(_DEPARTMENTS) else f"{name}-{d // len(_DEPARTMENTS)}"), nouns
 
 
-def _catalog(cfg: SyntheticConfig, rng: np.random.Generator) -> tuple[Catalog, np.ndarray]:
+def _catalog(cfg: SyntheticSettings, rng: np.random.Generator) -> tuple[Catalog, np.ndarray]:
     n, D, M = cfg.num_items, cfg.num_departments, cfg.num_merchants
     dept = np.sort(rng.integers(0, D, size=n))
     dept[:D] = np.arange(D)  # every department has at least one item
@@ -124,9 +91,11 @@ def _catalog(cfg: SyntheticConfig, rng: np.random.Generator) -> tuple[Catalog, n
     return catalog, dept
 
 
-def generate(cfg: SyntheticConfig | None = None) -> tuple[Catalog, Interactions]:
+def generate(cfg: SyntheticSettings | None = None) -> tuple[Catalog, Interactions]:
     """Generate a catalog and interactions, deterministically from ``cfg.seed``."""
-    cfg = cfg or SyntheticConfig()
+    cfg = cfg or SyntheticSettings()
+    if cfg.num_departments > len(_DEPARTMENTS) * 100:
+        raise ValueError(f"data.synthetic.num_departments must be at most {len(_DEPARTMENTS) * 100}")
     rng = np.random.default_rng(cfg.seed)
     catalog, dept = _catalog(cfg, rng)
     n, D, U = cfg.num_items, cfg.num_departments, cfg.num_users

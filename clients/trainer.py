@@ -10,19 +10,18 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from clients.sequences import Split, TrainDataset, eval_batches
+from conf.settings import TrainSettings
 from federation.metrics import RankingMetrics, popularity_scores, ranks
 from federation.model import SASRec
 from privacy.dp import PrivateTraining
 
 __all__ = [
-    "OptimConfig",
     "make_optimizer",
     "make_loader",
     "train_epoch",
@@ -35,18 +34,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class OptimConfig:
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 128
-
-    def __post_init__(self) -> None:
-        if self.lr <= 0 or self.batch_size < 1 or self.weight_decay < 0:
-            raise ValueError("need lr > 0, batch_size >= 1 and weight_decay >= 0")
-
-
-def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, cfg: TrainSettings) -> torch.optim.Optimizer:
     return torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
     )

@@ -8,6 +8,7 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from conf.settings import RunSettings
 from federation.runconfig import unflatten
 from federation.server import run_server
 
@@ -21,7 +22,7 @@ def build_server_app(fixed_run_config: dict[str, Any] | None = None) -> ServerAp
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         flat = fixed_run_config if fixed_run_config is not None else dict(context.run_config)
-        run_server(grid, unflatten(flat))
+        run_server(grid, RunSettings.from_dict(unflatten(flat)))  # validated once, where it enters
 
     return server_app
 

@@ -114,6 +114,9 @@ def compose_config(overrides: Iterable[str] = (), config_name: str = "config") -
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    from conf.typed import register
+
+    register()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = compose(config_name=config_name, overrides=list(overrides))
         data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)

@@ -8,6 +8,7 @@ public catalog on each side and never travel.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,8 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
+from conf.settings import ModelSettings
+from conf.typed import build
 from federation.catalog import Catalog
 from federation.model import SASRec, SASRecConfig
 from federation.wire import ITEM_HOLDERS
@@ -31,25 +34,28 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def model_config(catalog: Catalog, model_cfg: dict[str, Any], max_len: int) -> SASRecConfig:
+def model_config(catalog: Catalog, model: ModelSettings | Mapping[str, Any], max_len: int) -> SASRecConfig:
+    """The model's own config from the ``model`` group (or a registry version's ``model_config``)."""
     from federation.text import TEXT_DIM
 
+    if not isinstance(model, ModelSettings):  # a registry version's metadata: the group plus max_len
+        model = build(ModelSettings, dict(model), prefix="model", ignore_unknown=True)
     return SASRecConfig(
         num_items=catalog.num_items,
         max_len=int(max_len),
-        hidden=int(model_cfg.get("hidden", 64)),
-        layers=int(model_cfg.get("layers", 2)),
-        heads=int(model_cfg.get("heads", 2)),
-        dropout=float(model_cfg.get("dropout", 0.2)),
-        attn_dropout=float(model_cfg.get("attn_dropout", model_cfg.get("dropout", 0.2))),
-        text_dim=TEXT_DIM if model_cfg.get("text", False) else 0,
-        label_smoothing=float(model_cfg.get("label_smoothing", 0.0)),
+        hidden=model.hidden,
+        layers=model.layers,
+        heads=model.heads,
+        dropout=model.dropout,
+        attn_dropout=model.attn_dropout,
+        text_dim=TEXT_DIM if model.text else 0,
+        label_smoothing=model.label_smoothing,
     )
 
 
 def build_model(
     catalog: Catalog,
-    model_cfg: dict[str, Any],
+    model_cfg: ModelSettings | Mapping[str, Any],
     max_len: int,
     *,
     seed: int = 0,

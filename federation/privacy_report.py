@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from conf.settings import RunSettings
+
 __all__ = ["privacy_section"]
 
 _USER_WHOLE = ("dirichlet", "iid")
@@ -15,29 +17,29 @@ _CLIPPING = {
 }
 
 
-def _user_spread(settings: dict[str, Any]) -> tuple[str, bool]:
+def _user_spread(settings: RunSettings) -> tuple[str, bool]:
     """(description, users_whole): whether each user's data sits at one node."""
-    scheme = settings["partition"]["scheme"]
-    sim = settings.get("sim") or {}
-    whole = scheme in _USER_WHOLE or (scheme == "merchant" and settings["data"]["source"] == "movielens")
-    if "max-nodes-per-user" in sim:
-        whole = int(sim["max-nodes-per-user"]) <= 1
+    scheme = settings.partition.scheme
+    sim = settings.sim
+    whole = scheme in _USER_WHOLE or (scheme == "merchant" and settings.data.source == "movielens")
+    if sim.max_nodes_per_user is not None:
+        whole = sim.max_nodes_per_user <= 1
         return (
-            f"{scheme} silos: a user's history is held by at most {sim['max-nodes-per-user']} node(s) "
-            f"(mean {sim['mean-nodes-per-user']:.2f})",
+            f"{scheme} silos: a user's history is held by at most {sim.max_nodes_per_user} node(s) "
+            f"(mean {sim.mean_nodes_per_user or 0.0:.2f})",
             whole,
         )
     return f"{scheme} silos", whole
 
 
-def privacy_section(settings: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+def privacy_section(settings: RunSettings, rows: list[dict[str, Any]]) -> str:
     """Markdown for ``report.md``: user-level DP, then client-level DP if it was on."""
     return _user_level(settings, rows) + _client_level(settings, rows)
 
 
-def _client_level(settings: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    c = (settings.get("federation") or {}).get("client_dp") or {}
-    if not c.get("enabled"):
+def _client_level(settings: RunSettings, rows: list[dict[str, Any]]) -> str:
+    c = settings.federation.client_dp
+    if not c.enabled:
         return ""
     eps = next((r["train_metrics"]["client_dp_epsilon"] for r in reversed(rows)
                 if "client_dp_epsilon" in r.get("train_metrics", {})), None)  # fmt: skip
@@ -50,12 +52,12 @@ def _client_level(settings: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             "",
             "- **Unit of privacy**: one whole node (all of a department's or merchant's data), under add/remove "
             "of one node; reported apart from the per-user ε above.",
-            f"- **Mechanism**: each node clips its update to L2 norm {c.get('clipping_norm')} and weighs 1; the "
-            f"coordinator adds Gaussian noise of std {c.get('noise_multiplier')} × {c.get('clipping_norm')} to the "
+            f"- **Mechanism**: each node clips its update to L2 norm {c.clipping_norm} and weighs 1; the "
+            f"coordinator adds Gaussian noise of std {c.noise_multiplier} × {c.clipping_norm} to the "
             "sum of the clipped updates before dividing by the number of nodes in it (DP-FedAvg).",
             f"- **ε after {released} released aggregates**: "
             + (f"{eps:.3f}" if eps is not None else "n/a")
-            + f" at δ = {c.get('delta')} (RDP, no amplification by node sampling: Flower samples a fixed number).",
+            + f" at δ = {c.delta} (RDP, no amplification by node sampling: Flower samples a fixed number).",
             "- **Against whom**: everyone who sees the global model (other nodes, the serving path, the public); "
             "not the coordinator, which adds the noise and so sees the noiseless sum (secure aggregation still "
             "hides each node's update from it).",
@@ -63,11 +65,11 @@ def _client_level(settings: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     )
 
 
-def _user_level(settings: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    p = settings.get("privacy") or {}
-    secagg = (settings.get("secagg") or {}).get("enabled", False)
+def _user_level(settings: RunSettings, rows: list[dict[str, Any]]) -> str:
+    p = settings.privacy
+    secagg = settings.secagg.enabled
     lines = ["## Privacy", ""]
-    if p.get("mode", "off") == "off":
+    if p.mode == "off":
         lines += [
             "**No differential privacy** (`privacy=none`): node updates are computed from users' data "
             "without clipping or noise and carry it unprotected.",
@@ -85,22 +87,20 @@ def _user_level(settings: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     spread, whole = _user_spread(settings)
     eps_max = max(final.values()) if final else float("nan")
     eps_sum = sum(final.values()) if final else float("nan")
-    mode = (
-        "target ε " + str(p.get("target_epsilon")) if p.get("mode") == "target" else f"σ = {p.get('noise_multiplier')}"
-    )
+    mode = "target ε " + str(p.target_epsilon) if p.mode == "target" else f"σ = {p.noise_multiplier}"
     lines += [
         "- **Unit of privacy**: one user's whole interaction history at one node (one training example = one user).",
         f"- **Mechanism**: DP-SGD with Opacus on every node: Poisson sampling of users, per-user clipping to "
-        f"C = {p.get('max_grad_norm')} (flat L2 over all trainable parameters), Gaussian noise ({mode}); "
-        f"per-user clipping by {_CLIPPING.get(str(p.get('grad_sample_mode')), p.get('grad_sample_mode'))}.",
-        f"- **Accountant**: {str(p.get('accountant', 'rdp')).upper()} over the node's whole ledger "
+        f"C = {p.max_grad_norm} (flat L2 over all trainable parameters), Gaussian noise ({mode}); "
+        f"per-user clipping by {_CLIPPING.get(p.grad_sample_mode, p.grad_sample_mode)}.",
+        f"- **Accountant**: {p.accountant.upper()} over the node's whole ledger "
         "(all rounds, all runs on the same dataset); ε is reported per node.",
         "- **δ**: "
-        + (f"{p['delta']:g}" if p.get("delta") else "1 / (users at the node), per node")
+        + (f"{p.delta:g}" if p.delta else "1 / (users at the node), per node")
         + (f" (here {min(deltas.values()):.2g} … {max(deltas.values()):.2g})" if deltas else "")
         + ".",
         f"- **Node budgets**: each node declines a round that would take it past its own max_epsilon "
-        f"({p.get('max_epsilon')} here; node configuration, not the coordinator's).",
+        f"({p.max_epsilon} here; node configuration, not the coordinator's).",
         f"- **ε spent per node after the run**: max {eps_max:.3f}; "
         + ", ".join(f"{n} {e:.3f}" for n, e in sorted(final.items())[:30])
         + (" …" if len(final) > 30 else "")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, Strategy
 
+from conf.settings import ClientDPSettings, FederationSettings, RunSettings, SecAggSettings, Settings
 from federation import wire
 from federation.aggregation import ClientDPFedAdam, ClientDPFedAvg, HolderFedAdam, HolderFedAvg, with_holders
 from federation.catalog import Catalog
@@ -41,32 +43,22 @@ __all__ = ["make_strategy", "run_server", "CentralEvaluator"]
 log = logging.getLogger(__name__)
 
 
-def make_strategy(fed: dict[str, Any], num_nodes: int, secagg: dict[str, Any] | None = None) -> Strategy:
+def make_strategy(fed: FederationSettings, num_nodes: int, secagg: SecAggSettings | None = None) -> Strategy:
     """FedAvg or FedAdam from the ``federation`` group, wrapped in secure aggregation when enabled."""
     inner = _base_strategy(fed, num_nodes)
-    if secagg and secagg.get("enabled"):
+    if secagg is not None and secagg.enabled:
         from privacy.secagg import SecAggConfig, wrap_strategy
 
-        return wrap_strategy(inner, SecAggConfig.from_mapping(secagg))
+        return wrap_strategy(inner, SecAggConfig.from_mapping(asdict(secagg)))
     return inner
 
 
-def client_dp_config(fed: dict[str, Any]) -> ClientDPConfig | None:
-    """``federation.client_dp`` as a validated config, or None when the layer is off."""
-    c = fed.get("client_dp") or {}
-    if not c.get("enabled"):
+def client_dp_config(c: ClientDPSettings) -> ClientDPConfig | None:
+    """``federation.client_dp`` as the mechanism's config, or None when the layer is off."""
+    if not c.enabled:
         return None
-    try:
-        # Flower's samplers pick a fixed number of nodes: no amplification (q = 1) is the valid bound.
-        return ClientDPConfig(
-            noise_multiplier=float(c["noise_multiplier"]),
-            clipping_norm=float(c["clipping_norm"]),
-            delta=float(c.get("delta", 1e-3)),
-        )
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(
-            f"federation.client_dp: {err}; set clipping_norm > 0, noise_multiplier > 0 and delta in (0, 1)"
-        ) from err
+    # Flower's samplers pick a fixed number of nodes: no amplification (q = 1) is the valid bound.
+    return ClientDPConfig(noise_multiplier=c.noise_multiplier, clipping_norm=c.clipping_norm, delta=c.delta)
 
 
 class ClientDPAccountant:
@@ -82,42 +74,26 @@ class ClientDPAccountant:
         record.train_metrics["client_dp_delta"] = self.config.delta
 
 
-def _base_strategy(fed: dict[str, Any], num_nodes: int) -> Strategy:
+def _base_strategy(fed: FederationSettings, num_nodes: int) -> Strategy:
     common = {
-        "fraction_train": float(fed.get("fraction_train", 1.0)),
-        "fraction_evaluate": float(fed.get("fraction_evaluate", 1.0)),
-        "min_train_nodes": min(int(fed.get("min_train_nodes", 2)), num_nodes),
-        "min_evaluate_nodes": min(int(fed.get("min_evaluate_nodes", 2)), num_nodes),
-        "min_available_nodes": min(int(fed.get("min_available_nodes", 2)), num_nodes),
+        "fraction_train": fed.fraction_train,
+        "fraction_evaluate": fed.fraction_evaluate,
+        "min_train_nodes": min(fed.min_train_nodes, num_nodes),
+        "min_evaluate_nodes": min(fed.min_evaluate_nodes, num_nodes),
+        "min_available_nodes": min(fed.min_available_nodes, num_nodes),
     }
-    name = str(fed.get("strategy", "fedavg")).lower()
-    holders = item_rows(fed) == "holders"
-    cdp = client_dp_config(fed)
+    holders = fed.item_rows == "holders"
+    cdp = client_dp_config(fed.client_dp)
     strategy: FedAvg
-    if name == "fedavg":
+    if fed.strategy == "fedavg":
         strategy = (HolderFedAvg if holders else ClientDPFedAvg if cdp else FedAvg)(**common)
-    elif name == "fedadam":
-        strategy = (HolderFedAdam if holders else ClientDPFedAdam if cdp else FedAdam)(
-            **common,
-            eta=float(fed.get("eta", 0.01)),
-            eta_l=float(fed.get("eta_l", 0.001)),
-            beta_1=float(fed.get("beta_1", 0.9)),
-            beta_2=float(fed.get("beta_2", 0.99)),
-            tau=float(fed.get("tau", 1e-3)),
-        )
     else:
-        raise ValueError(f"federation.strategy must be fedavg or fedadam, not {name!r}")
+        strategy = (HolderFedAdam if holders else ClientDPFedAdam if cdp else FedAdam)(
+            **common, eta=fed.eta, eta_l=fed.eta_l, beta_1=fed.beta_1, beta_2=fed.beta_2, tau=fed.tau
+        )
     if cdp is not None:
         strategy.client_dp = cdp  # type: ignore[attr-defined]  # noise on the sum (federation/aggregation.py)
     return strategy
-
-
-def item_rows(fed: dict[str, Any]) -> str:
-    """``federation.item_rows``: "holders" (federation/aggregation.py) or "mean" (plain FedAvg)."""
-    value = str(fed.get("item_rows", "mean")).lower()
-    if value not in ("holders", "mean"):
-        raise ValueError(f"federation.item_rows must be holders or mean, not {value!r}")
-    return value
 
 
 class CentralEvaluator:
@@ -127,15 +103,15 @@ class CentralEvaluator:
     two are directly comparable. A real coordinator never holds this data.
     """
 
-    def __init__(self, catalog: Catalog, data_path: Path, settings: dict[str, Any]) -> None:
+    def __init__(self, catalog: Catalog, data_path: Path, settings: Settings) -> None:
         from clients.interactions import Interactions
         from clients.sequences import build_sequences, leave_one_out
 
         self.split = leave_one_out(build_sequences(Interactions.load(data_path)))
-        self.max_len = int(settings["data"]["max_len"])
-        self.model = build_model(catalog, settings["model"], self.max_len)
-        self.device = select_device(str(settings.get("device", "auto")))
-        self.max_users = int(settings["federation"].get("central_eval_users", 0) or 0)
+        self.max_len = settings.data.max_len
+        self.model = build_model(catalog, settings.model, self.max_len)
+        self.device = select_device(settings.device)
+        self.max_users = settings.federation.central_eval_users
         if self.max_users and self.max_users < len(self.split.eval_users):
             # A fixed random subset keeps evaluation cheap on big synthetic data.
             keep = np.random.default_rng(0).choice(self.split.eval_users, self.max_users, replace=False)
@@ -189,31 +165,30 @@ class ProgressLine:
         log.info(" | ".join(parts))
 
 
-def run_server(grid: Grid, settings: dict[str, Any], *, listeners_extra=()) -> ArrayRecord:
-    """Run (or resume) a federation described by the unflattened run config."""
+def run_server(grid: Grid, settings: RunSettings, *, listeners_extra=()) -> ArrayRecord:
+    """Run (or resume) a federation described by the run config."""
     t_start = time.time()
-    fed = settings["federation"]
-    sim = settings.get("sim") or {}
-    run = RunDir(sim.get("run-dir") or "outputs/flwr-run")
+    fed, sim = settings.federation, settings.sim
+    run = RunDir(sim.run_dir or "outputs/flwr-run")
     catalog = _catalog(settings)
-    expected = int(sim.get("num-nodes") or fed.get("min_available_nodes", 2))
-    nodes = discover_nodes(grid, expected=expected, timeout=float(fed.get("round_timeout", 600)))
+    expected = sim.num_nodes or fed.min_available_nodes
+    nodes = discover_nodes(grid, expected=expected, timeout=fed.round_timeout)
     if not nodes:
         raise RuntimeError("no node joined the federation; check the nodes' logs")
     log.info("%d nodes joined: %s", len(nodes), ", ".join(sorted(n.name for n in nodes.values()))[:500])
-    strategy = make_strategy(fed, len(nodes), settings.get("secagg"))
+    strategy = make_strategy(fed, len(nodes), settings.secagg)
     start, arrays = load_checkpoint(run, strategy)
     if arrays is None:
-        model = build_model(catalog, settings["model"], int(settings["data"]["max_len"]), seed=int(settings["seed"]))
+        model = build_model(catalog, settings.model, settings.data.max_len, seed=settings.seed)
         arrays = to_arrays(get_weights(model))
     else:
         log.info("resuming after round %d from %s", start, run.state)
-    if item_rows(fed) == "holders":
+    if fed.item_rows == "holders":
         arrays = with_holders(arrays)
-    num_rounds = int(fed["num_rounds"])
+    num_rounds = fed.num_rounds
     registry, audit = open_trail(run.root, settings)
     run_name = run.root.name
-    cfg_hash = config_hash({k: v for k, v in settings.items() if k != "sim"})
+    cfg_hash = config_hash(settings.hydra_part())
     audit.append(
         "run_resume" if start else "run_start",
         run=run_name,
@@ -228,27 +203,27 @@ def run_server(grid: Grid, settings: dict[str, Any], *, listeners_extra=()) -> A
         run=run_name,
         config_hash=cfg_hash,
         catalog_version=catalog.version,
-        model_config={**settings["model"], "max_len": int(settings["data"]["max_len"])},
+        model_config={**asdict(settings.model), "max_len": settings.data.max_len},
         privacy=privacy_summary(settings),
         audit=audit,
     )
     central = None
-    if fed.get("central_eval", True) and sim.get("central-data"):
-        central = CentralEvaluator(catalog, Path(sim["central-data"]), settings)
+    if fed.central_eval and sim.central_data:
+        central = CentralEvaluator(catalog, Path(sim.central_data), settings)
     coordinator = Coordinator(
         strategy=strategy,
         grid=grid,
         nodes=nodes,
         num_rounds=num_rounds,
-        round_timeout=float(fed.get("round_timeout", 600)),
-        seed=int(settings["seed"]),
-        eval_every=int(fed.get("eval_every", 1)),
+        round_timeout=fed.round_timeout,
+        seed=settings.seed,
+        eval_every=fed.eval_every,
         train_config={wire.RUN: run_name},
         central_eval=central,
         listeners=[
             publisher,
             AuditRecorder(audit, run_name),
-            *([ClientDPAccountant(cdp, released_before=start)] if (cdp := client_dp_config(fed)) else []),
+            *([ClientDPAccountant(cdp, released_before=start)] if (cdp := client_dp_config(fed.client_dp)) else []),
             MetricsWriter(run),
             *listeners_extra,
             Checkpointer(run, keep_models=False),
@@ -264,25 +239,25 @@ def run_server(grid: Grid, settings: dict[str, Any], *, listeners_extra=()) -> A
     return arrays
 
 
-def privacy_summary(settings: dict[str, Any]) -> dict[str, Any]:
+def privacy_summary(settings: Settings) -> dict[str, Any]:
     """What the published model's privacy rests on (filled in per round with ε by node)."""
-    p = settings.get("privacy") or {}
-    return {k: p.get(k) for k in ("mode", "noise_multiplier", "max_grad_norm", "delta", "accountant")} | {
-        "unit": "one user's history at one node" if p.get("mode", "off") != "off" else "none (no DP)",
+    p = settings.privacy
+    return {k: getattr(p, k) for k in ("mode", "noise_multiplier", "max_grad_norm", "delta", "accountant")} | {
+        "unit": "one user's history at one node" if p.mode != "off" else "none (no DP)",
     }
 
 
-def finish_run(run: RunDir, settings: dict[str, Any], *, nodes_count: int, seconds: float) -> None:
+def finish_run(run: RunDir, settings: RunSettings, *, nodes_count: int, seconds: float) -> None:
     plot_metrics(run)
-    fed = settings["federation"]
+    fed = settings.federation
     summary = {
-        "data": settings["data"]["source"],
-        "silos": f"{settings['partition']['scheme']} ({nodes_count} nodes)",
-        "strategy": fed["strategy"],
-        "rounds": fed["num_rounds"],
-        "local epochs": fed["local_epochs"],
-        "model": json.dumps(settings["model"]),
-        "seed": settings["seed"],
+        "data": settings.data.source,
+        "silos": f"{settings.partition.scheme} ({nodes_count} nodes)",
+        "strategy": fed.strategy,
+        "rounds": fed.num_rounds,
+        "local epochs": fed.local_epochs,
+        "model": json.dumps(asdict(settings.model)),
+        "seed": settings.seed,
         "wall time (this invocation)": f"{seconds:.0f}s",
     }
     from federation.outputs import read_metrics
@@ -291,10 +266,9 @@ def finish_run(run: RunDir, settings: dict[str, Any], *, nodes_count: int, secon
     write_report(run, "fedmart federated run", summary, privacy_section(settings, read_metrics(run.metrics)))
 
 
-def _catalog(settings: dict[str, Any]) -> Catalog:
-    sim = settings.get("sim") or {}
-    if sim.get("catalog"):
-        return Catalog.load(sim["catalog"])
-    from clients.datasets import DataConfig, load_dataset
+def _catalog(settings: RunSettings) -> Catalog:
+    if settings.sim.catalog:
+        return Catalog.load(settings.sim.catalog)
+    from clients.datasets import load_dataset  # simulation / `flwr run .` without prepared data
 
-    return load_dataset(DataConfig(**settings["data"])).catalog
+    return load_dataset(settings.data).catalog

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from conf.settings import Settings
+from conf.typed import register as register_schemas
 from federation.errors import UserError, exit_on_user_error
 from federation.runconfig import flatten
 
@@ -29,17 +32,19 @@ log = logging.getLogger(__name__)
 OmegaConf.register_new_resolver(
     "fedmart_run_dir", lambda resume, default: str(resume) if resume else default, replace=True
 )
+register_schemas()
 
 
 def prepare(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """Write the catalog, each node's partition and the pooled eval data; return ``sim`` settings."""
-    from clients.datasets import DataConfig, load_dataset
+    from clients.datasets import load_dataset
     from clients.node import node_dir_for, write_node_dir
-    from clients.partition import PartitionConfig, partition
+    from clients.partition import partition
 
-    data = load_dataset(DataConfig(**cfg["data"]), report_dir=run_dir / "data")
+    settings = Settings.from_dict(cfg)
+    data = load_dataset(settings.data, report_dir=run_dir / "data")
     catalog_path = data.catalog.save(run_dir / "catalog.parquet")
-    part = partition(data.interactions, data.catalog, PartitionConfig(**cfg["partition"]))
+    part = partition(data.interactions, data.catalog, settings.partition)
     nodes_dir = run_dir / "nodes"
     sizes = []
     for pid, (name, rows) in enumerate(zip(part.names, part.rows, strict=True)):
@@ -65,27 +70,18 @@ def prepare(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     }
 
 
-def check_settings(cfg: dict[str, Any]) -> None:
+def check_settings(cfg: dict[str, Any]) -> Settings:
     """Fail in a second, not after data preparation and Ray's start, on a bad setting."""
-    from clients.datasets import DataConfig
-    from clients.partition import PartitionConfig
-    from clients.trainer import OptimConfig
     from federation.device import select_device
-    from federation.model import SASRecConfig
-    from federation.server import make_strategy
+    from privacy.dp import DPConfig
+    from privacy.secagg import SecAggConfig
 
-    DataConfig(**cfg["data"])
-    PartitionConfig(**cfg["partition"])
-    OptimConfig(**cfg["train"])
-    SASRecConfig(num_items=1, max_len=int(cfg["data"]["max_len"]), **{
-        k: v for k, v in cfg["model"].items() if k in ("hidden", "layers", "heads", "dropout", "attn_dropout")
-    })  # fmt: skip
-    select_device(str(cfg.get("device", "auto")))
-    make_strategy(cfg["federation"], num_nodes=2, secagg=cfg.get("secagg"))
-    if int(cfg["federation"]["num_rounds"]) < 1 or int(cfg["federation"]["local_epochs"]) < 0:
-        raise ValueError("federation.num_rounds must be >= 1 and federation.local_epochs >= 0")
-    if int(cfg["federation"].get("local_steps") or 0) < 0:
-        raise ValueError("federation.local_steps must be >= 0 (0 = whole local epochs)")
+    settings = Settings.from_dict(cfg)
+    # The mechanisms' own configs check what the groups cannot check alone.
+    DPConfig.from_mapping(settings.privacy.dp_fields())
+    SecAggConfig.from_mapping(asdict(settings.secagg))
+    select_device(settings.device)
+    return settings
 
 
 def simulate(cfg: dict[str, Any], run_dir: Path) -> Path:
@@ -95,7 +91,7 @@ def simulate(cfg: dict[str, Any], run_dir: Path) -> Path:
     from clients.app import build_client_app
     from federation.app import build_server_app
 
-    check_settings(cfg)
+    settings = check_settings(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     sim_file = run_dir / "sim.json"
     if sim_file.is_file():  # resume: the silos were written by the first invocation
@@ -103,14 +99,11 @@ def simulate(cfg: dict[str, Any], run_dir: Path) -> Path:
     else:
         sim = prepare(cfg, run_dir)
         sim_file.write_text(json.dumps(sim, indent=1) + "\n")
-    run_config = flatten({**cfg, "sim": sim})
-    simulation = cfg.get("simulation", {})
+    run_config = flatten({**settings.to_dict(), "sim": sim})
+    simulation = settings.simulation
     backend_config = {
-        "client_resources": {
-            "num_cpus": float(simulation.get("cpus_per_node", 1)),
-            "num_gpus": float(simulation.get("gpus_per_node", 0.0)),
-        },
-        "init_args": {"num_cpus": int(simulation.get("num_cpus", os.cpu_count() or 1)), "log_to_driver": True},
+        "client_resources": {"num_cpus": simulation.cpus_per_node, "num_gpus": simulation.gpus_per_node},
+        "init_args": {"num_cpus": simulation.num_cpus or os.cpu_count() or 1, "log_to_driver": True},
     }
     run_simulation(
         server_app=build_server_app(run_config),

@@ -10,6 +10,7 @@ import numpy as np
 from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
+from conf.settings import Settings
 from federation.aggregation import without_holders
 from federation.coordinator import RoundRecord
 from federation.outputs import from_arrays
@@ -116,9 +117,7 @@ class AuditRecorder:
         )
 
 
-def open_trail(run_root: Path, settings: dict[str, Any]) -> tuple[ModelRegistry, AuditLog]:
-    reg_cfg = settings.get("registry") or {}
-    key_path = Path(reg_cfg.get("signing_key") or "keys/coordinator.key")
-    registry = ModelRegistry(Path(reg_cfg.get("root") or run_root / "registry"), private_key_path=key_path)
-    audit_path = Path((settings.get("audit") or {}).get("path") or run_root / "audit.jsonl")
-    return registry, AuditLog(audit_path)
+def open_trail(run_root: Path, settings: Settings) -> tuple[ModelRegistry, AuditLog]:
+    reg = settings.registry
+    registry = ModelRegistry(Path(reg.root or run_root / "registry"), private_key_path=Path(reg.signing_key))
+    return registry, AuditLog(Path(settings.audit.path or run_root / "audit.jsonl"))

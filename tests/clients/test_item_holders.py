@@ -1,4 +1,4 @@
-"""Which item rows a node's update speaks for (clients/app.py: item_holders)."""
+"""Which item rows a node's update speaks for (clients/release.py: item_holders)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from clients.app import item_holders, with_item_holders
+from clients.release import item_holders, with_item_holders
 from federation import wire
 
 

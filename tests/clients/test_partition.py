@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 
 from clients.interactions import Interactions
-from clients.partition import PartitionConfig, partition
-from clients.synthetic import SyntheticConfig, generate
+from clients.partition import partition
+from clients.synthetic import generate
+from conf.settings import PartitionSettings, SyntheticSettings
 
 
 @pytest.fixture(scope="module")
 def world():
-    return generate(SyntheticConfig(num_users=600, num_items=200, num_departments=4, num_merchants=12, seed=3))
+    return generate(SyntheticSettings(num_users=600, num_items=200, num_departments=4, num_merchants=12, seed=3))
 
 
 def _check_cover(part, n_rows: int) -> np.ndarray:
@@ -24,7 +25,7 @@ def _check_cover(part, n_rows: int) -> np.ndarray:
 
 def test_department_silos(world):
     catalog, inter = world
-    part = partition(inter, catalog, PartitionConfig(scheme="department"))
+    part = partition(inter, catalog, PartitionSettings(scheme="department"))
     _check_cover(part, len(inter))
     assert sorted(part.names) == sorted(np.unique(catalog.department).tolist())
     for name, rows in zip(part.names, part.rows, strict=True):
@@ -33,7 +34,7 @@ def test_department_silos(world):
 
 def test_merchant_silos_by_item_merchant(world):
     catalog, inter = world
-    part = partition(inter, catalog, PartitionConfig(scheme="merchant"))
+    part = partition(inter, catalog, PartitionSettings(scheme="merchant"))
     _check_cover(part, len(inter))
     for name, rows in zip(part.names, part.rows, strict=True):
         assert (catalog.merchant[inter.item[rows] - 1] == name).all()
@@ -43,7 +44,7 @@ def test_merchant_silos_by_occupation_keep_users_whole(world):
     catalog, inter = world
     occ = np.array(["doctor", "artist", "student"])[np.arange(inter.num_users) % 3]
     inter = Interactions(inter.user, inter.item, inter.timestamp, inter.user_ids, user_attrs={"occupation": occ})
-    part = partition(inter, catalog, PartitionConfig(scheme="merchant"))
+    part = partition(inter, catalog, PartitionSettings(scheme="merchant"))
     _check_cover(part, len(inter))
     assert sorted(part.names) == ["artist", "doctor", "student"]
     for name, rows in zip(part.names, part.rows, strict=True):
@@ -53,7 +54,7 @@ def test_merchant_silos_by_occupation_keep_users_whole(world):
 @pytest.mark.parametrize("scheme", ["iid", "dirichlet"])
 def test_user_schemes_keep_each_user_whole(world, scheme):
     catalog, inter = world
-    part = partition(inter, catalog, PartitionConfig(scheme=scheme, num_partitions=5, alpha=0.3, seed=1))
+    part = partition(inter, catalog, PartitionSettings(scheme=scheme, num_partitions=5, alpha=0.3, seed=1))
     _check_cover(part, len(inter))
     owner = {}
     for i, rows in enumerate(part.rows):
@@ -65,6 +66,6 @@ def test_user_schemes_keep_each_user_whole(world, scheme):
 
 def test_bad_config():
     with pytest.raises(ValueError, match="num_partitions"):
-        PartitionConfig(scheme="iid")
+        PartitionSettings(scheme="iid")
     with pytest.raises(ValueError, match="scheme"):
-        PartitionConfig(scheme="country")
+        PartitionSettings(scheme="country")

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from clients.sequences import build_sequences
-from clients.synthetic import SyntheticConfig, generate
+from clients.synthetic import generate
+from conf.settings import SyntheticSettings
 
-CFG = SyntheticConfig(num_users=800, num_items=300, num_departments=5, num_merchants=20, seed=7)
+CFG = SyntheticSettings(num_users=800, num_items=300, num_departments=5, num_merchants=20, seed=7)
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,7 @@ def test_same_seed_same_data(world):
     catalog2, inter2 = generate(CFG)
     assert catalog.version == catalog2.version
     assert np.array_equal(inter.item, inter2.item) and np.array_equal(inter.timestamp, inter2.timestamp)
-    _, other = generate(SyntheticConfig(num_users=800, num_items=300, num_departments=5, num_merchants=20, seed=8))
+    _, other = generate(SyntheticSettings(num_users=800, num_items=300, num_departments=5, num_merchants=20, seed=8))
     assert not np.array_equal(inter.item[:500], other.item[:500])
 
 
@@ -50,4 +51,4 @@ def test_histories_are_chronological_and_follow_sessions(world):
 
 def test_bad_config():
     with pytest.raises(ValueError, match="events_per_user"):
-        SyntheticConfig(events_per_user=2)
+        SyntheticSettings(events_per_user=2)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from clients.sequences import Sequences, TrainDataset
-from clients.trainer import OptimConfig, make_loader, make_optimizer, train_epoch_private
+from clients.trainer import make_loader, make_optimizer, train_epoch_private
+from conf.settings import TrainSettings
 from federation.model import SASRec, SASRecConfig
 from privacy.dp import DPConfig, make_private
 from privacy.ledger import PrivacyLedger
@@ -27,7 +28,7 @@ def test_a_node_round_check_train_record(tmp_path, mode, gsm):
     torch.manual_seed(0)
     model = SASRec(SASRecConfig(num_items=30, max_len=6, hidden=16, layers=1, heads=2))
     dataset = _dataset()
-    optim = OptimConfig(batch_size=6)
+    optim = TrainSettings(batch_size=6)
     loader = make_loader(dataset, optim.batch_size, seed=0)
     cfg = DPConfig(mode=mode, noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=gsm)
     ledger = PrivacyLedger(tmp_path / "ledger.json", dataset_id="node-a")

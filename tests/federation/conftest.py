@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from clients.synthetic import SyntheticConfig, generate
+from clients.synthetic import generate
+from conf.settings import SyntheticSettings
 from federation.catalog import Catalog
 from federation.globalmodel import get_weights
 from federation.model import SASRec, SASRecConfig
@@ -83,7 +84,7 @@ def publish(world: World, seed: int, *, promote: bool = True, round: int | None 
 
 def make_world(root: Path, *, num_items: int = 300, promote: bool = True) -> World:
     catalog, inter = generate(
-        SyntheticConfig(num_users=300, num_items=num_items, num_departments=5, num_merchants=10, seed=0)
+        SyntheticSettings(num_users=300, num_items=num_items, num_departments=5, num_merchants=10, seed=0)
     )
     catalog_path = catalog.save(root / "catalog.parquet")
     key = root / "keys" / "signing.pem"

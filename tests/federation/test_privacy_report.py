@@ -1,8 +1,13 @@
 from __future__ import annotations
 
-from federation.privacy_report import privacy_section
+from conf.settings import RunSettings
+from federation.privacy_report import privacy_section as _section
 
 BASE = {"partition": {"scheme": "department"}, "data": {"source": "synthetic"}, "secagg": {"enabled": True}}
+
+
+def privacy_section(settings: dict, rows: list[dict]) -> str:
+    return _section(RunSettings.from_dict(settings), rows)
 
 
 def test_private_run_states_unit_delta_accountant_and_composition():
@@ -24,7 +29,7 @@ def test_private_run_states_unit_delta_accountant_and_composition():
 def test_user_whole_silos_use_parallel_composition():
     settings = {
         **BASE,
-        "partition": {"scheme": "iid"},
+        "partition": {"scheme": "iid", "num_partitions": 4},
         "privacy": {"mode": "dp", "noise_multiplier": 1.0, "max_grad_norm": 1.0},
         "sim": {"max-nodes-per-user": 1, "mean-nodes-per-user": 1.0},
     }
@@ -46,4 +51,9 @@ def test_client_level_dp_is_reported_apart_with_its_own_unit_and_epsilon():
     assert "No differential privacy" in text  # the users' layer is off...
     assert "### Client-level DP (second layer)" in text and "one whole node" in text  # ...the nodes' is on
     assert "ε after 2 released aggregates**: 4.500 at δ = 0.01" in text
-    assert "client" not in privacy_section({**BASE, "privacy": {"mode": "off"}, "federation": {}}, rows).lower()
+    assert (
+        "client"
+        not in privacy_section(
+            {**BASE, "privacy": {"mode": "off"}, "federation": {"client_dp": {"enabled": False}}}, rows
+        ).lower()
+    )
