@@ -202,7 +202,7 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
-    from federation.serve import default_threads
+    from serving.config import default_threads
 
     torch.set_num_threads(args.threads or default_threads())  # what the server will use
     extra = ["--max-batch", str(args.max_batch)] + (["--threads", str(args.threads)] if args.threads else [])
@@ -217,7 +217,7 @@ def main() -> None:
     for n in args.items:
         with tempfile.TemporaryDirectory(prefix="fedmart-bench-") as tmp:
             registry, pub, catalog_path, model = make_registry(Path(tmp), n)
-            from federation.serve import fast_scorer
+            from serving.scoring import fast_scorer
 
             fast, path = fast_scorer(model, torch.device("cpu"))
             fwd1 = bare_forward(model, n, batch=1, iters=300)
