@@ -142,6 +142,14 @@ def test_oversized_body_is_413(client):
     assert "over" in r.json()["error"]
 
 
+def test_many_invalid_fields_are_named_five_at_a_time(client):
+    r = client.post("/recommend", json={f"x{i}": 1 for i in range(7)})
+
+    assert r.status_code == 422
+    assert r.json()["error"].count("Extra inputs are not permitted") == 5
+    assert r.json()["error"].endswith("(+2 more)") and len(r.json()["detail"]) == 7
+
+
 def test_unknown_paths_and_methods_say_so(client):
     assert client.get("/nope").status_code == 404
     assert "no such endpoint" in client.get("/nope").json()["error"]

@@ -6,11 +6,13 @@ import asyncio
 import logging
 
 import httpx
+import numpy as np
 import pytest
 
 from serving.config import ServeError
 from serving.engine import Server
 from serving.http import create_app
+from serving.snapshot import fallback_scores
 
 # starlette.testclient still runs on httpx (as FastAPI documents); its nudge towards httpx2 is noise here.
 pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
@@ -114,3 +116,38 @@ def test_a_refused_version_is_served_once_repaired_and_promoted_again(world, cli
 
     assert client.app.state.server.maybe_reload() == v2
     assert client.get("/model").json()["refused"] == {}
+
+
+class _Registry:
+    """Stands in for ModelRegistry.load_popularity: the (already verified) popularity of a version, or None."""
+
+    def __init__(self, popularity):
+        self.popularity = popularity
+
+    def load_popularity(self, version, public_key):
+        return self.popularity
+
+
+@pytest.mark.parametrize("published", [[5, 1, 3], [0, 5, 1, 3]])
+def test_published_popularity_is_the_fallback_with_index_0_unused(published):
+    kind, scores = fallback_scores(_Registry(published), "v1", None, {}, num_items=3)
+
+    assert kind == "popularity"
+    assert scores.tolist() == [0.0, 5.0, 1.0, 3.0] and scores.dtype == np.float64
+
+
+def test_popularity_of_the_wrong_length_is_ignored_for_the_model_prior(caplog):
+    bias = np.array([0.0, -1.0, 2.0, 0.5], dtype=np.float32)
+
+    with caplog.at_level(logging.WARNING, logger="serving.snapshot"):
+        kind, scores = fallback_scores(_Registry([1, 2]), "v1", None, {"head.bias": bias}, num_items=3)
+
+    assert kind == "model_prior" and scores.tolist() == bias.tolist()
+    assert "popularity has 2 entries, the catalog 3 items; ignored" in caplog.text
+
+
+def test_without_popularity_or_output_bias_the_fallback_is_catalog_order():
+    kind, scores = fallback_scores(_Registry(None), "v1", None, {"head.bias": np.zeros(2)}, num_items=3)
+
+    assert kind == "catalog_order"
+    assert np.argsort(-scores[1:], kind="stable").tolist() == [0, 1, 2]
