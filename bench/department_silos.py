@@ -25,15 +25,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clients.partition import PartitionConfig, partition
+from clients.partition import partition
 from clients.sequences import TrainDataset, build_sequences, leave_one_out
-from clients.synthetic import SyntheticConfig, generate
-from clients.trainer import OptimConfig, evaluate, evaluate_popularity, make_loader, make_optimizer, train_epoch
+from clients.synthetic import generate
+from clients.trainer import evaluate, evaluate_popularity, make_loader, make_optimizer, train_epoch
+from conf.settings import PartitionSettings, SyntheticSettings, TrainSettings
 from federation.globalmodel import build_model
 
 VARIANTS = ("central", "base", "fedadam", "restrict", "rownorm_emb", "rownorm", "restrict_rownorm", "holders_only")
 MODEL = {"hidden": 64, "layers": 2, "heads": 2, "dropout": 0.2, "attn_dropout": 0.2, "text": False}
-OPTIM = OptimConfig(lr=1e-3, batch_size=128)
+OPTIM = TrainSettings(lr=1e-3, batch_size=128)
 CPU = torch.device("cpu")
 
 
@@ -61,11 +62,11 @@ def main() -> None:
     users = int(sys.argv[2]) if len(sys.argv) > 2 else 5000
     rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 5
     torch.set_num_threads(1)
-    cat, inter = generate(SyntheticConfig(num_users=users, num_items=1000, num_departments=10, num_merchants=25))
+    cat, inter = generate(SyntheticSettings(num_users=users, num_items=1000, num_departments=10, num_merchants=25))
     central = leave_one_out(build_sequences(inter))
     n_rows = len(cat.item_id) + 1
     nodes = []
-    for rows in partition(inter, cat, PartitionConfig(scheme="department")).rows:
+    for rows in partition(inter, cat, PartitionSettings(scheme="department")).rows:
         split = leave_one_out(build_sequences(inter.take(rows)))
         present = np.zeros(n_rows, bool)
         present[split.train.items] = True

@@ -60,18 +60,19 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict:
     import torch
 
     from clients.sequences import TrainDataset, build_sequences, leave_one_out
-    from clients.synthetic import SyntheticConfig, generate
-    from clients.trainer import OptimConfig, make_loader, make_optimizer
+    from clients.synthetic import generate
+    from clients.trainer import make_loader, make_optimizer
+    from conf.settings import SyntheticSettings, TrainSettings
     from federation.model import SASRec, SASRecConfig
     from privacy.dp import DPConfig, make_private
 
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    catalog, inter = generate(SyntheticConfig(num_users=args.users, num_items=args.items, seed=0))
+    catalog, inter = generate(SyntheticSettings(num_users=args.users, num_items=args.items, seed=0))
     dataset = TrainDataset(leave_one_out(build_sequences(inter)).train, args.max_len)
     model = SASRec(SASRecConfig(num_items=catalog.num_items, max_len=args.max_len, hidden=64, layers=2, heads=2))
-    optim = OptimConfig(batch_size=args.batch_size)
+    optim = TrainSettings(batch_size=args.batch_size)
     opt = make_optimizer(model, optim)
     loader = make_loader(dataset, args.batch_size, seed=0)
     private = arm.startswith("dp-")

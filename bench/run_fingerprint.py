@@ -36,7 +36,12 @@ def fingerprint(run: Path) -> dict[str, str]:
         h.update(weights[key].tobytes())
     last = rows[-1] if rows else {}
     ndcg = (last.get("central_eval") or last.get("federated_eval") or {}).get("test_ndcg@10")
-    return {"metrics_sha256": metrics, "weights_sha256": h.hexdigest(), "rounds": str(len(rows)), "test_ndcg@10": str(ndcg)}
+    return {
+        "metrics_sha256": metrics,
+        "weights_sha256": h.hexdigest(),
+        "rounds": str(len(rows)),
+        "test_ndcg@10": str(ndcg),
+    }
 
 
 def main() -> None:

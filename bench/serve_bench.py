@@ -32,14 +32,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clients.synthetic import SyntheticConfig, generate
+from clients.synthetic import generate
+from conf.settings import SyntheticSettings
 from federation.globalmodel import build_model, get_weights
 from federation.registry import ModelRegistry
 
 
 def make_registry(root: Path, num_items: int, *, seed: int = 0) -> tuple[Path, Path, Path, torch.nn.Module]:
     """Catalog, signed + promoted random model; returns (registry, public key, catalog, model)."""
-    catalog, inter = generate(SyntheticConfig(num_users=2_000, num_items=num_items, seed=seed))
+    catalog, inter = generate(SyntheticSettings(num_users=2_000, num_items=num_items, seed=seed))
     catalog_path = catalog.save(root / "catalog.parquet")
     model = build_model(catalog, {"hidden": 64, "layers": 2, "heads": 2}, 50, seed=seed).eval()
     reg = ModelRegistry(root / "registry", private_key_path=root / "keys" / "signing.pem")
@@ -202,7 +203,7 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
-    from federation.serve import default_threads
+    from serving.config import default_threads
 
     torch.set_num_threads(args.threads or default_threads())  # what the server will use
     extra = ["--max-batch", str(args.max_batch)] + (["--threads", str(args.threads)] if args.threads else [])
@@ -217,7 +218,7 @@ def main() -> None:
     for n in args.items:
         with tempfile.TemporaryDirectory(prefix="fedmart-bench-") as tmp:
             registry, pub, catalog_path, model = make_registry(Path(tmp), n)
-            from federation.serve import fast_scorer
+            from serving.scoring import fast_scorer
 
             fast, path = fast_scorer(model, torch.device("cpu"))
             fwd1 = bare_forward(model, n, batch=1, iters=300)

@@ -15,12 +15,13 @@ import time
 
 
 def _child(events: int, items: int, per_user: float) -> None:
-    from clients.synthetic import SyntheticConfig, generate
+    from clients.synthetic import generate
+    from conf.settings import SyntheticSettings
 
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     catalog, inter = generate(
-        SyntheticConfig(
+        SyntheticSettings(
             num_users=int(events / per_user),
             num_items=items,
             num_departments=10,

@@ -228,7 +228,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 
 @exit_on_user_error
 def serve_cmd(args: argparse.Namespace) -> int:
-    from federation.serve import ServeConfig, ServeError, run_server
+    from serving.config import ServeConfig, ServeError
+    from serving.http import run_http
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -246,7 +247,7 @@ def serve_cmd(args: argparse.Namespace) -> int:
             search=not args.no_search,
             text_cache=args.text_cache,
         )
-        run_server(config, log_level=args.log_level)
+        run_http(config, log_level=args.log_level)
     except (ServeError, ValueError) as exc:
         if isinstance(exc, UserError):
             raise

@@ -1,11 +1,28 @@
-"""Shared fixtures: a tiny catalog and interactions anyone can reason about by hand."""
+"""Shared fixtures: a tiny catalog anyone can reason about by hand, and a tiny signed world.
+
+The signed world (a catalog, a registry with one signed version, its keys) serves the
+registry, command and serving tests. Tests run with ``--import-mode=importlib``, so
+helpers cannot be imported from a sibling module; the ``support`` fixture hands them over.
+"""
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
+import torch
 
+from clients.synthetic import generate
+from conf.settings import SyntheticSettings
 from federation.catalog import Catalog
+from federation.globalmodel import get_weights
+from federation.model import SASRec, SASRecConfig
+from federation.registry import ModelRegistry
+from serving.config import ServeConfig
 
 
 @pytest.fixture
@@ -17,4 +34,123 @@ def tiny_catalog() -> Catalog:
         department=np.array(["Kitchen", "Kitchen", "Grocery", "Grocery", "Kitchen", "Kitchen"]),
         merchant=np.array(["m1", "m2", "m1", "m2", "m1", "m2"]),
         price=np.array([10.0, 12.0, 3.0, 4.0, 20.0, 25.0]),
+    )
+
+
+# --- a tiny signed world: registry, keys, catalog ------------------------------------------------
+
+TINY = {"hidden": 16, "layers": 1, "heads": 1, "max_len": 12, "dropout": 0.0, "attn_dropout": 0.0}
+
+
+@dataclass
+class World:
+    root: Path
+    catalog: Catalog
+    catalog_path: Path
+    registry: ModelRegistry
+    key: Path
+    pub: Path
+    versions: list[str]
+    popularity: np.ndarray
+
+    @property
+    def registry_path(self) -> Path:
+        return self.registry.root
+
+    def ids(self, idx) -> list[str]:
+        """The catalog's item ids at 0-based positions ``idx``."""
+        return [self.catalog.item_id[i] for i in idx]
+
+    def serve_config(self, **overrides) -> ServeConfig:
+        kw = dict(
+            registry=self.registry_path,
+            public_key=self.pub,
+            catalog=self.catalog_path,
+            search=False,
+            reload_interval=0.2,
+            text_cache=self.root / "title_emb.npy",
+        )
+        kw.update(overrides)
+        return ServeConfig(**kw)
+
+
+def random_weights(catalog: Catalog, seed: int, **config) -> tuple[dict[str, np.ndarray], dict]:
+    cfg = SASRecConfig(num_items=catalog.num_items, **{**TINY, **config})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SASRec(cfg)
+    return get_weights(model), cfg.to_dict()
+
+
+def publish(world: World, seed: int, *, promote: bool = True, round: int | None = None) -> str:
+    weights, model_config = random_weights(world.catalog, seed)
+    version = world.registry.publish(
+        weights,
+        run="test",
+        round=round if round is not None else len(world.versions) + 1,
+        config_hash="cfg",
+        catalog_version=world.catalog.version,
+        model_config=model_config,
+        metrics={"ndcg@10": 0.1 * seed},
+        privacy={"epsilon": 2.0, "delta": 1e-5},
+        parent=world.versions[-1] if world.versions else None,
+        popularity=world.popularity,
+    )
+    world.versions.append(version)
+    if promote:
+        world.registry.promote(version, by="pytest")
+    return version
+
+
+def make_world(root: Path, *, num_items: int = 300, promote: bool = True) -> World:
+    catalog, inter = generate(
+        SyntheticSettings(num_users=300, num_items=num_items, num_departments=5, num_merchants=10, seed=0)
+    )
+    catalog_path = catalog.save(root / "catalog.parquet")
+    key = root / "keys" / "signing.pem"
+    registry = ModelRegistry(root / "registry", private_key_path=key)
+    world = World(
+        root=root,
+        catalog=catalog,
+        catalog_path=catalog_path,
+        registry=registry,
+        key=key,
+        pub=key.with_name("signing.pem.pub"),
+        versions=[],
+        popularity=np.bincount(inter.item, minlength=num_items + 1),
+    )
+    publish(world, seed=1, promote=promote)
+    return world
+
+
+def flip_byte(path: Path, offset: int = -1) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def _serve_in_thread(*args, **kwargs):
+    from serving.http import serve_in_thread  # imported on use: most tests need no HTTP stack
+
+    return serve_in_thread(*args, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def support() -> SimpleNamespace:
+    return SimpleNamespace(
+        make_world=make_world,
+        publish=publish,
+        random_weights=random_weights,
+        flip_byte=flip_byte,
+        running_server=_serve_in_thread,
+        wait_until=wait_until,
     )

@@ -18,8 +18,9 @@ import pytest
 
 from federation.catalog import Catalog
 from federation.cli import main
-from federation.serve import ServeConfig, create_app, serve_in_thread
 from privacy.audit import verify_audit
+from serving.config import ServeConfig
+from serving.http import create_app, serve_in_thread
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

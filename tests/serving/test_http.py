@@ -1,38 +1,20 @@
-"""``fedmart serve`` (federation/serve.py): the API's answers, its errors, auth, hot swap and refusals."""
+"""``fedmart serve`` over HTTP (serving/http.py, serving/routes.py): the API's answers, its errors, auth, search."""
 
 from __future__ import annotations
 
-import asyncio
-import logging
-
-import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from federation.serve import MAX_K, ServeError, Server, create_app
+from serving.http import create_app
+from serving.schemas import MAX_K
 
 # starlette.testclient still runs on httpx (as FastAPI documents); its nudge towards httpx2 is noise here.
 pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
 
 
-@pytest.fixture
-def world(tmp_path, support):
-    return support.make_world(tmp_path, num_items=300)
-
-
-@pytest.fixture
-def client(world):
-    with TestClient(create_app(world.serve_config())) as c:
-        yield c
-
-
-def _ids(world, idx):
-    return [world.catalog.item_id[i] for i in idx]
-
-
 def test_recommend_returns_k_scored_titled_items_and_the_version(world, client):
-    history = _ids(world, [3, 10, 42])
+    history = world.ids([3, 10, 42])
 
     r = client.post("/recommend", json={"history": history, "k": 7})
 
@@ -59,24 +41,22 @@ def test_recommend_matches_the_model_directly(world, client):
     scores = server.snapshot.model.score_last(torch.from_numpy(seq)[None])[0]
     expected = torch.topk(scores, 5).indices.tolist()
 
-    r = client.post(
-        "/recommend", json={"history": _ids(world, [h - 1 for h in history]), "k": 5, "exclude_seen": False}
-    )
+    r = client.post("/recommend", json={"history": world.ids([h - 1 for h in history]), "k": 5, "exclude_seen": False})
 
-    assert [it["item_id"] for it in r.json()["items"]] == _ids(world, [i - 1 for i in expected])
+    assert [it["item_id"] for it in r.json()["items"]] == world.ids([i - 1 for i in expected])
 
 
 def test_department_filter(world, client):
     dept = str(world.catalog.department[0])
 
-    r = client.post("/recommend", json={"history": _ids(world, [1, 2]), "k": 20, "department": dept})
+    r = client.post("/recommend", json={"history": world.ids([1, 2]), "k": 20, "department": dept})
 
     assert r.status_code == 200
     assert {it["department"] for it in r.json()["items"]} == {dept}
 
 
 def test_unknown_ids_are_named_and_ignored_when_others_remain(world, client):
-    history = [*_ids(world, [5, 6]), "no-such-item", 12345]
+    history = [*world.ids([5, 6]), "no-such-item", 12345]
 
     body = client.post("/recommend", json={"history": history, "k": 3}).json()
 
@@ -92,7 +72,7 @@ def test_empty_or_fully_unknown_history_falls_back_to_popularity(world, client, 
     assert body["fallback"] == "popularity"
     assert "popularity" in body["note"]
     expected = np.argsort(-world.popularity[1:], kind="stable")[:5]
-    assert [it["item_id"] for it in body["items"]] == _ids(world, expected)
+    assert [it["item_id"] for it in body["items"]] == world.ids(expected)
 
 
 def test_without_published_popularity_the_model_prior_is_used_and_said(tmp_path, support):
@@ -162,6 +142,14 @@ def test_oversized_body_is_413(client):
     assert "over" in r.json()["error"]
 
 
+def test_many_invalid_fields_are_named_five_at_a_time(client):
+    r = client.post("/recommend", json={f"x{i}": 1 for i in range(7)})
+
+    assert r.status_code == 422
+    assert r.json()["error"].count("Extra inputs are not permitted") == 5
+    assert r.json()["error"].endswith("(+2 more)") and len(r.json()["detail"]) == 7
+
+
 def test_unknown_paths_and_methods_say_so(client):
     assert client.get("/nope").status_code == 404
     assert "no such endpoint" in client.get("/nope").json()["error"]
@@ -228,110 +216,10 @@ def test_search_ranks_titles_with_the_query_word_first(world, support):
         word = str(world.catalog.title[17]).split()[1]  # "<Adjective> <Noun> <number>"
 
         plain = c.post("/search", json={"query": word.lower(), "k": 5}).json()
-        blended = c.post("/search", json={"query": word, "k": 5, "history": _ids(world, [1, 2, 3])}).json()
+        blended = c.post("/search", json={"query": word, "k": 5, "history": world.ids([1, 2, 3])}).json()
         dept = str(world.catalog.department[17])
         in_dept = c.post("/search", json={"query": word, "k": 5, "department": dept}).json()
 
     assert any(word in it["title"] for it in plain["items"][:5])
     assert any(word in it["title"] for it in blended["items"][:5])
     assert {it["department"] for it in in_dept["items"]} == {dept}
-
-
-def test_no_promoted_version_is_a_clear_startup_error(tmp_path, support):
-    world = support.make_world(tmp_path, num_items=40, promote=False)
-
-    with pytest.raises(ServeError, match="no promoted version verifies"):
-        Server(world.serve_config())
-
-
-def test_a_version_for_another_catalog_is_refused(tmp_path, support):
-    world = support.make_world(tmp_path, num_items=40)
-    other = support.make_world(tmp_path / "other", num_items=41)
-
-    with pytest.raises(ServeError, match="trained on catalog"):
-        Server(world.serve_config(catalog=other.catalog_path))
-
-
-def test_a_newly_promoted_version_is_swapped_in(world, client, support):
-    v2 = support.publish(world, seed=2)
-
-    assert client.app.state.server.maybe_reload() == v2
-
-    assert client.get("/model").json()["version"] == v2
-    assert client.post("/recommend", json={"history": _ids(world, [1]), "k": 2}).json()["model_version"] == v2
-
-
-@pytest.mark.parametrize("name", ["weights.safetensors", "metadata.json"])
-def test_a_tampered_promotion_is_refused_and_the_last_good_version_keeps_serving(world, client, support, caplog, name):
-    v1 = world.versions[-1]
-    v2 = support.publish(world, seed=2)  # signed and promoted ...
-    support.flip_byte(world.registry_path / v2 / name, 50)  # ... then tampered with before the server loads it
-
-    with caplog.at_level(logging.ERROR, logger="federation.serve"):
-        assert client.app.state.server.maybe_reload() is None
-
-    assert f"refusing promoted version {v2}" in caplog.text and f"still serving {v1}" in caplog.text
-    model = client.get("/model").json()
-    assert model["version"] == v1 and v2 in model["refused"]
-    assert client.post("/recommend", json={"history": _ids(world, [1]), "k": 2}).json()["model_version"] == v1
-
-
-def test_an_unsigned_promotion_is_refused(world, client, support):
-    v1 = world.versions[-1]
-    v2 = support.publish(world, seed=2)
-    (world.registry_path / v2 / "signature").unlink()
-
-    client.app.state.server.maybe_reload()
-
-    model = client.get("/model").json()
-    assert model["version"] == v1 and "unsigned" in model["refused"][v2]
-
-
-@pytest.mark.integration
-def test_swap_under_load_drops_no_request(world, support):
-    """Real HTTP: requests in flight while the poller swaps versions all succeed."""
-    app = create_app(world.serve_config(reload_interval=0.05))
-    history = _ids(world, [1, 2, 3])
-
-    async def hammer(base: str, stop: asyncio.Event) -> list[tuple[int, str]]:
-        async with httpx.AsyncClient(base_url=base, timeout=30) as c:
-
-            async def one() -> list[tuple[int, str]]:
-                out = []
-                while not stop.is_set():
-                    r = await c.post("/recommend", json={"history": history, "k": 5})
-                    out.append((r.status_code, r.json().get("model_version", "")))
-                return out
-
-            tasks = [asyncio.create_task(one()) for _ in range(8)]
-            await asyncio.sleep(0.3)
-            for seed in (2, 3):
-                version = await asyncio.to_thread(support.publish, world, seed)
-                for _ in range(600):  # until the poller has swapped it in (the load continues meanwhile)
-                    if app.state.server.snapshot.version == version:
-                        break
-                    await asyncio.sleep(0.1)
-            await asyncio.sleep(0.3)
-            stop.set()
-            return [x for t in tasks for x in await t]
-
-    with support.running_server(app) as base:
-        results = asyncio.run(hammer(base, asyncio.Event()))
-
-    assert results and all(status == 200 for status, _ in results)
-    served = {v for _, v in results}
-    assert world.versions[-1] in served and len(served) >= 2
-
-
-def test_a_refused_version_is_served_once_repaired_and_promoted_again(world, client, support):
-    v2 = support.publish(world, seed=2)
-    weights = world.registry_path / v2 / "weights.safetensors"
-    support.flip_byte(weights, 50)
-    client.app.state.server.maybe_reload()
-    assert client.get("/model").json()["version"] != v2
-
-    support.flip_byte(weights, 50)  # restored from a good copy
-    world.registry.promote(v2, by="pytest")
-
-    assert client.app.state.server.maybe_reload() == v2
-    assert client.get("/model").json()["refused"] == {}

@@ -24,7 +24,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 
-from federation.serve import MAX_HISTORY, MAX_K
+from serving.schemas import MAX_HISTORY, MAX_K
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
