@@ -1,8 +1,8 @@
 """Fingerprint of a run's results: SHA-256 of ``metrics.jsonl`` without timings, and of the final weights.
 
 Two runs with the same fingerprint computed the same thing bit for bit: every metric, every
-per-node number and every weight. Wall-clock fields (any key ending in ``seconds``) differ
-from run to run and are left out. Used to show that a refactoring changed no behaviour::
+per-node number and every weight. What depends on the wall clock is left out: any key
+ending in ``seconds``, and the order of the node lists (``replied`` is in arrival order). Used to show that a refactoring changed no behaviour::
 
     fedmart simulate hydra.run.dir=/tmp/a && python bench/run_fingerprint.py /tmp/a
 """
@@ -16,9 +16,16 @@ from pathlib import Path
 from typing import Any
 
 
+_ARRIVAL_ORDER = ("replied", "sampled", "timed_out")
+
+
 def _strip(obj: Any) -> Any:
     if isinstance(obj, dict):
-        return {k: _strip(v) for k, v in obj.items() if not (k.endswith("seconds") or k == "seconds")}
+        return {
+            k: sorted(v) if k in _ARRIVAL_ORDER and isinstance(v, list) else _strip(v)
+            for k, v in obj.items()
+            if not k.endswith("seconds")
+        }
     if isinstance(obj, list):
         return [_strip(v) for v in obj]
     return obj
