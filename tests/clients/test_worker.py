@@ -84,8 +84,9 @@ class SuperNode:
                 federation_id="", primary_task_id=None, bytes_sent=0, bytes_recv=0, clientapp_runtime=0.0,
                 series_id=run_id)
         )  # fmt: skip
-        context = Context(run_id=run_id, node_id=NODE_ID, node_config=node_config or {}, state=RecordDict(),
-                          run_config={})  # fmt: skip
+        context = Context(
+            run_id=run_id, node_id=NODE_ID, node_config=node_config or {}, state=RecordDict(), run_config={}
+        )
         self.state.set_run_series_context(run_id, context)
         return run_id
 
@@ -307,7 +308,6 @@ def test_run_one_task_says_whether_the_app_completed_the_task(supernode, fab_id,
     result = run_one_task(supernode.address, _acquire(supernode), _app(), fab_id=FAB_ID)
 
     assert result is completed
-    assert msg.metadata.message_id in supernode.replies(
-        run
-    )  # a reply in every case: the coordinator is not left waiting
+    # a reply in every case: the coordinator is not left waiting
+    assert msg.metadata.message_id in supernode.replies(run)
     assert [status for status, _ in supernode.outcomes()] == ["completed" if completed else "failed"]
