@@ -1,0 +1,428 @@
+"""A node's private side (clients/node.py): where its data lives, its split, its identity,
+the replies it already released and its cached model skeleton.
+
+Every load goes through :func:`load_node` as the app calls it, with the node config and
+run settings a deployment, a simulation or a bare ``flwr run .`` would pass.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from clients.interactions import DataError, Interactions
+from clients.node import NodeRefused, ReplyCache, load_node, model_skeleton, node_dir_for, write_node_dir
+
+TINY_MODEL = {"hidden": 8, "layers": 1, "heads": 1, "dropout": 0.0, "text": False}
+BUILTIN = {  # the run settings of `flwr run .` without prepared data: built-in synthetic, department silos
+    "data": {
+        "source": "synthetic",
+        "max_len": 8,
+        "synthetic": {"num_users": 60, "num_items": 24, "num_departments": 3, "num_merchants": 3, "seed": 5},
+    },
+    "partition": {"scheme": "department"},
+}
+GOOD_ROWS = [  # (user, item, timestamp): two users of three events, one of four
+    ("ann", "i1", 100), ("ann", "i2", 200), ("ann", "i3", 300),
+    ("bob", "i4", 100), ("bob", "i5", 150), ("bob", "i6", 160),
+    ("cyd", "i1", 10), ("cyd", "i3", 20), ("cyd", "i5", 30), ("cyd", "i2", 40),
+]  # fmt: skip
+BAD_ROW = ("cyd", "no-such-item", 50)
+
+
+def _interactions(users: list[list[tuple[int, int]]]) -> Interactions:
+    """One list of (item, timestamp) per user, rows in the given order."""
+    rows = [(u, item, ts) for u, events in enumerate(users) for item, ts in events]
+    return Interactions(
+        user=np.array([r[0] for r in rows], np.int64),
+        item=np.array([r[1] for r in rows], np.int64),
+        timestamp=np.array([r[2] for r in rows], np.int64),
+        user_ids=np.array([f"u{u}" for u in range(len(users))]),
+    )
+
+
+def _columns(inter: Interactions) -> tuple:
+    return inter.user.tolist(), inter.item.tolist(), inter.timestamp.tolist(), inter.user_ids.tolist()
+
+
+@pytest.fixture
+def catalog_file(tiny_catalog, tmp_path) -> Path:
+    return tiny_catalog.save(tmp_path / "catalog.parquet")
+
+
+@pytest.fixture
+def raw_node(tiny_catalog, tmp_path):
+    """``make(rows, name="dept", fmt="parquet")``: a deployed node's data directory, as the department exports it."""
+
+    def make(rows: list[tuple], name: str = "dept", fmt: str = "parquet") -> Path:
+        d = tmp_path / name
+        tiny_catalog.save(d / "catalog.parquet")
+        table = pa.table(
+            {k: pa.array([str(r[i]) for r in rows]) for i, k in enumerate(("user_id", "item_id", "timestamp"))}
+        )
+        if fmt == "parquet":
+            pq.write_table(table, d / "interactions.parquet")
+        else:
+            table.to_pandas().to_csv(d / "interactions.csv", index=False)
+        return d
+
+    return make
+
+
+# --- where a node's data lives ------------------------------------------------------------------
+
+
+def test_node_dir_for_numbers_the_simulated_nodes_directories(tmp_path):
+    assert node_dir_for(tmp_path, 3) == tmp_path / "node-0003"
+    assert node_dir_for(str(tmp_path), 1234) == tmp_path / "node-1234"
+
+
+def test_every_partition_gets_its_own_directory(tmp_path):
+    dirs = {node_dir_for(tmp_path, pid) for pid in range(0, 20_000, 7)}
+
+    assert len(dirs) == len(range(0, 20_000, 7)) and all(d.parent == tmp_path for d in dirs)
+
+
+def test_a_simulated_nodes_partition_round_trips_through_its_directory(tiny_catalog, catalog_file, tmp_path):
+    inter = _interactions([[(1, 10), (2, 20), (3, 30)], [(4, 5), (5, 6), (6, 7), (1, 8)]])
+    nodes = tmp_path / "outputs" / "nodes"
+
+    written = write_node_dir(node_dir_for(nodes, 2), "Kitchen", catalog_file, inter)
+    node = load_node({"partition-id": 2}, {"sim": {"nodes-dir": str(nodes)}})
+
+    assert written == node_dir_for(nodes, 2) == node.directory
+    assert node.name == "Kitchen"
+    assert node.catalog.version == tiny_catalog.version
+    assert _columns(node.interactions) == _columns(inter)
+    assert node.report is None  # validated by `fedmart simulate` before it wrote the partition
+
+
+def test_a_data_dir_takes_the_nodes_own_name_and_catalog(tiny_catalog, catalog_file, tmp_path):
+    write_node_dir(tmp_path / "d", "from-node-json", tmp_path / "missing.parquet", _interactions([[(1, 1), (2, 2)]]))
+
+    node = load_node({"data-dir": str(tmp_path / "d"), "name": "Garden", "catalog": str(catalog_file)}, {})
+
+    assert node.name == "Garden" and node.catalog.version == tiny_catalog.version
+
+
+def test_the_nodes_own_data_dir_comes_before_the_simulation_and_the_builtin_data(catalog_file, tmp_path):
+    write_node_dir(tmp_path / "mine", "mine", catalog_file, _interactions([[(1, 1), (2, 2), (3, 3)]]))
+    write_node_dir(node_dir_for(tmp_path / "sim", 0), "simulated", catalog_file, _interactions([[(4, 1), (5, 2)]]))
+    settings_ = {"sim": {"nodes-dir": str(tmp_path / "sim")}, **BUILTIN}
+
+    assert load_node({"data-dir": str(tmp_path / "mine"), "partition-id": 0}, settings_).name == "mine"
+    assert load_node({"partition-id": 0}, settings_).name == "simulated"
+
+
+def test_without_prepared_data_a_node_builds_its_silo_of_the_builtin_data(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    first, second = load_node({"partition-id": 0}, BUILTIN), load_node({"partition-id": 1}, BUILTIN)
+
+    assert first.directory is None and first.name != second.name
+    assert set(first.catalog.department[first.interactions.item - 1]) == {first.name}  # a department silo
+    # no data directory of its own: its private state goes under the working directory
+    assert first.state_dir.resolve() == (tmp_path / ".fedmart-node" / first.name / ".fedmart").resolve()
+    assert first.state_dir.is_dir()
+
+
+def test_a_partition_id_beyond_the_builtin_silos_is_refused_with_the_fix():
+    with pytest.raises(DataError, match=r"partition-id 3 is out of range.*num-supernodes=3"):
+        load_node({"partition-id": 3}, BUILTIN)
+
+
+def test_a_nodes_private_state_lives_in_its_own_data_directory(catalog_file, tmp_path):
+    write_node_dir(tmp_path / "d", "d", catalog_file, _interactions([[(1, 1), (2, 2)]]))
+
+    node = load_node({"data-dir": str(tmp_path / "d")}, {})
+
+    assert node.state_dir == tmp_path / "d" / ".fedmart" and node.state_dir.is_dir()
+
+
+def test_a_node_is_loaded_once_per_process(catalog_file, tmp_path):
+    write_node_dir(tmp_path / "d", "d", catalog_file, _interactions([[(1, 1), (2, 2)]]))
+
+    assert load_node({"data-dir": str(tmp_path / "d")}, {}) is load_node({"data-dir": str(tmp_path / "d")}, {})
+
+
+# --- a deployed node validates its own file -------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_a_clean_export_is_validated_and_loaded(raw_node, fmt):
+    d = raw_node(GOOD_ROWS, fmt=fmt)
+
+    node = load_node({"data-dir": str(d)}, {})
+
+    assert node.name == "dept" and len(node.interactions) == len(GOOD_ROWS)
+    assert node.report["rows_quarantined"] == 0
+    assert json.loads((d / ".fedmart" / "validation" / "report.json").read_text())["rows_clean"] == len(GOOD_ROWS)
+
+
+def test_a_node_refuses_to_take_part_when_a_row_fails_and_no_bad_row_is_allowed(raw_node):
+    d = raw_node([*GOOD_ROWS, BAD_ROW])
+
+    with pytest.raises(NodeRefused) as refused:
+        load_node({"data-dir": str(d)}, {})
+
+    message = str(refused.value)
+    assert "1 of 11 rows failed validation" in message and "unknown_item=1" in message
+    assert str(d / ".fedmart" / "validation" / "report.json") in message
+    assert (d / ".fedmart" / "validation" / "report.json").is_file()
+    assert isinstance(refused.value, DataError)  # commands that report data errors report this one too
+
+
+@pytest.mark.parametrize("allowed", [1 / 11, 0.5])
+def test_within_its_quarantine_allowance_a_node_trains_on_the_clean_rows_only(raw_node, allowed):
+    d = raw_node([*GOOD_ROWS, BAD_ROW])
+
+    node = load_node({"data-dir": str(d), "max-quarantine-fraction": allowed}, {})
+
+    assert len(node.interactions) == len(GOOD_ROWS) and node.report["rows_quarantined"] == 1
+
+
+def test_a_node_with_no_clean_row_refuses_whatever_its_allowance(raw_node):
+    d = raw_node([("ann", "i1", 1), ("ann", "i2", 2)])  # too short a history: every row is quarantined
+
+    with pytest.raises(NodeRefused, match="2 of 2 rows failed validation"):
+        load_node({"data-dir": str(d), "max-quarantine-fraction": 1.0}, {})
+
+
+def test_a_data_dir_without_an_interactions_file_says_what_to_put_there(tiny_catalog, tmp_path):
+    tiny_catalog.save(tmp_path / "empty" / "catalog.parquet")
+
+    with pytest.raises(DataError, match="interactions.parquet or interactions.csv"):
+        load_node({"data-dir": str(tmp_path / "empty")}, {})
+
+
+# --- the leave-one-out split ------------------------------------------------------------------------
+
+
+def test_the_split_holds_out_each_users_two_latest_events(catalog_file, tmp_path):
+    # rows out of time order; u1 has too short a history to be evaluated
+    inter = _interactions([[(3, 30), (1, 10), (4, 40), (2, 20)], [(5, 2), (6, 1)]])
+    write_node_dir(tmp_path / "d", "d", catalog_file, inter)
+
+    node = load_node({"data-dir": str(tmp_path / "d")}, {})
+
+    assert node.split.test_target.tolist() == [4, 0] and node.split.valid_target.tolist() == [3, 0]
+    assert node.split.train.of(0).tolist() == [1, 2] and node.split.train.of(1).tolist() == [6, 5]
+    assert len(node.train_dataset(max_len=4)) == 2  # both users have a next-item pair to train on
+
+
+_users = st.lists(
+    st.lists(st.tuples(st.integers(1, 6), st.integers(0, 10**6)), min_size=1, max_size=7, unique_by=lambda e: e[1]),
+    min_size=1,
+    max_size=5,
+)
+_fresh = itertools.count()
+
+
+# catalog_file is only read; each example writes a fresh node directory of its own
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(users=_users)
+def test_the_split_loses_no_event_and_never_trains_on_a_held_out_one(catalog_file, users):
+    d = Path(tempfile.mkdtemp(dir=catalog_file.parent, prefix=f"node{next(_fresh)}-"))
+    write_node_dir(d, "n", catalog_file, _interactions(users))
+
+    split = load_node({"data-dir": str(d)}, {}).split
+
+    for u, events in enumerate(users):
+        history = [item for item, _ in sorted(events, key=lambda e: e[1])]
+        held_out = [split.valid_target[u], split.test_target[u]]
+        if len(history) >= 3:
+            assert split.train.of(u).tolist() + held_out == history
+        else:
+            assert split.train.of(u).tolist() == history and held_out == [0, 0]
+
+
+# --- the dataset's identity (the privacy ledger is keyed by it) --------------------------------------
+
+
+def _dataset_id(directory: Path, catalog_file: Path, inter: Interactions) -> str:
+    write_node_dir(directory, "n", catalog_file, inter)
+    return load_node({"data-dir": str(directory)}, {}).dataset_id
+
+
+def test_the_same_events_are_the_same_dataset_wherever_they_live(catalog_file, tmp_path):
+    inter = _interactions([[(1, 10), (2, 20), (3, 30)], [(4, 1), (5, 2)]])
+
+    assert _dataset_id(tmp_path / "a", catalog_file, inter) == _dataset_id(tmp_path / "b", catalog_file, inter)
+
+
+def test_the_dataset_id_does_not_change_between_versions(catalog_file, tmp_path):
+    # Ledgers on the nodes' disks carry this id: a new hash would make every one of them refuse to open.
+    inter = _interactions([[(1, 10), (2, 20), (3, 30)], [(4, 1), (5, 2)]])
+
+    assert _dataset_id(tmp_path / "a", catalog_file, inter) == "59e60b260a6952a4"
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        pytest.param([[(1, 10), (2, 20), (3, 31)], [(4, 1), (5, 2)]], id="a-timestamp"),
+        pytest.param([[(1, 10), (2, 20), (6, 30)], [(4, 1), (5, 2)]], id="an-item"),
+        pytest.param([[(1, 10), (2, 20), (3, 30)], [(4, 1)]], id="an-event-fewer"),
+    ],
+)
+def test_other_events_are_another_dataset(catalog_file, tmp_path, changed):
+    base = _interactions([[(1, 10), (2, 20), (3, 30)], [(4, 1), (5, 2)]])
+
+    assert _dataset_id(tmp_path / "a", catalog_file, base) != _dataset_id(
+        tmp_path / "b", catalog_file, _interactions(changed)
+    )
+
+
+def test_other_users_are_another_dataset(catalog_file, tmp_path):
+    base = _interactions([[(1, 10), (2, 20), (3, 30)]])
+    renamed = _interactions([[(1, 10), (2, 20), (3, 30)]])
+    renamed.user_ids = np.array(["someone-else"])
+
+    assert _dataset_id(tmp_path / "a", catalog_file, base) != _dataset_id(tmp_path / "b", catalog_file, renamed)
+
+
+def test_the_builtin_silo_is_the_same_dataset_on_every_load(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    settings_ = json.loads(json.dumps(BUILTIN))  # an equal, not identical, settings tree
+
+    assert load_node({"partition-id": 1}, BUILTIN).dataset_id == load_node({"partition-id": 1}, settings_).dataset_id
+
+
+# --- the replies a node already released ---------------------------------------------------------------
+
+
+def _weights(value: float) -> dict[str, np.ndarray]:
+    return {"w": np.full((2, 3), value, np.float32), "b": np.arange(3, dtype=np.float32) + value}
+
+
+def _assert_same_weights(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype
+        np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_a_replayed_round_gets_the_reply_the_node_released(tmp_path):
+    cache = ReplyCache(tmp_path / "replies")
+    incoming, reply, metrics = _weights(0.0), _weights(0.5), {"num-examples": 12, "train_loss": 3.25}
+
+    cache.put("run-a", 3, incoming, reply, metrics)
+    weights, got_metrics = cache.get("run-a", 3, incoming)
+
+    _assert_same_weights(weights, reply)
+    assert got_metrics == metrics
+
+
+def test_a_node_restarted_on_the_same_disk_still_replays(tmp_path):
+    ReplyCache(tmp_path / "replies").put("run-a", 3, _weights(0.0), _weights(0.5), {"num-examples": 12})
+
+    weights, _ = ReplyCache(tmp_path / "replies").get("run-a", 3, _weights(0.0))
+
+    _assert_same_weights(weights, _weights(0.5))
+
+
+def test_nothing_is_replayed_before_a_reply_was_released(tmp_path):
+    assert ReplyCache(tmp_path / "replies").get("run-a", 1, _weights(0.0)) is None
+
+
+@pytest.mark.parametrize(
+    ("run", "server_round", "incoming"),
+    [
+        pytest.param("run-b", 3, _weights(0.0), id="another-run"),
+        pytest.param("run-a", 4, _weights(0.0), id="another-round"),
+        pytest.param("run-a", 3, _weights(1e-7), id="another-global-model"),
+        pytest.param("run-a", 3, {"w": _weights(0.0)["w"]}, id="fewer-arrays"),
+        pytest.param("run-a", 3, {"w": _weights(0.0)["w"], "c": _weights(0.0)["b"]}, id="renamed-array"),
+    ],
+)
+def test_a_new_training_is_never_answered_from_the_cache(tmp_path, run, server_round, incoming):
+    cache = ReplyCache(tmp_path / "replies")
+    cache.put("run-a", 3, _weights(0.0), _weights(0.5), {"num-examples": 12})
+
+    assert cache.get(run, server_round, incoming) is None
+
+
+@settings(max_examples=25, deadline=None)
+@given(key=st.sampled_from(["w", "b"]), index=st.integers(0, 5), delta=st.floats(1e-3, 1e3) | st.floats(-1e3, -1e-3))
+def test_any_change_to_one_incoming_value_is_a_new_training(tmp_path_factory, key, index, delta):
+    cache = ReplyCache(tmp_path_factory.mktemp("replies"))
+    cache.put("run", 1, _weights(0.0), _weights(0.5), {})
+    other = _weights(0.0)
+    other[key].flat[index % other[key].size] += np.float32(delta)
+
+    assert cache.get("run", 1, other) is None
+
+
+def test_a_second_training_of_a_round_replaces_the_first(tmp_path):
+    cache = ReplyCache(tmp_path / "replies")
+    cache.put("run", 1, _weights(0.0), _weights(0.5), {"n": 1})
+
+    cache.put("run", 1, _weights(1.0), _weights(1.5), {"n": 2})
+
+    assert cache.get("run", 1, _weights(0.0)) is None
+    _assert_same_weights(cache.get("run", 1, _weights(1.0))[0], _weights(1.5))
+
+
+def test_the_cache_keeps_only_the_latest_replies(tmp_path):
+    cache = ReplyCache(tmp_path / "replies", keep=2)
+
+    for r in (1, 2, 3, 4):
+        cache.put("run", r, _weights(0.0), _weights(r), {"round": r})
+
+    assert [r for r in (1, 2, 3, 4) if cache.get("run", r, _weights(0.0)) is not None] == [3, 4]
+    assert len(list((tmp_path / "replies").iterdir())) == 4  # two rounds, weights and metadata each
+
+
+@pytest.mark.parametrize("run", ["../../outside", "a/b", "/abs/path", "run with spaces"])
+def test_a_run_name_cannot_put_a_reply_outside_the_cache(tmp_path, run):
+    cache = ReplyCache(tmp_path / "node" / "replies")
+
+    cache.put(run, 1, _weights(0.0), _weights(0.5), {})
+
+    assert cache.get(run, 1, _weights(0.0)) is not None
+    assert {p.parent for p in tmp_path.rglob("*") if p.is_file()} == {tmp_path / "node" / "replies"}
+
+
+def test_a_put_leaves_no_temporary_file(tmp_path):
+    cache = ReplyCache(tmp_path / "replies")
+
+    cache.put("run", 1, _weights(0.0), _weights(0.5), {})
+
+    assert sorted(p.suffix for p in (tmp_path / "replies").iterdir()) == [".json", ".safetensors"]
+
+
+# --- the model skeleton -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def node(catalog_file, tmp_path):
+    write_node_dir(tmp_path / "d", "d", catalog_file, _interactions([[(1, 1), (2, 2), (3, 3)]]))
+    return load_node({"data-dir": str(tmp_path / "d")}, {})
+
+
+def test_the_model_skeleton_is_built_once_and_reused_across_rounds(node):
+    first = model_skeleton(node, TINY_MODEL, 5)
+
+    again = model_skeleton(node, dict(reversed(list(TINY_MODEL.items()))), 5)  # same config, other key order
+
+    assert again is first
+
+
+def test_a_skeleton_has_the_shape_its_catalog_and_config_ask_for(node):
+    five, seven = model_skeleton(node, TINY_MODEL, 5), model_skeleton(node, TINY_MODEL, 7)
+    wider = model_skeleton(node, {**TINY_MODEL, "hidden": 16}, 5)
+
+    assert five is not seven and five is not wider
+    vocabulary = node.catalog.num_items + 1  # row 0 is padding
+    assert five.state_dict()["item_emb.weight"].shape == (vocabulary, 8)
+    assert wider.state_dict()["item_emb.weight"].shape == (vocabulary, 16)
+    assert five.config.max_len == 5 and seven.config.max_len == 7
