@@ -67,6 +67,8 @@ def parse_fault(value: str) -> tuple[str, float]:
             seconds = float(arg)
         except ValueError:
             raise ValueError(f"fault {value!r}: write slow:SECONDS") from None
+        if not (0 <= seconds < float("inf")):
+            raise ValueError(f"fault {value!r}: the delay must be a finite number of seconds >= 0")
         return name, seconds
     return name, 0.0
 

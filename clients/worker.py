@@ -25,11 +25,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
-__all__ = ["WorkerStats", "serve_tasks", "run_one_task", "pull_task_input"]
+__all__ = ["TaskOutcome", "WorkerStats", "serve_tasks", "run_one_task", "pull_task_input"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,14 @@ TASK_RETRIES = 8  # Runtime API calls of one task: retried briefly, then the tas
 TASK_RETRY_SECONDS = 60.0
 OBJECT_BACKOFF = (0.05, 0.5)  # seconds: first and largest wait for a message object the SuperNode is still fetching
 OBJECT_WAIT_SECONDS = 600.0
+
+
+class TaskOutcome(str, Enum):
+    """How :func:`run_one_task` ended (a reply went back in every case)."""
+
+    COMPLETED = "completed"  # the ClientApp answered
+    FAILED = "failed"  # the ClientApp raised: an error reply
+    REFUSED = "refused"  # the run is not this node's app: an error reply, the app never ran
 
 
 @dataclass
@@ -116,8 +125,8 @@ def pull_task_input(client) -> tuple[Message, Context, object, object]:
 
 def run_one_task(
     address: str, token: str, app: ClientApp, *, fab_id: str, on_message: Callable[[Message], None] | None = None
-) -> bool:
-    """Run one acquired task in this process; returns whether the app completed it."""
+) -> TaskOutcome:
+    """Run one acquired task in this process; a reply is sent in every case. Returns how it ended."""
     from flwr.common.constant import SubStatus
     from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
     from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
@@ -128,6 +137,7 @@ def run_one_task(
     heartbeat.start()
     context: Context | None = None
     status, details = SubStatus.FAILED, "ClientApp task failed"
+    outcome = TaskOutcome.FAILED
     try:
         message, context, run, _fab = pull_task_input(client)
         if on_message is not None:
@@ -138,6 +148,7 @@ def run_one_task(
             log.error(reason)
             reply = Message(Error(code=_ERR_CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
             details = reason
+            outcome = TaskOutcome.REFUSED
         else:
             try:
                 t_app = time.perf_counter()
@@ -157,7 +168,9 @@ def run_one_task(
         t_push = time.perf_counter()
         push_message(client, reply, context)
         log.debug("reply pushed in %.2fs; task %.2fs", time.perf_counter() - t_push, time.perf_counter() - t0)
-        return status == SubStatus.COMPLETED
+        if status == SubStatus.COMPLETED:
+            return TaskOutcome.COMPLETED
+        return outcome
     finally:
         try:
             push_task_output(client=client, context=context, sub_status=status, details=details)
@@ -199,8 +212,9 @@ def serve_tasks(
                 stats.tasks += 1
                 stats.last_task_at = time.time()
                 try:
-                    if not run_one_task(address, res.token, app, fab_id=fab_id, on_message=on_message):
-                        stats.failed += 1
+                    outcome = run_one_task(address, res.token, app, fab_id=fab_id, on_message=on_message)
+                    stats.refused += outcome is TaskOutcome.REFUSED
+                    stats.failed += outcome is TaskOutcome.FAILED
                 except Exception:
                     stats.failed += 1
                     log.exception("task %d could not be run", res.task.task_id)

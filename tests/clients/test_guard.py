@@ -336,3 +336,10 @@ def test_parse_fault_reads_the_straggler_delay(seconds):
 def test_parse_fault_rejects_what_it_does_not_know(bad):
     with pytest.raises(ValueError, match="fault"):
         parse_fault(bad)
+
+
+@pytest.mark.parametrize("bad", ["slow:-1", "slow:nan", "slow:inf"])
+def test_parse_fault_rejects_a_delay_no_node_can_sleep(bad):
+    # `fedmart node --fault` is checked with parse_fault at start-up; what passes must not crash every round
+    with pytest.raises(ValueError, match="fault"):
+        parse_fault(bad)

@@ -20,9 +20,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from clients.interactions import DataError, Interactions
-from clients.node import NodeRefused, ReplyCache, load_node, model_skeleton, node_dir_for, write_node_dir
+from clients.node import NodeRefused, ReplyCache, model_skeleton, node_dir_for, write_node_dir
+from clients.node import load_node as _load_node
+from conf.settings import ModelSettings, NodeSettings, RunSettings
 
 TINY_MODEL = {"hidden": 8, "layers": 1, "heads": 1, "dropout": 0.0, "text": False}
+
+
+def load_node(node_config: dict, settings: dict):
+    """``clients.node.load_node`` as the app calls it: the node's config and the run config, typed."""
+    return _load_node(NodeSettings.from_node_config(node_config), RunSettings.from_dict(settings))
+
+
 BUILTIN = {  # the run settings of `flwr run .` without prepared data: built-in synthetic, department silos
     "data": {
         "source": "synthetic",
@@ -410,16 +419,21 @@ def node(catalog_file, tmp_path):
 
 
 def test_the_model_skeleton_is_built_once_and_reused_across_rounds(node):
-    first = model_skeleton(node, TINY_MODEL, 5)
+    first = model_skeleton(node, ModelSettings(**TINY_MODEL), 5)
 
-    again = model_skeleton(node, dict(reversed(list(TINY_MODEL.items()))), 5)  # same config, other key order
+    again = model_skeleton(
+        node, ModelSettings(**dict(reversed(list(TINY_MODEL.items())))), 5
+    )  # same config, other key order
 
     assert again is first
 
 
 def test_a_skeleton_has_the_shape_its_catalog_and_config_ask_for(node):
-    five, seven = model_skeleton(node, TINY_MODEL, 5), model_skeleton(node, TINY_MODEL, 7)
-    wider = model_skeleton(node, {**TINY_MODEL, "hidden": 16}, 5)
+    five, seven = (
+        model_skeleton(node, ModelSettings(**TINY_MODEL), 5),
+        model_skeleton(node, ModelSettings(**TINY_MODEL), 7),
+    )
+    wider = model_skeleton(node, ModelSettings(**{**TINY_MODEL, "hidden": 16}), 5)
 
     assert five is not seven and five is not wider
     vocabulary = node.catalog.num_items + 1  # row 0 is padding

@@ -38,7 +38,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.main import create_app
 from flwr.supernode.nodestate import NodeStateFactory
 
-from clients.worker import WorkerStats, run_one_task, serve_tasks
+from clients.worker import TaskOutcome, WorkerStats, run_one_task, serve_tasks
 
 NODE_ID = 7
 FAB_ID = "fedmart/fedmart"  # what this node's worker accepts
@@ -220,7 +220,7 @@ def test_a_run_of_another_app_is_refused_and_its_messages_never_reach_the_app(su
     assert f"this node runs only {FAB_ID}; refused run {run} of app someone/else" == reply.error.reason
     assert calls == []
     assert supernode.outcomes() == [("failed", reply.error.reason)]
-    assert (stats.tasks, stats.failed) == (1, 1)
+    assert (stats.tasks, stats.refused, stats.failed) == (1, 1, 0)  # refused, which is not a failure of the app
 
 
 def test_an_app_that_raises_gets_an_error_reply_and_the_worker_takes_the_next_task(supernode):
@@ -307,7 +307,9 @@ def test_run_one_task_says_whether_the_app_completed_the_task(supernode, fab_id,
 
     result = run_one_task(supernode.address, _acquire(supernode), _app(), fab_id=FAB_ID)
 
-    assert result is completed
+    refused = fab_id != FAB_ID
+    assert result is (TaskOutcome.COMPLETED if completed else TaskOutcome.REFUSED if refused else TaskOutcome.FAILED)
     # a reply in every case: the coordinator is not left waiting
     assert msg.metadata.message_id in supernode.replies(run)
     assert [status for status, _ in supernode.outcomes()] == ["completed" if completed else "failed"]
+
