@@ -1,4 +1,5 @@
-"""``fedmart train-central``: the centralized baseline, i.e. one node that holds all the data.
+"""The centralized baseline, i.e. one node that holds all the data (``fedmart train-central``,
+whose entry is :mod:`fedmart.central_cmd`).
 
 It is the yardstick federated and private runs are measured against, so it uses
 the same model, split, loop and metrics as a node. Model selection is on the
@@ -15,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -33,7 +33,7 @@ from clients.trainer import (
 from federation.device import select_device
 from federation.globalmodel import build_model, get_weights, save_weights, set_weights
 
-__all__ = ["run_central", "main"]
+__all__ = ["format_summary", "run_central"]
 
 log = logging.getLogger(__name__)
 
@@ -170,16 +170,3 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"HR@10 {r['test']['hr@10']:.4f}"
         )
     return "\n".join(lines)
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="central")
-def main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-
-    from federation.console import console, quiet_third_party_logs
-
-    quiet_third_party_logs()
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
-    summary = run_central(cfg, out_dir)
-    console.print(format_summary(summary))
-    console.print(f"outputs: {out_dir}")

@@ -17,8 +17,8 @@ import httpx
 import pytest
 
 from federation.catalog import Catalog
-from federation.cli import main
 from federation.serve import ServeConfig, create_app, serve_in_thread
+from fedmart.cli import main
 from privacy.audit import verify_audit
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -47,7 +47,7 @@ def run(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("e2e")
     run_dir, key = base / "run", base / "keys" / "coordinator.key"
     cmd = [
-        sys.executable, "-m", "federation.cli", "simulate", *SMALL,
+        sys.executable, "-m", "fedmart", "simulate", *SMALL,
         f"+registry.signing_key={key}", f"hydra.run.dir={run_dir}",
     ]  # fmt: skip
     # cwd=base: whatever the run writes by relative path stays out of the working tree.

@@ -38,7 +38,7 @@ SMALL = [
 
 
 def _simulate(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "federation.cli", "simulate", *SMALL, "privacy.max_epsilon=1000", *overrides]
+    cmd = [sys.executable, "-m", "fedmart", "simulate", *SMALL, "privacy.max_epsilon=1000", *overrides]
     cmd.append(f"hydra.run.dir={run_dir}")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -58,7 +58,7 @@ def runs(tmp_path_factory):
     _simulate(part, "federation.num_rounds=2")
     first_rounds = _metrics(part)
     resumed = subprocess.run(
-        [sys.executable, "-m", "federation.cli", "simulate", f"resume={part}", "federation.num_rounds=3"],
+        [sys.executable, "-m", "fedmart", "simulate", f"resume={part}", "federation.num_rounds=3"],
         capture_output=True,
         text=True,
         timeout=900,
@@ -112,7 +112,7 @@ def test_resume_equals_uninterrupted(runs):
 
 def test_bad_override_gives_a_readable_error(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "federation.cli", "simulate", "federation.strategy=fedsgd", f"hydra.run.dir={tmp_path}"],
+        [sys.executable, "-m", "fedmart", "simulate", "federation.strategy=fedsgd", f"hydra.run.dir={tmp_path}"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -120,7 +120,7 @@ def test_bad_override_gives_a_readable_error(tmp_path):
     assert proc.returncode != 0
     assert "fedsgd" in proc.stderr and "Traceback" not in proc.stderr
     unknown = subprocess.run(
-        [sys.executable, "-m", "federation.cli", "simulate", "federation.num_roundz=3"],
+        [sys.executable, "-m", "fedmart", "simulate", "federation.num_roundz=3"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -131,7 +131,7 @@ def test_bad_override_gives_a_readable_error(tmp_path):
 
 def test_help_lists_config_groups():
     proc = subprocess.run(
-        [sys.executable, "-m", "federation.cli", "simulate", "--help"], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "fedmart", "simulate", "--help"], capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0
     for group in ("data:", "federation:", "partition:", "model:"):
