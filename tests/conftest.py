@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny catalog and interactions anyone can reason about by hand."""
+"""Shared fixtures: a tiny catalog anyone can reason about by hand, and the smallest simulated federation."""
 
 from __future__ import annotations
 
@@ -18,3 +18,23 @@ def tiny_catalog() -> Catalog:
         merchant=np.array(["m1", "m2", "m1", "m2", "m1", "m2"]),
         price=np.array([10.0, 12.0, 3.0, 4.0, 20.0, 25.0]),
     )
+
+
+# Hydra overrides (also valid `flwr run --run-config` pairs) for the smallest federation the
+# end-to-end tests run: 3 department nodes, 600 users, a 16-wide one-head model, no central eval.
+SMALL_FEDERATION = (
+    "data.synthetic.num_users=600",
+    "data.synthetic.num_items=150",
+    "data.synthetic.num_departments=3",
+    "data.synthetic.num_merchants=6",
+    "data.max_len=20",
+    "model.hidden=16",
+    "model.heads=1",
+    "federation.central_eval_users=0",
+)
+
+
+@pytest.fixture(scope="session")
+def small_federation() -> tuple[str, ...]:
+    """:data:`SMALL_FEDERATION`, for tests that cannot import this module (``--import-mode=importlib``)."""
+    return SMALL_FEDERATION
