@@ -27,6 +27,7 @@ __all__ = [
     "free_port",
     "reap_stale_serverapps",
     "stale_serverapps",
+    "stop_pids",
     "wait_for_port",
     "write_flwr_config",
 ]
@@ -141,8 +142,12 @@ def stale_serverapps(address: str) -> list[int]:
 
 
 def reap_stale_serverapps(address: str, grace: float = 5.0) -> list[int]:
-    """Stop :func:`stale_serverapps` (SIGTERM, then SIGKILL after ``grace`` seconds)."""
-    pids = stale_serverapps(address)
+    """Stop :func:`stale_serverapps`; returns the pids that would not stop."""
+    return stop_pids(stale_serverapps(address), grace)
+
+
+def stop_pids(pids: list[int], grace: float = 5.0) -> list[int]:
+    """SIGTERM, then SIGKILL after ``grace`` seconds; returns the pids still there after both."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
