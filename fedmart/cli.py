@@ -23,7 +23,8 @@ HYDRA_APPS: dict[str, str] = {
 }
 
 # Plain subcommands register themselves here: name -> (help, add_arguments, run).
-Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+Run = Callable[[argparse.Namespace], int]
+Command = tuple[str, Callable[[argparse.ArgumentParser], None], Run]
 COMMANDS: dict[str, Command] = {}
 # The modules that register them (imported only when a plain subcommand runs).
 COMMAND_MODULES = (
@@ -36,10 +37,10 @@ COMMAND_MODULES = (
 )
 
 
-def command(name: str, help: str):
+def command(name: str, help: str) -> Callable[[Run], Run]:
     """Decorator: register ``run(args) -> int`` with an ``add_arguments(parser)`` attribute."""
 
-    def deco(run: Callable[[argparse.Namespace], int]):
+    def deco(run: Run) -> Run:
         COMMANDS[name] = (help, getattr(run, "add_arguments", lambda p: None), run)
         return run
 

@@ -32,6 +32,15 @@ def _not_source(directory: str, names: list[str]) -> set[str]:
     return (set(names) & top) | shutil.ignore_patterns(*NOT_SOURCE)(directory, names)
 
 
+def _setuptools_major() -> int:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return int(version("setuptools").split(".")[0])
+    except (PackageNotFoundError, ValueError):
+        return 0
+
+
 def _run(argv: list, **kw) -> subprocess.CompletedProcess:
     proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True, **kw)
     assert proc.returncode == 0, f"{argv}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -44,9 +53,10 @@ def venv(tmp_path_factory) -> SimpleNamespace:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     # A copy: an in-tree build would leave build/ and fedmart.egg-info/ in the checkout.
     src = shutil.copytree(ROOT, base / "src", ignore=_not_source)
-    # --no-build-isolation: setuptools is installed here; an isolated build would fetch it.
-    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", base / "dist", src],
-         env=env, cwd=base, timeout=600)  # fmt: skip
+    # Without build isolation when a recent setuptools is installed here (an isolated build fetches one).
+    isolation = [] if _setuptools_major() < 69 else ["--no-build-isolation"]
+    build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation, "-w", base / "dist", src]
+    _run(build, env=env, cwd=base, timeout=600)
     (wheel,) = (base / "dist").glob("fedmart-*.whl")
     _run([sys.executable, "-m", "venv", "--system-site-packages", base / "venv"], env=env, timeout=300)
     python = base / "venv" / "bin" / "python"
