@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-CLI = [sys.executable, "-m", "federation.cli"]
+CLI = [sys.executable, "-m", "fedmart"]
 CONFIG = [
     "data.synthetic.num_users=300",
     "data.synthetic.num_items=100",
@@ -96,7 +96,7 @@ def simulated(base: Path, rounds: int) -> tuple[float, list[dict], Path]:
 def deployed(
     base: Path, rounds: int, sim_dir: Path, arm: str = "dep", fast: bool = False, env_extra: dict | None = None
 ) -> tuple[float, list[dict]]:
-    from federation.deploy import free_port
+    from fedmart.supervise import free_port
 
     nodes = sorted((sim_dir / "nodes").glob("node-*"))
     names = [json.loads((n / "node.json").read_text())["name"].lower().replace(" ", "") for n in nodes]

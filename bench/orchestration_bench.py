@@ -42,7 +42,7 @@ import psutil
 
 def _run_simulate(run_dir: Path, overrides: list[str]) -> tuple[float, float]:
     """Run `fedmart simulate`; return (wall seconds, peak RSS GiB of the process tree)."""
-    cmd = [sys.executable, "-m", "federation.cli", "simulate", *overrides, f"hydra.run.dir={run_dir}"]
+    cmd = [sys.executable, "-m", "fedmart", "simulate", *overrides, f"hydra.run.dir={run_dir}"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = 0.0

@@ -23,14 +23,14 @@ import sys
 import time
 from pathlib import Path
 
-from federation.sweep import job_row
+from fedmart.sweep import job_row
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(args: list[str]) -> float:
     t0 = time.perf_counter()
-    cmd = [sys.executable, "-m", "federation.cli", "simulate", *args]
+    cmd = [sys.executable, "-m", "fedmart", "simulate", *args]
     print("$", " ".join(cmd[2:]), flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - t0

@@ -91,7 +91,7 @@ def free_port() -> int:
 
 def start_server(registry: Path, pub: Path, catalog: Path, port: int, extra: list[str]) -> subprocess.Popen:
     cmd = [
-        sys.executable, "-c", "from federation.cli import main; main()", "serve",
+        sys.executable, "-c", "from fedmart.cli import main; main()", "serve",
         "--registry", str(registry), "--public-key", str(pub), "--catalog", str(catalog),
         "--port", str(port), "--no-search", "--log-level", "warning", *extra,
     ]  # fmt: skip

@@ -15,9 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from clients.datasets import load_dataset
 from clients.sequences import TrainDataset, build_sequences, leave_one_out
@@ -30,15 +28,12 @@ from clients.trainer import (
     train_epoch,
 )
 from conf.settings import CentralSettings
-from conf.typed import register as register_schemas
 from federation.device import select_device
 from federation.globalmodel import build_model, get_weights, save_weights, set_weights
 
-__all__ = ["run_central", "main"]
+__all__ = ["run_central", "format_summary"]
 
 log = logging.getLogger(__name__)
-
-register_schemas()  # conf/central.yaml starts from the typed schema
 
 
 def _jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -171,18 +166,3 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"HR@10 {r['test']['hr@10']:.4f}"
         )
     return "\n".join(lines)
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="central")
-def main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-
-    from federation.console import console, quiet_third_party_logs
-
-    quiet_third_party_logs()
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    summary = run_central(CentralSettings.from_dict(OmegaConf.to_container(cfg, resolve=True)), out_dir)
-    console.print(format_summary(summary))
-    console.print(f"outputs: {out_dir}")

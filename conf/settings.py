@@ -368,6 +368,10 @@ class Settings:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def with_sim(self, sim: SimSettings) -> RunSettings:
+        """The run config the launching command sends: these groups plus ``sim``."""
+        return RunSettings(**{f.name: getattr(self, f.name) for f in fields(Settings)}, sim=sim)
+
     def hydra_part(self) -> dict[str, Any]:
         """The groups Hydra composed (no ``sim``, no ``deploy``): what the config hash covers."""
         return {f.name: dataclasses.asdict(self)[f.name] for f in fields(Settings)}

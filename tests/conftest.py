@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny catalog anyone can reason about by hand, and a tiny signed world.
+"""Shared fixtures: a tiny catalog anyone can reason about by hand, a tiny signed world, and the
+smallest simulated federation.
 
 The signed world (a catalog, a registry with one signed version, its keys) serves the
 registry, command and serving tests. Tests run with ``--import-mode=importlib``, so
@@ -35,6 +36,26 @@ def tiny_catalog() -> Catalog:
         merchant=np.array(["m1", "m2", "m1", "m2", "m1", "m2"]),
         price=np.array([10.0, 12.0, 3.0, 4.0, 20.0, 25.0]),
     )
+
+
+# Hydra overrides (also valid `flwr run --run-config` pairs) for the smallest federation the
+# end-to-end tests run: 3 department nodes, 600 users, a 16-wide one-head model, no central eval.
+SMALL_FEDERATION = (
+    "data.synthetic.num_users=600",
+    "data.synthetic.num_items=150",
+    "data.synthetic.num_departments=3",
+    "data.synthetic.num_merchants=6",
+    "data.max_len=20",
+    "model.hidden=16",
+    "model.heads=1",
+    "federation.central_eval_users=0",
+)
+
+
+@pytest.fixture(scope="session")
+def small_federation() -> tuple[str, ...]:
+    """:data:`SMALL_FEDERATION`, for tests that cannot import this module (``--import-mode=importlib``)."""
+    return SMALL_FEDERATION
 
 
 # --- a tiny signed world: registry, keys, catalog ------------------------------------------------

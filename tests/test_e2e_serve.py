@@ -17,24 +17,12 @@ import httpx
 import pytest
 
 from federation.catalog import Catalog
-from federation.cli import main
+from fedmart.cli import main
 from privacy.audit import verify_audit
 from serving.config import ServeConfig
 from serving.http import create_app, serve_in_thread
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
-
-SMALL = [
-    "data.synthetic.num_users=600",
-    "data.synthetic.num_items=150",
-    "data.synthetic.num_departments=3",
-    "data.synthetic.num_merchants=6",
-    "data.max_len=20",
-    "model.hidden=16",
-    "model.heads=1",
-    "federation.central_eval_users=0",
-    "federation.num_rounds=2",
-]
 
 
 def _fedmart(*argv: str) -> int:
@@ -44,12 +32,12 @@ def _fedmart(*argv: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> dict[str, Path]:
+def run(tmp_path_factory, small_federation) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("e2e")
     run_dir, key = base / "run", base / "keys" / "coordinator.key"
     cmd = [
-        sys.executable, "-m", "federation.cli", "simulate", *SMALL,
-        f"+registry.signing_key={key}", f"hydra.run.dir={run_dir}",
+        sys.executable, "-m", "fedmart", "simulate", *small_federation, "federation.num_rounds=2",
+        f"registry.signing_key={key}", f"hydra.run.dir={run_dir}",
     ]  # fmt: skip
     # cwd=base: whatever the run writes by relative path stays out of the working tree.
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=base)

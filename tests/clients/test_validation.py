@@ -134,7 +134,7 @@ def test_report_and_quarantine_files(tmp_path, tiny_catalog):
 
 
 def _fedmart(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "federation.cli", *args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "fedmart", *args], capture_output=True, text=True, cwd=cwd)
 
 
 def test_cli_data_check(tmp_path, tiny_catalog):

@@ -1,4 +1,4 @@
-"""`fedmart registry ...` and `fedmart audit verify` (federation/commands.py), run through the CLI's main()."""
+"""`fedmart registry ...` and `fedmart audit verify` (fedmart/registry_cmds.py), run through the CLI's main()."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from federation.cli import main
+from fedmart.cli import main
 from privacy.audit import AuditLog
 
 

@@ -44,7 +44,7 @@ TINY = [
     "model.layers=1",
 ]
 DEADLINE = 15 * 60  # the whole scenario; it normally takes 5-7 minutes on a loaded 2-core machine
-CLI = [sys.executable, "-m", "federation.cli"]
+CLI = [sys.executable, "-m", "fedmart"]
 
 
 def _prepare_data(base: Path) -> dict[str, Path]:
@@ -168,7 +168,7 @@ def _flower_children_of(port: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
-    from federation.deploy import free_port
+    from fedmart.supervise import free_port
 
     t0 = time.monotonic()
     base = tmp_path_factory.mktemp("deploy")

@@ -16,19 +16,10 @@ from flwr.supercore.task_identity import TaskIdentity
 from clients.guard import fault_mod, parse_fault, update_guard_mod
 from federation import wire
 from federation.coordinator import Coordinator, RoundRecord
-from federation.deploy import (
-    SIM_KEYS,
-    app_config_defaults,
-    compose_config,
-    explain_supernode_exit,
-    node_config_toml,
-    round_line,
-    stage_app,
-    superlink_argv,
-    supernode_argv,
-    sync_pyproject,
-)
 from federation.runconfig import flatten
+from fedmart.coordinate import round_line, superlink_argv
+from fedmart.node_cmd import explain_supernode_exit, node_config_toml, supernode_argv
+from fedmart.staging import app_config_defaults, app_packages, compose_config, stage_app, sync_pyproject
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,7 +36,7 @@ def defaults() -> dict:
 
 def test_pyproject_run_config_table_is_in_sync_with_conf():
     assert not sync_pyproject(ROOT / "pyproject.toml", check=True), (
-        "[tool.flwr.app.config] is stale: run `python -m federation.deploy sync-pyproject`"
+        "[tool.flwr.app.config] is stale: run `python -m fedmart.staging sync-pyproject`"
     )
 
 
@@ -54,7 +45,7 @@ def test_every_option_of_every_group_has_its_keys_in_the_table(defaults):
     assert set(table) == set(defaults)
     for override in ("federation=fedadam", "privacy=dp_target", "data=movielens", "partition=dirichlet"):
         assert set(flatten(compose_config([override]))) <= set(table), override
-    assert set(SIM_KEYS) <= set(table)
+    assert {"sim.run_dir", "sim.catalog", "sim.num_nodes", "sim.nodes_dir", "sim.central_data"} <= set(table)
     assert table["federation.num_rounds"] == compose_config()["federation"]["num_rounds"]
 
 
@@ -69,6 +60,18 @@ def test_staged_app_is_a_valid_flower_app(tmp_path):
     assert "federations" not in config["tool"]["flwr"]  # flwr run would rewrite the file otherwise
     for f in ("federation/app.py", "clients/app.py", "privacy/secagg/mod.py", "conf/config.yaml"):
         assert (app / f).is_file(), f
+    assert {p.name for p in app.iterdir() if p.is_dir()} == set(app_packages())
+
+
+def test_staged_packages_are_those_the_wheel_ships():
+    """One list: what `fedmart coordinate` stages is what pyproject's package discovery puts in the wheel."""
+    from setuptools import find_packages
+
+    find = tomli.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    shipped = find_packages(str(ROOT), include=find["include"], exclude=find["exclude"])
+    assert set(app_packages()) == {p.split(".")[0] for p in shipped}
+    assert {"federation", "clients", "privacy", "conf", "fedmart"} <= set(app_packages())
+    assert "privacy.secagg" in shipped and not any(p.startswith(("tests", "bench")) for p in shipped)
 
 
 def test_node_config_file_is_what_flower_parses(tmp_path):

@@ -23,22 +23,11 @@ from safetensors.numpy import load_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
-SMALL = [
-    "data.synthetic.num_users=600",
-    "data.synthetic.num_items=150",
-    "data.synthetic.num_departments=3",
-    "data.synthetic.num_merchants=6",
-    "data.max_len=20",
-    "model.hidden=16",
-    "model.heads=1",
-    "federation.central_eval_users=0",
-    "privacy=dp",
-    "federation=fedadam",
-]
+PRIVATE = ("privacy=dp", "federation=fedadam")
 
 
-def _simulate(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "federation.cli", "simulate", *SMALL, "privacy.max_epsilon=1000", *overrides]
+def _simulate(small: tuple[str, ...], run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "fedmart", "simulate", *small, *PRIVATE, "privacy.max_epsilon=1000", *overrides]
     cmd.append(f"hydra.run.dir={run_dir}")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -50,15 +39,15 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, small_federation):
     base = tmp_path_factory.mktemp("sim")
     full = base / "full"
-    _simulate(full, "federation.num_rounds=3")
+    _simulate(small_federation, full, "federation.num_rounds=3")
     part = base / "resumed"
-    _simulate(part, "federation.num_rounds=2")
+    _simulate(small_federation, part, "federation.num_rounds=2")
     first_rounds = _metrics(part)
     resumed = subprocess.run(
-        [sys.executable, "-m", "federation.cli", "simulate", f"resume={part}", "federation.num_rounds=3"],
+        [sys.executable, "-m", "fedmart", "simulate", f"resume={part}", "federation.num_rounds=3"],
         capture_output=True,
         text=True,
         timeout=900,
@@ -66,7 +55,9 @@ def runs(tmp_path_factory):
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     eps_r1 = [m["epsilon"] for m in _metrics(full)[0]["node_metrics"].values()]
     budget = base / "budget"
-    _simulate(budget, "federation.num_rounds=2", "secagg=off", f"privacy.max_epsilon={max(eps_r1) + 1e-6}")
+    _simulate(
+        small_federation, budget, "federation.num_rounds=2", "secagg=off", f"privacy.max_epsilon={max(eps_r1) + 1e-6}"
+    )
     return {"full": full, "resumed": part, "first_rounds": first_rounds, "budget": budget}
 
 
@@ -112,7 +103,7 @@ def test_resume_equals_uninterrupted(runs):
 
 def test_bad_override_gives_a_readable_error(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "federation.cli", "simulate", "federation.strategy=fedsgd", f"hydra.run.dir={tmp_path}"],
+        [sys.executable, "-m", "fedmart", "simulate", "federation.strategy=fedsgd", f"hydra.run.dir={tmp_path}"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -120,7 +111,7 @@ def test_bad_override_gives_a_readable_error(tmp_path):
     assert proc.returncode != 0
     assert "fedsgd" in proc.stderr and "Traceback" not in proc.stderr
     unknown = subprocess.run(
-        [sys.executable, "-m", "federation.cli", "simulate", "federation.num_roundz=3"],
+        [sys.executable, "-m", "fedmart", "simulate", "federation.num_roundz=3"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -131,7 +122,7 @@ def test_bad_override_gives_a_readable_error(tmp_path):
 
 def test_help_lists_config_groups():
     proc = subprocess.run(
-        [sys.executable, "-m", "federation.cli", "simulate", "--help"], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "fedmart", "simulate", "--help"], capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0
     for group in ("data:", "federation:", "partition:", "model:"):
@@ -178,13 +169,14 @@ def test_a_node_over_its_budget_declines_and_the_run_goes_on(runs):
     assert "declined" in (runs["budget"] / "report.md").read_text()
 
 
-def test_client_level_dp_composes_with_dp_sgd_and_secure_aggregation(tmp_path):
+def test_client_level_dp_composes_with_dp_sgd_and_secure_aggregation(tmp_path, small_federation):
     """The optional second layer: nodes clip their updates and weigh 1, the coordinator
     noises the sum; its epsilon (unit: a node) is reported per round, apart from the users'."""
     from privacy.client_dp import ClientDPConfig
 
     run = tmp_path / "client-dp"
     _simulate(
+        small_federation,
         run,
         "federation.num_rounds=2",
         "federation.client_dp.enabled=true",

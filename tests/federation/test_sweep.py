@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from federation.sweep import summarise_sweep
+from fedmart.sweep import summarise_sweep
 
 
 def _job(root, num, nm, ndcg):

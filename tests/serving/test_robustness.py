@@ -45,7 +45,7 @@ def live(tmp_path_factory, support):
     world = support.make_world(root, num_items=300)
     port = _free_port()
     cmd = [
-        sys.executable, "-c", "from federation.cli import main; main()", "serve",
+        sys.executable, "-c", "from fedmart.cli import main; main()", "serve",
         "--registry", str(world.registry_path), "--public-key", str(world.pub),
         "--catalog", str(world.catalog_path), "--port", str(port),
         "--text-cache", str(root / "title_emb.npy"), "--log-level", "warning",

@@ -16,23 +16,17 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from conf.settings import Settings
-from conf.typed import register as register_schemas
-from federation.errors import UserError, exit_on_user_error
+from conf.settings import Settings, SimSettings
+from conf.typed import build
 from federation.runconfig import flatten
+from fedmart.hydra_runs import hydra_entry, run_job
 
-__all__ = ["main", "prepare", "simulate"]
+__all__ = ["check_mechanisms", "check_settings", "main", "prepare", "simulate"]
 
 log = logging.getLogger(__name__)
-
-OmegaConf.register_new_resolver(
-    "fedmart_run_dir", lambda resume, default: str(resume) if resume else default, replace=True
-)
-register_schemas()
 
 
 def prepare(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
@@ -70,17 +64,21 @@ def prepare(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     }
 
 
-def check_settings(cfg: dict[str, Any]) -> Settings:
-    """Fail in a second, not after data preparation and Ray's start, on a bad setting."""
+def check_mechanisms(settings: Settings) -> None:
+    """Fail in a second, not after data preparation and Ray's start, on a setting only a mechanism checks."""
     from federation.device import select_device
     from privacy.dp import DPConfig
     from privacy.secagg import SecAggConfig
 
-    settings = Settings.from_dict(cfg)
-    # The mechanisms' own configs check what the groups cannot check alone.
     DPConfig.from_mapping(settings.privacy.dp_fields())
     SecAggConfig.from_mapping(asdict(settings.secagg))
     select_device(settings.device)
+
+
+def check_settings(cfg: dict[str, Any]) -> Settings:
+    """The composed config as the typed tree, validated once (here, where it enters)."""
+    settings = Settings.from_dict(cfg)
+    check_mechanisms(settings)
     return settings
 
 
@@ -99,7 +97,7 @@ def simulate(cfg: dict[str, Any], run_dir: Path) -> Path:
     else:
         sim = prepare(cfg, run_dir)
         sim_file.write_text(json.dumps(sim, indent=1) + "\n")
-    run_config = flatten({**settings.to_dict(), "sim": sim})
+    run_config = flatten(settings.with_sim(build(SimSettings, sim)).to_dict())
     simulation = settings.simulation
     backend_config = {
         "client_resources": {"num_cpus": simulation.cpus_per_node, "num_gpus": simulation.gpus_per_node},
@@ -116,45 +114,8 @@ def simulate(cfg: dict[str, Any], run_dir: Path) -> Path:
     return run_dir
 
 
-def _load_for_resume(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
-    """The saved config of the run, with this command line's overrides on top
-    (e.g. ``federation.num_rounds=20`` extends a finished run)."""
-    run_dir = Path(str(cfg.resume))
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        raise UserError(f"resume={run_dir}: no config.yaml there; pass the directory of an earlier `fedmart simulate`")
-    base = OmegaConf.load(saved)
-    extra = [o for o in overrides if not o.lstrip("+~").startswith("resume=")]
-    groups = [o for o in extra if "." not in o.split("=", 1)[0]]
-    if groups:
-        raise UserError(
-            f"resume takes key overrides such as federation.num_rounds=N, not {groups[0]!r}: "
-            "config groups come from the saved run's config.yaml"
-        )
-    if extra:
-        base = OmegaConf.merge(base, OmegaConf.from_dotlist([o.lstrip("+") for o in extra]))
-    resolved = OmegaConf.to_container(base, resolve=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(base, resolve=True))
-    return resolved
+def _simulate_job(cfg: DictConfig) -> None:
+    run_job(cfg, simulate, command="simulate", groups_note=": config groups come from the saved run's config.yaml")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-@exit_on_user_error
-def main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-
-    from federation.console import console, quiet_third_party_logs
-
-    quiet_third_party_logs()
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    if cfg.resume:
-        resolved = _load_for_resume(cfg, list(HydraConfig.get().overrides.task))
-        resolved["resume"] = str(cfg.resume)
-    else:
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    try:
-        simulate(resolved, run_dir)
-    except ValueError as exc:  # bad settings surface as ValueError from constructors
-        raise UserError(str(exc)) from exc
-    console.print(f"[bold green]done[/]: report {run_dir / 'report.md'}")
+main = hydra_entry("config", "simulate", _simulate_job)

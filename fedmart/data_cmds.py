@@ -1,52 +1,14 @@
-"""``fedmart``: the command line, and the composition root that wires the packages together.
-
-Hydra apps (``simulate``, ``train-central``) take Hydra's own syntax after the
-subcommand (overrides, ``-m`` sweeps, ``--help``, ``--cfg job``); the other
-subcommands are plain argparse.
-"""
+"""``fedmart data fetch|check|synth``: get, generate and validate interaction data."""
 
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Callable
 from pathlib import Path
 
-from federation.errors import exit_on_user_error
+from fedmart.cli import command
+from fedmart.errors import UserError, exit_on_user_error
 
-__all__ = ["main"]
-
-# Subcommands that are Hydra apps: name -> "module:function" (imported lazily so
-# `fedmart --help` stays fast).
-HYDRA_APPS: dict[str, str] = {
-    "simulate": "federation.simulate:main",
-    "train-central": "clients.central:main",
-    "coordinate": "federation.deploy:coordinate_main",
-}
-
-# Plain subcommands register themselves here: name -> (help, add_arguments, run).
-Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
-COMMANDS: dict[str, Command] = {}
-
-
-def command(name: str, help: str):
-    """Decorator: register ``run(args) -> int`` with an ``add_arguments(parser)`` attribute."""
-
-    def deco(run: Callable[[argparse.Namespace], int]):
-        COMMANDS[name] = (help, getattr(run, "add_arguments", lambda p: None), run)
-        return run
-
-    return deco
-
-
-def _load(target: str) -> Callable:
-    import importlib
-
-    module, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module), attr)
-
-
-# --- data ------------------------------------------------------------------------------------
+__all__ = ["data_cmd", "print_check"]
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -69,8 +31,8 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 
 @exit_on_user_error
-def _data_run(args: argparse.Namespace) -> int:
-    from federation.console import console
+def data_cmd(args: argparse.Namespace) -> int:
+    from fedmart.console import console
 
     if args.data_cmd == "fetch":
         from clients.movielens import fetch
@@ -111,7 +73,6 @@ def _data_run(args: argparse.Namespace) -> int:
     from clients.interactions import read_table
     from clients.validation import validate, write_report
     from federation.catalog import Catalog
-    from federation.errors import UserError
 
     path = Path(args.path)
     if path.is_dir():
@@ -124,18 +85,15 @@ def _data_run(args: argparse.Namespace) -> int:
     result = validate(table, catalog, min_history=args.min_history, source=str(path))
     out = Path(args.out) if args.out else path.with_name(path.name + ".check")
     report_path, q_path = write_report(result, out)
-    _print_check(result.report, report_path, q_path)
+    print_check(result.report, report_path, q_path)
     return 0 if result.ok else 1
 
 
-_data_run.add_arguments = _data_args  # type: ignore[attr-defined]
-command("data", "fetch, generate and check interaction data")(_data_run)
-
-
-def _print_check(report: dict, report_path: Path, q_path: Path) -> None:
+def print_check(report: dict, report_path: Path, q_path: Path) -> None:
+    """Print a validation report (`fedmart data check`, and `fedmart node` when it refuses to join)."""
     from rich.table import Table
 
-    from federation.console import console
+    from fedmart.console import console
 
     status = "[green]clean[/]" if not report["rows_quarantined"] else "[yellow]problems found[/]"
     console.print(f"[bold]{report['source']}[/]: {status}")
@@ -153,56 +111,5 @@ def _print_check(report: dict, report_path: Path, q_path: Path) -> None:
     console.print(f"report: {report_path}\nquarantine: {q_path}")
 
 
-# --- entry point ---------------------------------------------------------------------------------
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="fedmart",
-        description="Federated, differentially private training of an e-commerce recommender.",
-    )
-    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
-    for name in HYDRA_APPS:
-        sub.add_parser(name, help=f"Hydra app: `fedmart {name} --help` lists its config groups", add_help=False)
-    for name, (help_, add_args, _) in sorted(COMMANDS.items()):
-        sp = sub.add_parser(name, help=help_)
-        add_args(sp)
-    return p
-
-
-def _register_optional_commands() -> None:
-    """Import modules that register further subcommands (registry, audit, serve, ...)."""
-    import importlib
-
-    for module in ("federation.commands", "federation.deploy"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in HYDRA_APPS:
-        name = argv[0]
-        # Hydra parses sys.argv itself; present it as if `fedmart-<name>` were the program.
-        sys.argv = [f"fedmart {name}", *argv[1:]]
-        _load(HYDRA_APPS[name])()
-        return 0
-    _register_optional_commands()
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.cmd is None:
-        parser.print_help()
-        return 0
-    rc = COMMANDS[args.cmd][2](args)
-    sys.exit(rc)
-
-
-if __name__ == "__main__":
-    # Run the importable module's main, not this __main__ copy's: subcommand modules register
-    # themselves in ``federation.cli.COMMANDS``, which is a different dict under ``python -m``.
-    from federation.cli import main as _main
-
-    raise SystemExit(_main())
+data_cmd.add_arguments = _data_args  # type: ignore[attr-defined]
+command("data", "fetch, generate and check interaction data")(data_cmd)

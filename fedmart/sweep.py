@@ -2,7 +2,7 @@
 when exactly one axis varies, one plot of the selected test NDCG@10 against it.
 
 Registered as a Hydra callback in ``conf/config.yaml``; also callable on any sweep
-directory (``python -m federation.sweep outputs/sweep-...``).
+directory (``python -m fedmart.sweep outputs/sweep-...``).
 """
 
 from __future__ import annotations

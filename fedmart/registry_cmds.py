@@ -1,21 +1,19 @@
-"""Subcommands ``fedmart registry``, ``fedmart audit`` and ``fedmart serve`` (imported by the CLI)."""
+"""``fedmart registry`` and ``fedmart audit``: signed model versions and the hash-chained audit log."""
 
 from __future__ import annotations
 
 import argparse
 import getpass
 import json
-import logging
 import os
 from pathlib import Path
 
-from federation.cli import command
-from federation.errors import UserError, exit_on_user_error
+from fedmart.cli import command
+from fedmart.errors import UserError, exit_on_user_error
 
-__all__ = ["default_registry_root", "registry_cmd", "audit_cmd", "serve_cmd"]
+__all__ = ["PUBLIC_KEY_ENV", "default_registry_root", "public_key_arg", "need_public_key", "registry_cmd", "audit_cmd"]
 
 PUBLIC_KEY_ENV = "FEDMART_PUBLIC_KEY"
-API_KEY_ENV = "FEDMART_API_KEY"
 
 
 def default_registry_root(outputs: Path = Path("outputs")) -> Path:
@@ -26,7 +24,8 @@ def default_registry_root(outputs: Path = Path("outputs")) -> Path:
     return max(candidates, key=lambda p: p.stat().st_mtime)
 
 
-def _public_key_arg(p: argparse.ArgumentParser) -> None:
+def public_key_arg(p: argparse.ArgumentParser) -> None:
+    """``--public-key PEM`` (default ``$FEDMART_PUBLIC_KEY``)."""
     p.add_argument(
         "--public-key",
         type=Path,
@@ -35,7 +34,8 @@ def _public_key_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _need_public_key(args: argparse.Namespace) -> Path:
+def need_public_key(args: argparse.Namespace) -> Path:
+    """The ``--public-key`` given, or a user error that says how to give one."""
     if not args.public_key:
         raise UserError(f"pass --public-key PEM (the signer's .pub file) or set ${PUBLIC_KEY_ENV}")
     return Path(args.public_key)
@@ -48,7 +48,7 @@ def _open_registry(args: argparse.Namespace, *, need_key: bool):
     root = Path(args.root) if args.root else default_registry_root()
     if not root.is_dir():
         raise UserError(f"{root}: no registry there; pass --root DIR")
-    key = _need_public_key(args) if need_key else (Path(args.public_key) if args.public_key else None)
+    key = need_public_key(args) if need_key else (Path(args.public_key) if args.public_key else None)
     try:
         return ModelRegistry(root, public_key_path=key)
     except KeyFileError as exc:
@@ -92,8 +92,8 @@ def _registry_args(p: argparse.ArgumentParser) -> None:
 def registry_cmd(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from federation.console import console
     from federation.registry import RegistryError
+    from fedmart.console import console
 
     cmd = args.registry_cmd
     reg = _open_registry(args, need_key=cmd in ("verify", "promote"))
@@ -174,7 +174,7 @@ def _audit_args(p: argparse.ArgumentParser) -> None:
 
 @exit_on_user_error
 def audit_cmd(args: argparse.Namespace) -> int:
-    from federation.console import console
+    from fedmart.console import console
     from privacy.audit import verify_audit
     from privacy.signing import KeyFileError, load_public_key
 
@@ -203,57 +203,3 @@ def audit_cmd(args: argparse.Namespace) -> int:
 
 audit_cmd.add_arguments = _audit_args  # type: ignore[attr-defined]
 command("audit", "verify a run's hash-chained audit log")(audit_cmd)
-
-
-# --- fedmart serve ---------------------------------------------------------------------------
-
-
-def _serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--registry", type=Path, help="registry directory (default: the newest outputs/*/registry)")
-    _public_key_arg(p)
-    p.add_argument("--catalog", type=Path, required=True, help="the catalog.parquet the model was trained on")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument(
-        "--api-key", default=os.environ.get(API_KEY_ENV), help=f"require x-api-key (default ${API_KEY_ENV}; prefer env)"
-    )
-    p.add_argument("--reload-interval", type=float, default=10.0, help="seconds between checks for a new promotion")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    p.add_argument("--max-batch", type=int, default=64, help="largest micro-batch of concurrent /recommend requests")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    p.add_argument("--no-search", action="store_true", help="do not build the title index (/search answers 501)")
-    p.add_argument("--text-cache", type=Path, help="title embeddings cache (.npy)")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-
-
-@exit_on_user_error
-def serve_cmd(args: argparse.Namespace) -> int:
-    from serving.config import ServeConfig, ServeError
-    from serving.http import run_http
-
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = ServeConfig(
-            registry=Path(args.registry) if args.registry else default_registry_root(),
-            public_key=_need_public_key(args),
-            catalog=Path(args.catalog),
-            host=args.host,
-            port=args.port,
-            api_key=args.api_key or None,
-            reload_interval=args.reload_interval,
-            device=args.device,
-            max_batch=args.max_batch,
-            threads=args.threads,
-            search=not args.no_search,
-            text_cache=args.text_cache,
-        )
-        run_http(config, log_level=args.log_level)
-    except (ServeError, ValueError) as exc:
-        if isinstance(exc, UserError):
-            raise
-        raise UserError(str(exc).splitlines()[0]) from exc
-    return 0
-
-
-serve_cmd.add_arguments = _serve_args  # type: ignore[attr-defined]
-command("serve", "serve recommendations and search from the newest promoted, verified model")(serve_cmd)

@@ -1,0 +1,264 @@
+"""``fedmart node``: a department node validates its own data, then joins the coordinator's SuperLink.
+
+Processes (Flower's deployment runtime, HTTPS)::
+
+    fedmart node ───────> flower-supernode (--root-certificates CA, --auth-supernode-private-key,
+                              │             --isolation process, --node-config <node's own settings>)
+                              └─ tasks ──> clients.worker.serve_tasks, in fedmart node's own process
+
+The node trusts only the deployment's ``ca.pem``, and signs every Fleet request with its
+private key (OpenSSH EC); a SuperLink that does not know the key refuses it at activation
+(exit code 305), and the node keeps asking for ``--join-timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from fedmart.cli import command
+from fedmart.errors import UserError, exit_on_user_error
+from fedmart.staging import FAB_ID
+from fedmart.supervise import Child, flwr_env, free_port
+
+__all__ = ["MAX_SUPERNODE_RESTARTS", "explain_supernode_exit", "node_cmd", "node_config_toml", "supernode_argv"]
+
+log = logging.getLogger(__name__)
+
+MAX_SUPERNODE_RESTARTS = 5
+
+
+def node_config_toml(values: dict[str, Any]) -> str:
+    """The node's own settings as the TOML file ``flower-supernode --node-config`` accepts."""
+    import tomli_w
+
+    return tomli_w.dumps({k: v for k, v in values.items() if v is not None and v != ""})
+
+
+def supernode_argv(
+    *, superlink: str, root_cert: Path, auth_key: Path, node_config: Path, isolation: str, runtime_port: int
+) -> list[str]:
+    return [
+        "flower-supernode",
+        "--superlink", superlink,
+        "--root-certificates", str(root_cert),
+        "--auth-supernode-private-key", str(auth_key),
+        "--node-config", str(node_config),
+        "--isolation", isolation,
+        "--host", "127.0.0.1",
+        "--port", str(runtime_port),
+    ]  # fmt: skip
+
+
+_EXIT_HINTS = {
+    "305": "the SuperLink refused this node: its key is not registered there (or not yet). Send {pub} to the "
+    "coordinator (`fedmart nodes register`) and start again",
+    "304": "could not reach the SuperLink at {superlink} over TLS: check the address and that --root-cert is the "
+    "coordinator's CA",
+}
+
+
+def _exit_code(log_text: str) -> str | None:
+    """Flower's exit code as ``flower-supernode`` logged it (``Exit Code: 305``), if any."""
+    codes = re.findall(r"Exit Code: (\d+)", log_text)
+    return codes[-1] if codes else None
+
+
+def explain_supernode_exit(log_text: str, *, pub: str, superlink: str) -> str:
+    """One line saying why ``flower-supernode`` stopped, from its log."""
+    codes = re.findall(r"Exit Code: (\d+)", log_text)
+    if codes and codes[-1] in _EXIT_HINTS:
+        return _EXIT_HINTS[codes[-1]].format(pub=pub, superlink=superlink)
+    if "certificate verify failed" in log_text or "SSL/TLS handshake error" in log_text:
+        return f"TLS to {superlink} failed: --root-cert is not the CA that signed the SuperLink's certificate"
+    lines = [ln for ln in log_text.splitlines() if ln.strip()]
+    detail = " ".join(lines[-3:])[-300:] if lines else "no output"
+    return f"flower-supernode stopped{' (exit code ' + codes[-1] + ')' if codes else ''}: {detail}"
+
+
+# --- fedmart node ------------------------------------------------------------------------------
+
+
+def _node_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=Path, required=True, help="the node's data directory (interactions + catalog)")
+    p.add_argument("--superlink", required=True, help="the coordinator's SuperLink as HOST:PORT")
+    p.add_argument("--root-cert", type=Path, required=True, help="the deployment's CA certificate (ca.pem)")
+    p.add_argument("--auth-key", type=Path, required=True, help="this node's private key (OpenSSH EC, 0600)")
+    p.add_argument("--max-epsilon", type=float, default=None, help="this node's privacy budget (default 10)")
+    p.add_argument("--name", default=None, help="node name (default: node.json's, else the directory's name)")
+    p.add_argument("--catalog", type=Path, default=None, help="catalog.parquet (default: DATA/catalog.parquet)")
+    p.add_argument("--max-quarantine-fraction", type=float, default=0.0, help="share of bad rows tolerated")
+    p.add_argument(
+        "--isolation",
+        choices=["process", "subprocess"],
+        default="process",
+        help="process: this command runs the ClientApp itself, warm (default); subprocess: Flower starts "
+        "a fresh flwr-clientapp with the coordinator's FAB per message",
+    )
+    p.add_argument("--runtime-port", type=int, default=0, help="the SuperNode's local Runtime API port (0: any)")
+    p.add_argument(
+        "--join-timeout",
+        type=float,
+        default=60.0,
+        help="seconds to keep asking while the SuperLink does not know this node's key (it may be registering it)",
+    )
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--fault", default="", help=argparse.SUPPRESS)  # test-only fault injection (clients/guard.py)
+
+
+def _refuse_with_report(data_dir: Path, exc: Exception) -> None:
+    """Print the data report (as `fedmart data check` does), then fail with one line."""
+    from fedmart.data_cmds import print_check
+
+    report_path = data_dir / ".fedmart" / "validation" / "report.json"
+    if report_path.is_file():
+        print_check(json.loads(report_path.read_text()), report_path, report_path.with_name("quarantine.parquet"))
+    raise UserError(f"node refuses to join: {str(exc).splitlines()[0]}") from exc
+
+
+@exit_on_user_error
+def node_cmd(args: argparse.Namespace) -> int:
+    from fedmart.console import console
+    from privacy.pki import (
+        PkiError,
+        check_private_permissions,
+        load_node_private_key,
+        node_public_key_openssh,
+        ssh_fingerprint,
+    )
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore", "flwr"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    data_dir = args.data.resolve()
+    if not data_dir.is_dir():
+        raise UserError(f"--data {args.data}: no such directory")
+    for flag, path in (("--root-cert", args.root_cert), ("--auth-key", args.auth_key)):
+        if not path.is_file():
+            raise UserError(f"{flag} {path}: no such file")
+    try:
+        check_private_permissions(args.auth_key)
+        key = load_node_private_key(args.auth_key.read_bytes())
+    except PkiError as exc:
+        raise UserError(f"--auth-key {args.auth_key}: {exc}") from exc
+    fingerprint = ssh_fingerprint(node_public_key_openssh(key.public_key()))
+    if args.max_epsilon is not None and not args.max_epsilon > 0:
+        raise UserError(f"--max-epsilon must be > 0, got {args.max_epsilon}")
+    if args.fault:
+        from clients.guard import parse_fault
+
+        try:
+            parse_fault(args.fault)
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+    node_config = {
+        "data-dir": str(data_dir),
+        "name": args.name,
+        "catalog": str(args.catalog.resolve()) if args.catalog else None,
+        "max-epsilon": args.max_epsilon,
+        "max-quarantine-fraction": args.max_quarantine_fraction,
+        "fault": args.fault or None,
+    }
+    # 1. The node's own data, validated before it joins: bad data never reaches training.
+    from clients.interactions import DataError
+    from clients.node import load_node
+    from federation.catalog import CatalogError
+
+    try:
+        node = load_node({k: v for k, v in node_config.items() if v is not None}, {})
+    except (DataError, CatalogError) as exc:
+        _refuse_with_report(data_dir, exc)
+    console.print(
+        f"node [bold]{node.name}[/]: data ok ({node.interactions.num_users:,} users, {len(node.interactions):,} "
+        f"events, dataset {node.dataset_id}, catalog {node.catalog.version}); budget "
+        f"ε≤{args.max_epsilon if args.max_epsilon is not None else 'default'}; key {fingerprint}"
+    )
+    # 2. The SuperNode with the node's own settings.
+    state = data_dir / ".fedmart"
+    state.mkdir(parents=True, exist_ok=True)
+    node_config["name"] = node.name
+    cfg_path = state / "node-config.toml"
+    cfg_path.write_text(node_config_toml(node_config))
+    home = state / "flwr"
+    port = args.runtime_port or free_port()
+    argv = supernode_argv(
+        superlink=args.superlink,
+        root_cert=args.root_cert.resolve(),
+        auth_key=args.auth_key.resolve(),
+        node_config=cfg_path,
+        isolation=args.isolation,
+        runtime_port=port,
+    )
+    stop = threading.Event()
+
+    def on_signal(signum, frame) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    if args.isolation == "process":
+        from clients.app import app  # imported once: every message of every run reuses it
+        from clients.worker import serve_tasks
+    restarts = 0
+    joining_since = time.monotonic()
+    while True:
+        log_path = state / "supernode.log"
+        offset = log_path.stat().st_size if log_path.exists() else 0  # this incarnation's output starts here
+        supernode = Child("flower-supernode", argv, env=flwr_env(home), cwd=state, log_path=log_path)
+        try:
+            if args.isolation == "process":
+                console.print(f"node {node.name}: joining {args.superlink}; the ClientApp runs in this process")
+                serve_tasks(
+                    f"127.0.0.1:{port}", app, fab_id=FAB_ID, stop=stop, alive=supernode.alive, on_message=_log_message
+                )
+            else:
+                console.print(f"node {node.name}: joining {args.superlink}; Flower starts a ClientApp per message")
+                while not stop.is_set() and supernode.alive():
+                    stop.wait(0.5)
+        finally:
+            supernode.stop()
+        if stop.is_set():
+            console.print(f"node {node.name}: stopped")
+            return 0
+        text = log_path.read_bytes()[offset:].decode(errors="replace")
+        if "SuperNode ID" in text and restarts < MAX_SUPERNODE_RESTARTS:
+            # It was accepted, then lost the SuperLink (e.g. a coordinator restarted on a fresh
+            # database answers 401): join again.
+            restarts += 1
+            joining_since = time.monotonic()
+            log.warning("flower-supernode stopped after joining; restarting (%d/%d)", restarts, MAX_SUPERNODE_RESTARTS)
+            stop.wait(5.0)
+            continue
+        if _exit_code(text) == "305" and time.monotonic() - joining_since < args.join_timeout:
+            # The key is unknown: perhaps the coordinator is still registering it. Ask again
+            # until --join-timeout; after that the refusal is final.
+            log.warning(
+                "the SuperLink does not know this node's key (yet); retrying for up to %.0fs", args.join_timeout
+            )
+            stop.wait(5.0)
+            continue
+        raise UserError(explain_supernode_exit(text, pub=f"the .pub of {args.auth_key}", superlink=args.superlink))
+
+
+def _log_message(msg) -> None:
+    from federation import wire
+
+    config = msg.content.config_records.get(wire.CONFIG) if msg.has_content() else None
+    server_round = config.get(wire.SERVER_ROUND) if config is not None else None
+    log.info(
+        "task %s (round %s)%s",
+        msg.metadata.message_type,
+        msg.metadata.group_id or "-",
+        f" server-round {server_round}" if server_round is not None else "",
+    )
+
+
+node_cmd.add_arguments = _node_args  # type: ignore[attr-defined]
+command("node", "run a department node: validate its data, then join the coordinator's SuperLink")(node_cmd)

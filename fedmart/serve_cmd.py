@@ -1,0 +1,67 @@
+"""``fedmart serve``: the recommendation and search API over the newest promoted, verified model."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from fedmart.cli import command
+from fedmart.errors import UserError, exit_on_user_error
+from fedmart.registry_cmds import default_registry_root, need_public_key, public_key_arg
+
+__all__ = ["API_KEY_ENV", "serve_cmd"]
+
+API_KEY_ENV = "FEDMART_API_KEY"
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--registry", type=Path, help="registry directory (default: the newest outputs/*/registry)")
+    public_key_arg(p)
+    p.add_argument("--catalog", type=Path, required=True, help="the catalog.parquet the model was trained on")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--api-key", default=os.environ.get(API_KEY_ENV), help=f"require x-api-key (default ${API_KEY_ENV}; prefer env)"
+    )
+    p.add_argument("--reload-interval", type=float, default=10.0, help="seconds between checks for a new promotion")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--max-batch", type=int, default=64, help="largest micro-batch of concurrent /recommend requests")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--no-search", action="store_true", help="do not build the title index (/search answers 501)")
+    p.add_argument("--text-cache", type=Path, help="title embeddings cache (.npy)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+@exit_on_user_error
+def serve_cmd(args: argparse.Namespace) -> int:
+    from serving.config import ServeConfig, ServeError
+    from serving.http import run_http
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = ServeConfig(
+            registry=Path(args.registry) if args.registry else default_registry_root(),
+            public_key=need_public_key(args),
+            catalog=Path(args.catalog),
+            host=args.host,
+            port=args.port,
+            api_key=args.api_key or None,
+            reload_interval=args.reload_interval,
+            device=args.device,
+            max_batch=args.max_batch,
+            threads=args.threads,
+            search=not args.no_search,
+            text_cache=args.text_cache,
+        )
+        run_http(config, log_level=args.log_level)
+    except (ServeError, ValueError) as exc:
+        if isinstance(exc, UserError):
+            raise
+        raise UserError(str(exc).splitlines()[0]) from exc
+    return 0
+
+
+serve_cmd.add_arguments = _serve_args  # type: ignore[attr-defined]
+command("serve", "serve recommendations and search from the newest promoted, verified model")(serve_cmd)
