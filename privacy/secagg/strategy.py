@@ -51,7 +51,9 @@ from flwr.serverapp.strategy import Strategy
 from privacy.secagg import wire
 from privacy.secagg.config import SecAggConfig
 from privacy.secagg.encoding import decode
-from privacy.secagg.protocol import SecAggAbort, ServerSession, ShareKeysReply, UnmaskReply
+from privacy.secagg.graph import SecAggAbort
+from privacy.secagg.server_session import ServerSession
+from privacy.secagg.stage_messages import ShareKeysReply, UnmaskReply
 
 __all__ = ["SecAggStrategy", "RoundReport", "wrap_strategy"]
 
