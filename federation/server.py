@@ -17,7 +17,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, Strategy
 
 from federation import wire
-from federation.aggregation import ClientDPFedAdam, ClientDPFedAvg, HolderFedAdam, HolderFedAvg, with_holders
+from federation.aggregation import HolderFedAdam, HolderFedAvg, with_holders
 from federation.catalog import Catalog
 from federation.coordinator import Coordinator, RoundRecord, discover_nodes
 from federation.device import select_device
@@ -35,6 +35,7 @@ from federation.outputs import (
 from federation.runconfig import config_hash
 from federation.trail import AuditRecorder, RegistryPublisher, open_trail
 from privacy.client_dp import ClientDPConfig
+from privacy.client_dp_strategy import ClientDPStrategy
 
 __all__ = ["make_strategy", "run_server", "CentralEvaluator"]
 
@@ -42,7 +43,10 @@ log = logging.getLogger(__name__)
 
 
 def make_strategy(fed: dict[str, Any], num_nodes: int, secagg: dict[str, Any] | None = None) -> Strategy:
-    """FedAvg or FedAdam from the ``federation`` group, wrapped in secure aggregation when enabled."""
+    """FedAvg or FedAdam from the ``federation`` group, wrapped in client-level DP and secure aggregation when enabled.
+
+    The stack is ``SecAggStrategy(ClientDPStrategy(inner))``, either wrapper only when enabled.
+    """
     inner = _base_strategy(fed, num_nodes)
     if secagg and secagg.get("enabled"):
         from privacy.secagg import SecAggConfig, wrap_strategy
@@ -95,9 +99,9 @@ def _base_strategy(fed: dict[str, Any], num_nodes: int) -> Strategy:
     cdp = client_dp_config(fed)
     strategy: FedAvg
     if name == "fedavg":
-        strategy = (HolderFedAvg if holders else ClientDPFedAvg if cdp else FedAvg)(**common)
+        strategy = (HolderFedAvg if holders else FedAvg)(**common)
     elif name == "fedadam":
-        strategy = (HolderFedAdam if holders else ClientDPFedAdam if cdp else FedAdam)(
+        strategy = (HolderFedAdam if holders else FedAdam)(
             **common,
             eta=float(fed.get("eta", 0.01)),
             eta_l=float(fed.get("eta_l", 0.001)),
@@ -107,9 +111,10 @@ def _base_strategy(fed: dict[str, Any], num_nodes: int) -> Strategy:
         )
     else:
         raise ValueError(f"federation.strategy must be fedavg or fedadam, not {name!r}")
-    if cdp is not None:
-        strategy.client_dp = cdp  # type: ignore[attr-defined]  # noise on the sum (federation/aggregation.py)
-    return strategy
+    if cdp is None:
+        return strategy
+    # noise on the sum of the clipped updates, before the holder division and FedAdam's step
+    return ClientDPStrategy(strategy, config=cdp, exclude=(wire.ITEM_HOLDERS,))
 
 
 def item_rows(fed: dict[str, Any]) -> str:
