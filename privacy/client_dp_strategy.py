@@ -50,13 +50,14 @@ from flwr.serverapp.strategy.strategy_utils import (
 )
 
 from privacy.client_dp import ClientDPConfig, add_noise_to_sum
+from privacy.strategy_wrapper import StrategyWrapper
 
 __all__ = ["ClientDPStrategy"]
 
 log = logging.getLogger(__name__)
 
 
-class ClientDPStrategy(Strategy):
+class ClientDPStrategy(StrategyWrapper):
     """Client-level DP (DP-FedAvg) around any ``flwr.serverapp.strategy.Strategy``; see the module docstring.
 
     Parameters
@@ -80,16 +81,13 @@ class ClientDPStrategy(Strategy):
         exclude: Collection[str] = (),
         weighted_by_key: str | None = None,
     ) -> None:
-        if not isinstance(inner, Strategy):
-            raise ValueError(f"inner must be a flwr.serverapp.strategy.Strategy, got {type(inner).__name__}")
+        super().__init__(inner, weighted_by_key=weighted_by_key)
         if not isinstance(config, ClientDPConfig):
             raise ValueError(f"config must be a ClientDPConfig, got {type(config).__name__}")
         if isinstance(exclude, str):
             raise ValueError("exclude must be a collection of array names, not one string")
-        self.inner = inner
         self.config = config
         self.exclude = frozenset(exclude)
-        self.weighted_by_key = weighted_by_key or str(getattr(inner, "weighted_by_key", "num-examples"))
         self._global: ArrayRecord | None = None  # the arrays this round's updates are relative to
         self._round: int | None = None
         self._instruction: Message | None = None  # one of this round's TRAIN messages (for the synthetic reply)
@@ -161,13 +159,3 @@ class ClientDPStrategy(Strategy):
         )
         out = {k: (g[k] + noisy[k] / m).astype(avg[k].dtype) if k in g else avg[k] for k in avg}
         return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in out.items()})
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Delegate to the inner strategy (evaluation metrics are not covered by this layer)."""
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Delegate to the inner strategy."""
-        return self.inner.aggregate_evaluate(server_round, replies)

@@ -3,7 +3,8 @@
 Node side: ``ClientApp(mods=[secagg_mod, ...])``. Coordinator side:
 ``SecAggStrategy(FedAvg(...), config=SecAggConfig(...))``. See ``docs/secagg.md``.
 
-This package depends on numpy, cryptography and flwr only (never on ``federation`` or ``clients``).
+This package depends on numpy, cryptography, flwr and :mod:`privacy.strategy_wrapper` only (never on
+``federation`` or ``clients``).
 
 The protocol
 ------------

@@ -52,6 +52,7 @@ from privacy.secagg.key_stages import KeyStages
 from privacy.secagg.round_state import PendingRound, RoundReport
 from privacy.secagg.stage_records import masked_input_record
 from privacy.secagg.unmask_stage import unmask_round
+from privacy.strategy_wrapper import StrategyWrapper
 
 __all__ = ["SecAggStrategy", "RoundReport", "wrap_strategy"]
 
@@ -63,7 +64,7 @@ def wrap_strategy(inner: Strategy, config: SecAggConfig) -> Strategy:
     return SecAggStrategy(inner, config=config) if config.enabled else inner
 
 
-class SecAggStrategy(Strategy):
+class SecAggStrategy(StrategyWrapper):
     """Secure aggregation (SecAgg+) around any ``flwr.serverapp.strategy.Strategy``.
 
     Parameters
@@ -88,13 +89,10 @@ class SecAggStrategy(Strategy):
         weighted_by_key: str | None = None,
         pipeline: bool = True,
     ) -> None:
-        if not isinstance(inner, Strategy):
-            raise ValueError(f"inner must be a flwr.serverapp.strategy.Strategy, got {type(inner).__name__}")
+        super().__init__(inner, weighted_by_key=weighted_by_key)
         if not isinstance(config, SecAggConfig):
             raise ValueError(f"config must be a SecAggConfig, got {type(config).__name__}")
-        self.inner = inner
         self.config = config
-        self.weighted_by_key = weighted_by_key or str(getattr(inner, "weighted_by_key", "num-examples"))
         self.last_abort_reason: str | None = None
         self.last_report: RoundReport | None = None
         self._params = config.encoding
@@ -279,14 +277,3 @@ class SecAggStrategy(Strategy):
         report.abort_reason = reason
         self.last_abort_reason = reason
         log.warning("secagg round %d aborted, the global model is unchanged: %s", report.server_round, reason)
-
-    # ------------------------------------------------------------------ evaluation: unchanged
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Delegate to the inner strategy (evaluation metrics are not secret)."""
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Delegate to the inner strategy."""
-        return self.inner.aggregate_evaluate(server_round, replies)
