@@ -216,8 +216,8 @@ def run_arm(
             return Timed
 
         def echo(grid: Grid, node_ids: list[int], server_round: int) -> None:
-            """One exchange of empty messages, polled as SecAggStrategy._exchange polls."""
-            from privacy.secagg.strategy import _POLL_FIRST, _POLL_MAX
+            """One exchange of empty messages, polled as a secure-aggregation stage polls (stage_exchange)."""
+            from privacy.secagg.stage_exchange import POLL_FIRST, POLL_MAX
 
             messages = [
                 Message(
@@ -228,13 +228,13 @@ def run_arm(
                 )
                 for n in node_ids
             ]
-            pending, pause = set(grid.push_messages(messages)), _POLL_FIRST
+            pending, pause = set(grid.push_messages(messages)), POLL_FIRST
             while pending:
                 for r in grid.pull_messages(pending):
                     pending.discard(r.metadata.reply_to_message_id)
                 if pending:
                     time.sleep(pause)
-                    pause = min(2 * pause, _POLL_MAX)
+                    pause = min(2 * pause, POLL_MAX)
 
         server = ServerApp()
 

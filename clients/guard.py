@@ -5,7 +5,7 @@ handler -> ``fault_mod`` -> ``update_guard_mod`` -> ``secagg_mod`` (which masks 
 
 * :func:`update_guard_mod` refuses to send an update with non-finite values, wrong names,
   shapes or dtypes, or values out of range (the checks of
-  :func:`federation.coordinator.validate_update`). Under secure aggregation the coordinator
+  :func:`federation.contract.validate_update`). Under secure aggregation the coordinator
   sees only a masked vector and cannot check the values any more, so this check has to run
   on the node, *before* masking. The reply becomes an error with code
   :data:`federation.wire.ERR_BAD_UPDATE`, which the coordinator counts as *rejected*; under
@@ -29,7 +29,7 @@ from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
 from federation import wire
-from federation.coordinator import validate_update
+from federation.contract import validate_update
 
 __all__ = ["update_guard_mod", "fault_mod", "FAULTS", "parse_fault"]
 

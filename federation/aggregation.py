@@ -23,6 +23,12 @@ one tiny node cannot amplify the secure sum's quantisation error without bound.
 
 The rule is applied *before* a server optimizer (FedAdam sees the corrected average),
 by putting :class:`_HolderNormalised` between the strategy and FedAvg in the MRO.
+
+Client-level DP wraps these strategies (``ClientDPStrategy(HolderFedAvg(...))``,
+:mod:`privacy.client_dp_strategy`): the wrapper noises the sum of the clipped updates and
+hands them one reply carrying the noised mean, so the noise sits before the holder
+division and before FedAdam's step, and the holder shares (public under client-level DP:
+nodes take them from the catalog) pass through unnoised.
 """
 
 from __future__ import annotations
@@ -35,14 +41,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg
 
 from federation.wire import ITEM_HOLDERS, ITEM_ROW_KEYS
-from privacy.client_dp import ClientDPConfig, add_noise_to_sum
 
 __all__ = [
     "MIN_SHARE",
     "HolderFedAvg",
     "HolderFedAdam",
-    "ClientDPFedAvg",
-    "ClientDPFedAdam",
     "with_holders",
     "without_holders",
     "normalise_rows",
@@ -82,58 +85,16 @@ def normalise_rows(current: dict[str, np.ndarray], averaged: dict[str, np.ndarra
     return out
 
 
-class _ClientLevelNoise(FedAvg):
-    """FedAvg's average, plus client-level DP noise on the sum when ``client_dp`` is set.
-
-    With client-level DP (``federation.client_dp``, :mod:`privacy.client_dp`) every node
-    clips its update ``new - global`` to norm C and reports weight 1, so FedAvg's average
-    is ``global + sum_k u_k / m``. The noise ``N(0, (sigma C)^2)`` goes on that *sum*
-    (recovered as ``(average - global) * m``) before anything divides it, holder
-    normalisation and a server optimizer included; dividing by ``m`` (the number of
-    nodes in the sum, which the coordinator knows) and the rest are post-processing.
-    The holder shares (public under client-level DP: nodes take them from the catalog)
-    are left as they are.
-    """
+class _HolderNormalised(FedAvg):
+    """FedAvg's weighted average, then :func:`normalise_rows` against the round's global arrays."""
 
     _global: ArrayRecord | None = None
-    client_dp: ClientDPConfig | None = None
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._global = arrays
         return super().configure_train(server_round, arrays, config, grid)
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        averaged, metrics = super().aggregate_train(server_round, replies)
-        cdp = self.client_dp
-        if averaged is None or cdp is None or self._global is None:
-            return averaged, metrics
-        m = sum(float(rec[self.weighted_by_key]) for r in replies for rec in r.content.metric_records.values()
-                if self.weighted_by_key in rec)  # fmt: skip
-        if m <= 0:
-            return averaged, metrics
-        avg = {k: averaged[k].numpy() for k in averaged}
-        g = {k: self._global[k].numpy().astype(np.float64) for k in avg if k != ITEM_HOLDERS and k in self._global}
-        summed = {k: (avg[k].astype(np.float64) - g[k]) * m for k in g}
-        noisy = add_noise_to_sum(summed, noise_multiplier=cdp.noise_multiplier, clipping_norm=cdp.clipping_norm)
-        out = {k: (g[k] + noisy[k] / m).astype(avg[k].dtype) if k in g else avg[k] for k in avg}
-        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in out.items()}), metrics
-
-
-class ClientDPFedAvg(_ClientLevelNoise):
-    """FedAvg with client-level DP noise on the sum (``item_rows: mean``)."""
-
-
-class ClientDPFedAdam(FedAdam, _ClientLevelNoise):
-    """FedAdam whose pseudo-gradient is the noised average (``item_rows: mean``)."""
-
-
-class _HolderNormalised(_ClientLevelNoise):
-    """FedAvg's weighted average (noised under client-level DP), then :func:`normalise_rows`."""
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -22,19 +22,18 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from federation import wire
+from federation.contract import validate_update
 
 __all__ = [
     "Coordinator",
     "RoundRecord",
     "RoundListener",
     "NodeInfo",
-    "validate_update",
     "discover_nodes",
     "exchange",
 ]
@@ -121,26 +120,6 @@ def discover_nodes(grid: Grid, *, expected: int, timeout: float, wait: float = 1
             events=int(info["events"]),
         )
     return nodes
-
-
-def validate_update(arrays: ArrayRecord, reference: ArrayRecord, *, max_abs: float = 1e6) -> str:
-    """Return "" for an acceptable update, else why it is rejected."""
-    if set(arrays.keys()) != set(reference.keys()):
-        return "wrong parameter names"
-    for k, ref in reference.items():
-        a = arrays[k]
-        if tuple(a.shape) != tuple(ref.shape):
-            return f"wrong shape for {k}: {tuple(a.shape)} != {tuple(ref.shape)}"
-        if a.dtype != ref.dtype:
-            return f"wrong dtype for {k}: {a.dtype} != {ref.dtype}"
-        v = a.numpy()
-        if not np.isfinite(v).all():
-            return f"non-finite values in {k}"
-        if np.abs(v).max(initial=0.0) > max_abs:
-            return f"values out of range in {k}"
-        if k == wire.ITEM_HOLDERS and ((v < 0) | (v > 1)).any():
-            return f"item holder shares outside [0, 1] in {k}"
-    return ""
 
 
 def _cast_like(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:

@@ -19,7 +19,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, Strategy
 
 from conf.settings import ClientDPSettings, FederationSettings, RunSettings, SecAggSettings, Settings
 from federation import wire
-from federation.aggregation import ClientDPFedAdam, ClientDPFedAvg, HolderFedAdam, HolderFedAvg, with_holders
+from federation.aggregation import HolderFedAdam, HolderFedAvg, with_holders
 from federation.catalog import Catalog
 from federation.coordinator import Coordinator, RoundRecord, discover_nodes
 from federation.device import select_device
@@ -37,6 +37,7 @@ from federation.outputs import (
 from federation.runconfig import config_hash
 from federation.trail import AuditRecorder, RegistryPublisher, open_trail
 from privacy.client_dp import ClientDPConfig
+from privacy.client_dp_strategy import ClientDPStrategy
 
 __all__ = ["make_strategy", "run_server", "CentralEvaluator"]
 
@@ -44,7 +45,10 @@ log = logging.getLogger(__name__)
 
 
 def make_strategy(fed: FederationSettings, num_nodes: int, secagg: SecAggSettings | None = None) -> Strategy:
-    """FedAvg or FedAdam from the ``federation`` group, wrapped in secure aggregation when enabled."""
+    """FedAvg or FedAdam from the ``federation`` group, wrapped in client-level DP and secure aggregation when enabled.
+
+    The stack is ``SecAggStrategy(ClientDPStrategy(inner))``, either wrapper only when enabled.
+    """
     inner = _base_strategy(fed, num_nodes)
     if secagg is not None and secagg.enabled:
         from privacy.secagg import SecAggConfig, wrap_strategy
@@ -86,14 +90,15 @@ def _base_strategy(fed: FederationSettings, num_nodes: int) -> Strategy:
     cdp = client_dp_config(fed.client_dp)
     strategy: FedAvg
     if fed.strategy == "fedavg":
-        strategy = (HolderFedAvg if holders else ClientDPFedAvg if cdp else FedAvg)(**common)
+        strategy = (HolderFedAvg if holders else FedAvg)(**common)
     else:
-        strategy = (HolderFedAdam if holders else ClientDPFedAdam if cdp else FedAdam)(
+        strategy = (HolderFedAdam if holders else FedAdam)(
             **common, eta=fed.eta, eta_l=fed.eta_l, beta_1=fed.beta_1, beta_2=fed.beta_2, tau=fed.tau
         )
-    if cdp is not None:
-        strategy.client_dp = cdp  # type: ignore[attr-defined]  # noise on the sum (federation/aggregation.py)
-    return strategy
+    if cdp is None:
+        return strategy
+    # noise on the sum of the clipped updates, before the holder division and FedAdam's step
+    return ClientDPStrategy(strategy, config=cdp, exclude=(wire.ITEM_HOLDERS,))
 
 
 class CentralEvaluator:

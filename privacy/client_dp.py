@@ -10,8 +10,9 @@ DP-FedAvg recipe of McMahan et al. (2018):
    masks the reply);
 2. the coordinator adds ``N(0, (sigma * C)^2 I)`` to the *sum* of the clipped
    contributions, before dividing by anything and before any server optimizer
-   (:func:`add_noise_to_sum`); dividing and FedAvg/FedAdam steps are then
-   post-processing;
+   (:func:`add_noise_to_sum`, applied by the strategy wrapper
+   :class:`privacy.client_dp_strategy.ClientDPStrategy`); dividing and FedAvg/FedAdam
+   steps are then post-processing;
 3. the coordinator reports :func:`client_level_epsilon` over the rounds, separately
    from the nodes' user-level epsilons.
 

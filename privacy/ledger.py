@@ -43,7 +43,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from privacy.accounting import HistoryEntry, epsilon, validate_history
+from privacy.accounting import HistoryEntry, epsilon, epsilon_after, validate_history
 
 try:  # POSIX; elsewhere the ledger still writes atomically, without cross-process locking
     import fcntl
@@ -164,9 +164,13 @@ class PrivacyLedger:
         delta: float,
         accountant: str = "rdp",
     ) -> float:
-        """Epsilon after one more training of ``steps`` steps with these parameters."""
-        return epsilon(
-            [*self.history, (noise_multiplier, sample_rate, steps)],
+        """Epsilon after one more training of ``steps`` steps with these parameters
+        (:func:`privacy.accounting.epsilon_after` on this ledger's history)."""
+        return epsilon_after(
+            self.history,
+            noise_multiplier=noise_multiplier,
+            sample_rate=sample_rate,
+            steps=steps,
             delta=delta,
             accountant=accountant,
         )

@@ -36,7 +36,9 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from privacy.secagg import wire
 from privacy.secagg.encoding import EncodingParams, encode
-from privacy.secagg.protocol import MaskRequest, NodeSession, ShareKeysRequest, UnmaskRequest, new_channel_keypair
+from privacy.secagg.key_agreement import new_channel_keypair
+from privacy.secagg.node_session import NodeSession
+from privacy.secagg.stage_messages import MaskRequest, ShareKeysRequest, UnmaskRequest
 
 __all__ = ["secagg_mod", "strict_secagg_mod", "flatten_update"]
 

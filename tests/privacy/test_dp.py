@@ -1,4 +1,4 @@
-"""DP-SGD façade: config validation, the same object in every mode, clipping, accounting."""
+"""DP-SGD façade (privacy/dp.py): the same object in every mode, clipping, accounting, the plan it follows."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from privacy.accounting import epsilon, noise_multiplier_for
-from privacy.dp import DEFAULT_GRAD_SAMPLE_MODE, DPConfig, make_private, plan_training
+from privacy.dp import DPConfig, make_private
+from privacy.dp_plan import plan_training
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
@@ -55,57 +56,6 @@ def _train(pt, epochs: int = 1) -> None:
             _, per_example = pt.module(xb, yb, reduction="none")
             pt.loss_fn(per_example).backward()
             pt.optimizer.step()
-
-
-# ---- DPConfig -------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({"mode": "on"}, "mode must be one of"),
-        ({"mode": "dp", "noise_multiplier": 0.0}, "noise_multiplier must be > 0"),
-        ({"mode": "dp", "max_grad_norm": -1.0}, "max_grad_norm must be > 0"),
-        ({"mode": "dp", "delta": 1.0}, "delta must be in"),
-        ({"mode": "target"}, "needs target_epsilon > 0"),
-        ({"mode": "target", "target_epsilon": -2.0}, "needs target_epsilon > 0"),
-        ({"mode": "dp", "target_epsilon": 3.0}, "only used with mode='target'"),
-        ({"mode": "dp", "accountant": "gdp"}, "accountant must be one of"),
-        ({"mode": "dp", "grad_sample_mode": "ew"}, "grad_sample_mode must be one of"),
-    ],
-)
-def test_config_rejects_bad_values_naming_the_constraint(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        DPConfig(**kwargs)
-
-
-def test_config_is_keyword_only_and_frozen():
-    with pytest.raises(TypeError):
-        DPConfig("dp")  # type: ignore[misc]
-    cfg = DPConfig(mode="dp")
-    with pytest.raises(AttributeError):
-        cfg.noise_multiplier = 2.0  # type: ignore[misc]
-    assert cfg.grad_sample_mode == DEFAULT_GRAD_SAMPLE_MODE
-    assert cfg.resolve_delta(200) == pytest.approx(1 / 200)
-
-
-def test_config_reads_the_hydra_privacy_group():
-    from pathlib import Path
-
-    import yaml
-
-    conf = Path(__file__).resolve().parents[2] / "conf" / "privacy"
-    dp = yaml.safe_load((conf / "dp.yaml").read_text())
-    cfg = DPConfig.from_mapping(dp)
-    assert (cfg.mode, cfg.noise_multiplier, cfg.accountant) == ("dp", 1.0, "rdp")
-    target = {
-        **dp,
-        **{k: v for k, v in yaml.safe_load((conf / "dp_target.yaml").read_text()).items() if k != "defaults"},
-    }
-    assert DPConfig.from_mapping(target).target_epsilon == 8.0
-    assert not DPConfig.from_mapping(yaml.safe_load((conf / "none.yaml").read_text())).is_private
-    with pytest.raises(ValueError, match="unknown privacy settings"):
-        DPConfig.from_mapping({**dp, "noise": 2.0})
 
 
 # ---- off mode -------------------------------------------------------------------------
@@ -303,3 +253,14 @@ def test_plan_mirrors_opacus_poisson_loader_on_a_float_edge():
     assert plan.steps_per_epoch == len(pt.data_loader) == 92
     assert plan.sample_rate == pt.sample_rate == 1 / 92
     pt.close()
+
+
+def test_the_facade_exports_the_objects_of_the_modules_beside_it():
+    import privacy.dp as dp
+    from privacy import dp_config, dp_plan, dp_training
+
+    homes = {name: dp_config for name in dp_config.__all__}
+    homes |= {name: dp_plan for name in dp_plan.__all__} | {"PrivateTraining": dp_training}
+    for name, home in homes.items():
+        assert getattr(dp, name) is getattr(home, name), name
+    assert set(dp.__all__) == set(homes) | {"make_private"}  # the public API did not change

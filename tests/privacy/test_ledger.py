@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from privacy.accounting import epsilon
+from privacy.accounting import epsilon, epsilon_after
 from privacy.ledger import LedgerError, PrivacyLedger
 
 DELTA = 1e-4
@@ -190,6 +190,25 @@ def test_ledger_epsilon_equals_an_accountant_that_took_the_steps(tmp_path):
 
 def test_prv_is_tighter_than_rdp():
     assert epsilon(HISTORY, delta=DELTA, accountant="prv") < epsilon(HISTORY, delta=DELTA, accountant="rdp")
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_epsilon_after_is_the_accounting_function_on_the_ledgers_history(tmp_path, monkeypatch, accountant):
+    import privacy.ledger
+
+    led = _ledger(tmp_path)
+    led.record(1.1, 0.05, 30, round=1, run="r1")
+    led.record(0.9, 0.02, 70, round=2, run="r1")
+    want = epsilon_after(
+        led.history, noise_multiplier=1.3, sample_rate=0.04, steps=25, delta=DELTA, accountant=accountant
+    )
+
+    got = led.epsilon_after(1.3, 0.04, 25, delta=DELTA, accountant=accountant)
+
+    assert got == want == epsilon([*led.history, (1.3, 0.04, 25)], delta=DELTA, accountant=accountant)
+    calls = []
+    monkeypatch.setattr(privacy.ledger, "epsilon_after", lambda *a, **k: calls.append((a, k)) or 7.0)
+    assert led.epsilon_after(1.3, 0.04, 25, delta=DELTA) == 7.0 and len(calls) == 1  # one implementation
 
 
 # ---- budget check -----------------------------------------------------------------------

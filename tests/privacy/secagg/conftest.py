@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterable
 
+import numpy as np
 import pytest
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -18,6 +19,9 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from privacy.secagg import wire
+from privacy.secagg.key_agreement import new_channel_keypair
+from privacy.secagg.node_session import NodeSession
+from privacy.secagg.server_session import ServerSession
 
 
 def set_task_identity() -> None:
@@ -113,3 +117,24 @@ class InProcessGrid(Grid):
 def grid_factory() -> type[InProcessGrid]:
     """``grid_factory(app, num_nodes, drop=None)`` builds an :class:`InProcessGrid`."""
     return InProcessGrid
+
+
+def _session_after_masking(n: int, neighbours: int, threshold: int | float, dropped: set[int]) -> ServerSession:
+    """A ServerSession at the unmask stage, with ``dropped`` silent at the masked-input stage."""
+    channel = {u: new_channel_keypair() for u in range(1, n + 1)}
+    server = ServerSession(list(channel), threshold=threshold, neighbours=neighbours)
+    nodes, replies = {}, {}
+    for u, req in server.share_keys_requests({u: kp[1] for u, kp in channel.items()}).items():
+        nodes[u], replies[u] = NodeSession.share_keys(req, channel[u][0])
+    server.receive_share_keys(replies)
+    masked = {
+        u: nodes[u].mask(m, np.zeros(4, np.uint32)) for u, m in server.mask_requests().items() if u not in dropped
+    }
+    server.receive_masked(masked, 4, np.uint32)
+    return server
+
+
+@pytest.fixture(scope="session")
+def masked_session_factory() -> Callable[[int, int, int | float, set[int]], ServerSession]:
+    """``masked_session_factory(n, neighbours, threshold, dropped)`` builds a session at the unmask stage."""
+    return _session_after_masking

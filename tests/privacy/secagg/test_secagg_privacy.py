@@ -17,7 +17,7 @@ from scipy.stats import chi2_contingency, chisquare
 
 from privacy.secagg import SecAggConfig, SecAggStrategy, secagg_mod, wire
 from privacy.secagg.encoding import EncodingParams, encode
-from privacy.secagg.protocol import run_round_locally
+from privacy.secagg.local_round import run_round_locally
 
 D = 20_000
 N = 8

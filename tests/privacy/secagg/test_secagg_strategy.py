@@ -1,7 +1,8 @@
 """SecAggStrategy + secagg_mod through Flower's Message objects, with an in-process Grid.
 
-These run the real mod, real ClientApp routing and real strategies (FedAvg, FedAdam, Flower's
-client-side DP wrapper); only the transport is replaced (see ``secagg_fakes.InProcessGrid``).
+These run the real mod, real ClientApp routing and real strategies (FedAvg, FedAdam, fedmart's
+client-level DP wrapper, Flower's client-side DP wrapper); only the transport is replaced (see
+``conftest.InProcessGrid``).
 """
 
 from __future__ import annotations
@@ -401,3 +402,48 @@ def test_aggregate_without_configure_returns_nothing() -> None:
 
     assert strategy.aggregate_train(3, []) == (None, None)
     assert "not configured" in strategy.last_abort_reason
+
+
+def test_client_level_dp_wrapper_composes_under_secagg(grid_factory: type, monkeypatch) -> None:
+    """SecAgg(ClientDP(FedAvg)): the wrapper noises the unmasked sum, as it noises a plain round's sum."""
+    import privacy.client_dp_strategy as client_dp_strategy
+    from privacy.client_dp import ClientDPConfig, add_noise_to_sum
+    from privacy.client_dp_strategy import ClientDPStrategy
+
+    def noise(summed, **kwargs):
+        return add_noise_to_sum(summed, rng=np.random.default_rng(5), **kwargs)
+
+    monkeypatch.setattr(client_dp_strategy, "add_noise_to_sum", noise)
+
+    def app_with(mods: list) -> ClientApp:  # nodes send weight 1 under client-level DP
+        app = ClientApp(mods=mods)
+
+        @app.train()
+        def train(msg: Message, context) -> Message:
+            pid = int(context.node_config["partition-id"])
+            new = {k: Array(v.numpy() + _delta(pid, k, v.numpy().shape)) for k, v in msg.content["arrays"].items()}
+            metrics = MetricRecord({"num-examples": 1, "loss": float(pid)})
+            return Message(RecordDict({"arrays": ArrayRecord(new), "metrics": metrics}), reply_to=msg)
+
+        return app
+
+    class Counting(FedAvg):
+        seen: list[int] = []
+
+        def aggregate_train(self, server_round, replies):
+            replies = list(replies)
+            self.seen.append(len(replies))
+            return super().aggregate_train(server_round, replies)
+
+    cdp = ClientDPConfig(noise_multiplier=1.0, clipping_norm=0.05)
+    secure = SecAggStrategy(ClientDPStrategy(Counting(min_available_nodes=4), config=cdp), config=CFG)
+    plain = ClientDPStrategy(FedAvg(min_available_nodes=4), config=cdp)
+
+    (got, metrics), _ = run_round(grid_factory(app_with([secagg_mod]), 4), secure)
+    want = plain.start(grid_factory(app_with([]), 4), initial(), num_rounds=1).arrays
+
+    assert Counting.seen == [1]  # the inner strategy saw one reply: the noised mean
+    assert secure.weighted_by_key == "num-examples" and metrics["loss"] == pytest.approx(1.5)
+    assert_close(got, {k: v.numpy() for k, v in want.items()}, CFG.encoding.error_bound)
+    noiseless = 0.25 + sum(_delta(p, "emb", SHAPES["emb"]) for p in range(4)) / 4
+    assert not np.allclose(got["emb"].numpy(), noiseless, atol=1e-3)  # noise of std 0.05 / 4 on the mean
