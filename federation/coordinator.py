@@ -300,11 +300,14 @@ class Coordinator:
         t3 = time.perf_counter()
         if server_round % self.eval_every == 0 or server_round == self.num_rounds:
             eval_msgs = list(self.strategy.configure_evaluate(server_round, new_arrays, ConfigRecord(), self.grid))
-            eval_replies = [
-                r
-                for r in exchange(self.grid, eval_msgs, timeout=self.round_timeout)
-                if not r.has_error() and wire.METRICS in r.content.metric_records
-            ]
+            eval_replies = sorted(
+                (
+                    r
+                    for r in exchange(self.grid, eval_msgs, timeout=self.round_timeout)
+                    if not r.has_error() and wire.METRICS in r.content.metric_records
+                ),
+                key=lambda m: self._name(m.metadata.src_node_id),  # as for training: sums repeat bit for bit
+            )
             agg = self.strategy.aggregate_evaluate(server_round, eval_replies) if eval_replies else None
             record.federated_eval = {k: float(v) for k, v in (agg or {}).items() if isinstance(v, (int, float))}
         t4 = time.perf_counter()
