@@ -7,9 +7,12 @@
 * ``evaluate``: score the global model on the node's held-out items (leave-one-out);
 * ``query.hello``: tell the coordinator the node's name and how much data it has.
 
-Settings enter here and only here: the run config (the coordinator's request) as
-:class:`conf.settings.RunSettings`, the node's own ``node_config`` as
-:class:`conf.settings.NodeSettings`; both are validated once per message.
+Settings enter here and only here: the run config as :class:`conf.settings.RunSettings`
+(model shape, batch, learning rate: nothing the node's privacy rests on), each TRAIN
+message's :class:`privacy.policy.TrainingRequest` (what the coordinator asks, round by
+round), and the node's own ``node_config`` as :class:`conf.settings.NodeSettings` with
+its :class:`privacy.policy.NodePolicy` (what the node decides). The request and the
+policy meet in :func:`privacy.policy.decide`, inside :func:`clients.local_round.train_round`.
 """
 
 from __future__ import annotations
@@ -25,20 +28,20 @@ from flwr.clientapp import ClientApp
 
 from clients.guard import fault_mod, update_guard_mod
 from clients.local_round import train_round
-from clients.node import NodeData, NodeRefused, ReplyCache, load_node, model_skeleton
+from clients.node import NodeData, NodeRefused, load_node, model_skeleton
+from clients.node_policy import policy_secagg_mod, refuse, resolve_policy
 from clients.trainer import evaluate, seed_everything
 from conf.settings import NodeSettings, RunSettings
 from federation import wire
 from federation.device import select_device
 from federation.globalmodel import set_weights
 from federation.runconfig import unflatten
+from privacy.policy import NodePolicy, TrainingRequest
 from privacy.secagg import secagg_mod
 
-__all__ = ["app", "build_client_app", "arrays_to_numpy", "numpy_to_arrays", "round_seed", "node_budget"]
+__all__ = ["app", "build_client_app", "arrays_to_numpy", "numpy_to_arrays", "round_seed"]
 
 log = logging.getLogger(__name__)
-
-DEFAULT_NODE_MAX_EPSILON = 10.0  # a deployed node that configured no budget gets this one
 
 
 def arrays_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -55,32 +58,17 @@ def round_seed(seed: int, server_round: int, node_name: str) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-def node_budget(node: NodeSettings, settings: RunSettings) -> float | None:
-    """The node's own ``max_epsilon``.
-
-    In a deployment (the node has its own ``data-dir``) only the node's config counts
-    (``--max-epsilon`` of ``fedmart node``): whatever the coordinator sends is ignored. In
-    simulation the run's ``privacy.max_epsilon`` stands in for every simulated node's config.
-    """
-    if node.data_dir:
-        value = node.max_epsilon if node.max_epsilon is not None else DEFAULT_NODE_MAX_EPSILON
-    else:
-        value = settings.privacy.max_epsilon
-    return None if value is None or value == float("inf") else float(value)
-
-
-def local_train(msg: Message, node: NodeData, node_cfg: NodeSettings, settings: RunSettings) -> Message:
+def local_train(msg: Message, node: NodeData, policy: NodePolicy, settings: RunSettings) -> Message:
     cfg = msg.content[wire.CONFIG]
     server_round = int(cfg[wire.SERVER_ROUND])
     run = str(cfg.get(wire.RUN, "") or "run")
-    replay = ReplyCache(node.state_dir / "replies")
-    incoming = arrays_to_numpy(msg.content[wire.ARRAYS])
-    cached = replay.get(run, server_round, incoming)
-    if cached is not None:
-        # A restarted coordinator asks again for a round this node already answered: send
-        # the same (already released) update. Re-sending costs no privacy; retraining would.
-        log.info("node %s: replaying its round-%d update of run %s", node.name, server_round, run)
-        return _train_reply(msg, *cached)
+    try:
+        request = TrainingRequest.from_config(cfg)
+    except ValueError as exc:
+        return refuse(msg, f"policy.request: {exc}")
+    # A round asked again (a restarted coordinator, or one that replays) is trained again,
+    # with fresh DP randomness and a fresh spend in the ledger: the node never puts the
+    # same update into two secure sums, whose difference would reveal it exactly.
     seed = round_seed(settings.seed, server_round, node.name)
     seed_everything(seed)
     if len(node.train_dataset(settings.data.max_len)) == 0:
@@ -90,15 +78,10 @@ def local_train(msg: Message, node: NodeData, node_cfg: NodeSettings, settings: 
         reason = f"node {node.name} has no training example: none of its {users} users has 2 training events"
         log.warning(reason)
         return Message(Error(code=wire.ERR_NO_TRAINING_DATA, reason=reason), reply_to=msg)
-    result = train_round(
-        node,
-        settings,
-        incoming,
-        server_round=server_round,
-        run=run,
-        budget=node_budget(node_cfg, settings),
-        seed=seed,
-    )
+    incoming = arrays_to_numpy(msg.content[wire.ARRAYS])
+    result = train_round(node, settings, request, policy, incoming, server_round=server_round, run=run, seed=seed)
+    if result.refused is not None:
+        return refuse(msg, f"node {node.name}: {result.refused.reason}")
     if result.declined is not None:
         d = result.declined
         reason = {"code": d.code, "message": d.reason, "node": node.name,
@@ -106,7 +89,6 @@ def local_train(msg: Message, node: NodeData, node_cfg: NodeSettings, settings: 
         log.warning("node %s declines: %s", node.name, d.reason)
         return Message(Error(code=wire.ERR_DECLINED, reason=json.dumps(reason)), reply_to=msg)
     assert result.weights is not None and result.metrics is not None
-    replay.put(run, server_round, incoming, result.weights, result.metrics)
     return _train_reply(msg, result.weights, result.metrics)
 
 
@@ -115,7 +97,15 @@ def _train_reply(msg: Message, weights: dict[str, np.ndarray], metrics: dict[str
     return Message(content, reply_to=msg)
 
 
-def local_evaluate(msg: Message, node: NodeData, node_cfg: NodeSettings, settings: RunSettings) -> Message:
+def local_evaluate(msg: Message, node: NodeData, policy: NodePolicy, settings: RunSettings) -> Message:
+    if policy.evaluation != "plain":
+        # Exact metrics on held-out users, for any weights the coordinator chooses, are an
+        # unlimited query oracle on the node's data; the default policy does not answer.
+        return refuse(
+            msg,
+            f"policy.evaluation: node {node.name} does not answer federated evaluation "
+            f"(evaluation: {policy.evaluation}); set evaluation: plain in its policy to allow exact metrics",
+        )
     device = select_device(settings.device)
     model = model_skeleton(node, settings.model, settings.data.max_len)
     set_weights(model, arrays_to_numpy(msg.content[wire.ARRAYS]))
@@ -132,11 +122,12 @@ def local_evaluate(msg: Message, node: NodeData, node_cfg: NodeSettings, setting
     return Message(RecordDict({wire.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
-def hello(msg: Message, node: NodeData, node_cfg: NodeSettings, settings: RunSettings) -> Message:
+def hello(msg: Message, node: NodeData, policy: NodePolicy, settings: RunSettings) -> Message:
     info = ConfigRecord(
         {
             "name": node.name,
-            "dataset-id": node.dataset_id,
+            "dataset-id": node.population_id,  # random: a content hash would allow a confirmation attack
+            "evaluation": policy.evaluation,
             "users": int(node.interactions.num_users),
             "events": int(len(node.interactions)),
             "catalog-version": node.catalog.version,
@@ -145,14 +136,14 @@ def hello(msg: Message, node: NodeData, node_cfg: NodeSettings, settings: RunSet
     return Message(RecordDict({"node": info}), reply_to=msg)
 
 
-def _guarded(handler, fixed: dict[str, Any] | None):
+def _guarded(handler, fixed: dict[str, Any] | None, policy_of):
     """Validate the settings, load the node, and turn a refusal (bad data) into an error reply."""
 
     def run(msg: Message, context: Context) -> Message:
         settings = RunSettings.from_dict(unflatten(fixed if fixed is not None else dict(context.run_config)))
         node_cfg = NodeSettings.from_node_config(dict(context.node_config))
         try:
-            return handler(msg, load_node(node_cfg, settings), node_cfg, settings)
+            return handler(msg, load_node(node_cfg, settings), policy_of(context), settings)
         except NodeRefused as exc:
             log.error("node refuses to take part: %s", exc)
             return Message(Error(code=wire.ERR_BAD_DATA, reason=str(exc)), reply_to=msg)
@@ -160,17 +151,29 @@ def _guarded(handler, fixed: dict[str, Any] | None):
     return run
 
 
-def build_client_app(fixed_run_config: dict[str, Any] | None = None) -> ClientApp:
-    """The ClientApp; ``fixed_run_config`` replaces ``context.run_config`` (in-process simulation)."""
-    # secagg_mod answers the secure-aggregation stages and masks the training reply when
-    # the coordinator runs secure aggregation; other messages pass through untouched.
-    # update_guard_mod refuses to send a malformed update (NaN/Inf, shape, dtype, range): under
-    # secure aggregation only the node can still check the values. fault_mod is test-only and
-    # a no-op unless the node's own config sets `fault` (clients/guard.py).
-    client_app = ClientApp(mods=[secagg_mod, update_guard_mod, fault_mod])
-    client_app.train()(_guarded(local_train, fixed_run_config))
-    client_app.evaluate()(_guarded(local_evaluate, fixed_run_config))
-    client_app.query("hello")(_guarded(hello, fixed_run_config))
+def build_client_app(
+    fixed_run_config: dict[str, Any] | None = None, node_policy: dict[str, Any] | None = None
+) -> ClientApp:
+    """The ClientApp.
+
+    ``fixed_run_config`` replaces ``context.run_config`` (in-process simulation).
+    ``node_policy`` is the simulated nodes' own policy (``conf/node/``): it stands in for the
+    policy file a deployed node reads (``fedmart node --policy``), and never comes from the
+    coordinator.
+    """
+
+    def policy_of(context: Context) -> NodePolicy:
+        return resolve_policy(NodeSettings.from_node_config(dict(context.node_config)), node_policy)
+
+    # policy_secagg_mod refuses a plain TRAIN message when the node's policy requires secure
+    # aggregation. secagg_mod answers the secure-aggregation stages and masks the training
+    # reply. update_guard_mod refuses to send a malformed update (NaN/Inf, shape, dtype,
+    # range): under secure aggregation only the node can still check the values. fault_mod is
+    # test-only and a no-op unless the node's own config sets `fault` (clients/guard.py).
+    client_app = ClientApp(mods=[policy_secagg_mod(policy_of), secagg_mod, update_guard_mod, fault_mod])
+    client_app.train()(_guarded(local_train, fixed_run_config, policy_of))
+    client_app.evaluate()(_guarded(local_evaluate, fixed_run_config, policy_of))
+    client_app.query("hello")(_guarded(hello, fixed_run_config, policy_of))
     return client_app
 
 

@@ -1,10 +1,13 @@
-"""One local training round at a node: budget check, (private) training, spend recorded, update built.
+"""One local training round at a node: policy and budget checks, (private) training, spend recorded.
 
 The steps, in the order that makes the privacy guarantee hold:
 
-1. With DP on, :func:`privacy.dp.plan_training` says what the round will spend (noise,
-   sampling rate, steps) and the node's :class:`~privacy.ledger.PrivacyLedger` checks the
-   ε after it against the node's own ``max_epsilon``; over budget, the node declines.
+1. The coordinator's :class:`~privacy.policy.TrainingRequest` becomes a DP-SGD config at
+   the node's own δ and pinned accountant; :func:`privacy.dp.plan_training` says what the
+   round will spend (noise, sampling rate, steps); :func:`privacy.policy.decide` compares the
+   request with the node's :class:`~privacy.policy.NodePolicy` and the node's
+   :class:`~privacy.ledger.PrivacyLedger` checks the ε after it against the policy's
+   ``max_epsilon``. Either refusal ends the round for this node.
 2. :func:`privacy.dp.make_private` wraps model, optimizer and loader (the same objects
    when DP is off) and :func:`clients.trainer.train_epoch_private` runs ``local_epochs``,
    stopped after ``local_steps`` optimizer steps when that is set.
@@ -30,6 +33,7 @@ from federation.device import select_device
 from federation.globalmodel import get_weights, set_weights
 from privacy.dp import DPConfig, make_private, plan_training
 from privacy.ledger import Decision, PrivacyLedger
+from privacy.policy import NodePolicy, PolicyDecision, TrainingRequest, decide, policy_delta
 
 __all__ = ["RoundResult", "dp_config", "train_round"]
 
@@ -40,51 +44,75 @@ Weights = dict[str, np.ndarray]
 
 @dataclass
 class RoundResult:
-    """What a training round produced: an update to release, or the ledger's refusal."""
+    """What a training round produced: an update to release, or the policy's or the ledger's refusal."""
 
     weights: Weights | None = None
     metrics: dict[str, float] | None = None
-    declined: Decision | None = None
+    declined: Decision | None = None  # the budget
+    refused: PolicyDecision | None = None  # the policy
 
 
-def dp_config(settings: RunSettings) -> DPConfig:
-    """The privacy group of the run config as the mechanism's validated :class:`DPConfig`."""
-    return DPConfig.from_mapping(settings.privacy.dp_fields())
+def dp_config(request: TrainingRequest, *, delta: float, accountant: str) -> DPConfig:
+    """The request as DP-SGD at the node's own δ and accountant (``off`` when not private)."""
+    if not request.is_private:
+        return DPConfig(mode="off")
+    return DPConfig(
+        mode=request.mode,  # type: ignore[arg-type]  # validated by DPConfig
+        noise_multiplier=request.noise_multiplier if request.mode == "dp" else None,
+        max_grad_norm=request.max_grad_norm,
+        delta=delta,
+        target_epsilon=request.target_epsilon if request.mode == "target" else None,
+        accountant=accountant,  # type: ignore[arg-type]
+        grad_sample_mode=request.grad_sample_mode,  # type: ignore[arg-type]
+        poisson_sampling=request.poisson_sampling,
+    )
 
 
 def train_round(
     node: NodeData,
     settings: RunSettings,
+    request: TrainingRequest,
+    policy: NodePolicy,
     incoming: Weights,
     *,
     server_round: int,
     run: str,
-    budget: float | None,
     seed: int,
 ) -> RoundResult:
     """Fine-tune the global weights ``incoming`` on the node's data; see the module docstring.
 
-    The caller has seeded the RNGs with ``seed`` (which also shuffles the loader) and made
-    sure the node has training examples.
+    ``settings`` supplies only what is not private (model shape, batch size, learning
+    rate, item rows); everything DP comes from ``request`` and ``policy``. The caller has
+    seeded the non-private RNGs with ``seed`` (dropout, and the loader's shuffle when DP is
+    off) and made sure the node has training examples.
     """
     t0 = time.perf_counter()
     fed, max_len = settings.federation, settings.data.max_len
-    epochs, max_steps = fed.local_epochs, fed.max_steps
-    planned = epochs * fed.num_rounds
-    dpc = dp_config(settings)
+    epochs, max_steps = request.local_epochs, request.local_steps or None
+    planned = epochs * request.planned_rounds
+    ledger = PrivacyLedger(node.state_dir / "privacy-ledger.json", population_id=node.population_id)
+    delta = ledger.pinned_delta or policy_delta(policy, node.interactions.num_users)
+    accountant = ledger.pinned_accountant or request.accountant
+    try:
+        dpc = dp_config(request, delta=delta, accountant=accountant)
+    except ValueError as exc:
+        return RoundResult(refused=PolicyDecision.refuse("request", f"a malformed request: {exc}"))
     model = model_skeleton(node, settings.model, max_len)
     set_weights(model, incoming)
     model.train()  # the cached skeleton may come from an evaluation; Opacus checks the mode
     dataset = node.train_dataset(max_len)
     opt = make_optimizer(model, settings.train)
     loader = make_loader(dataset, settings.train.batch_size, seed)
-    ledger = None
     history: list = []
+    plan = None
     if dpc.is_private:
-        ledger = PrivacyLedger(node.state_dir / "privacy-ledger.json", dataset_id=node.dataset_id)
         plan = plan_training(dpc, data_loader=loader, epochs=epochs, total_epochs_planned=planned, max_steps=max_steps)
+    verdict = decide(request, policy, noise_multiplier=plan.noise_multiplier if plan is not None else None)
+    if not verdict.allowed:
+        return RoundResult(refused=verdict)
+    if plan is not None:
         decision = ledger.check(
-            max_epsilon=budget,
+            max_epsilon=policy.max_epsilon,
             noise_multiplier=plan.noise_multiplier,
             sample_rate=plan.sample_rate,
             steps=plan.steps,
@@ -117,10 +145,17 @@ def train_round(
             losses.append(stats["loss"])
             steps += stats["steps"]
         if pt.is_private:
-            assert ledger is not None
-            # Persist the spend before the update leaves the node (atomic write).
-            ledger.record(*pt.spent(), round=server_round, run=run, training_id=pt.training_id)
-            metrics.update(epsilon=pt.epsilon(), delta=pt.delta, noise_multiplier=pt.noise_multiplier)
+            # Persist the spend before the update leaves the node (atomic write), pinning the
+            # node's δ and accountant at first use: the ledger never reads with another δ.
+            ledger.record(
+                *pt.spent(), round=server_round, run=run, training_id=pt.training_id, delta=delta, accountant=accountant
+            )
+            metrics.update(
+                epsilon=pt.epsilon(),
+                delta=pt.delta,
+                noise_multiplier=pt.noise_multiplier,
+                max_epsilon=policy.max_epsilon,
+            )
     metrics.update(
         {
             wire.NUM_EXAMPLES: len(dataset),
@@ -135,6 +170,10 @@ def train_round(
     if fed.item_rows == "holders":
         # Under either DP layer the holder set must not depend on the node's data.
         weights = with_item_holders(weights, incoming, node, private=dpc.is_private or client_dp is not None)
+        # Every node weighs 1 in the sum, so the averaged holder vector is each item's holder
+        # *count* over the number of nodes: with distinct weights, the coordinator could
+        # decode from the averaged shares which nodes hold which items (subset sums).
+        metrics.update({wire.NUM_EXAMPLES: 1, "users_trained": len(dataset)})
     if client_dp is not None:
         # Every node weighs the same: a weight that depended on the node's size would
         # change the sum's sensitivity.

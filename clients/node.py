@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import uuid
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -39,7 +40,6 @@ __all__ = [
     "node_dir_for",
     "write_node_dir",
     "NodeRefused",
-    "ReplyCache",
 ]
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class NodeData:
     catalog: Catalog
     interactions: Interactions
     split: Split
-    dataset_id: str  # content hash: the privacy ledger is per dataset
+    dataset_id: str  # content hash, for the node's own logs only: it never leaves the node
     report: dict | None = None
 
     def train_dataset(self, max_len: int) -> TrainDataset:
@@ -72,6 +72,25 @@ class NodeData:
         path = base / ".fedmart"
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    @property
+    def population_id(self) -> str:
+        """The node's stable, random population id (its ledger's identity), created on first use.
+
+        It is not derived from the data: appending interactions keeps the same population and
+        its spend, and the id tells the coordinator nothing about the data (no confirmation
+        attack on a content hash).
+        """
+        path = self.state_dir / "population-id"
+        if path.is_file() and (value := path.read_text().strip()):
+            return value
+        value = uuid.uuid4().hex
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(value + "\n")
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+        log.info("node %s: new population id %s", self.name, value)
+        return value
 
 
 def _dataset_id(inter: Interactions) -> str:
@@ -158,55 +177,3 @@ def model_skeleton(node: NodeData, model_cfg: ModelSettings, max_len: int) -> SA
         cache = node.state_dir / f"title_emb-{node.catalog.version}.npy"
         _MODELS[key] = build_model(node.catalog, model_cfg, max_len, text_cache=cache)
     return _MODELS[key]
-
-
-class ReplyCache:
-    """The node's last released training reply per (run, round), on its own disk.
-
-    When a restarted coordinator asks again for a round the node already answered (same
-    run, same round, same incoming global weights), the node re-sends that reply
-    instead of training again: the update was already released, so re-sending it costs
-    no privacy, and the ledger holds exactly one spend per completed round.
-    """
-
-    def __init__(self, directory: Path, keep: int = 2) -> None:
-        self.dir = directory
-        self.keep = keep
-
-    @staticmethod
-    def _digest(weights: dict[str, np.ndarray]) -> str:
-        h = hashlib.sha256()
-        for k in sorted(weights):
-            h.update(k.encode())
-            h.update(np.ascontiguousarray(weights[k]).tobytes())
-        return h.hexdigest()
-
-    def _path(self, run: str, server_round: int) -> Path:
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run)
-        return self.dir / f"{safe}-r{server_round:05d}"
-
-    def get(self, run: str, server_round: int, incoming: dict[str, np.ndarray]):
-        path = self._path(run, server_round)
-        meta_file = path.with_suffix(".json")
-        if not meta_file.is_file():
-            return None
-        meta = json.loads(meta_file.read_text())
-        if meta.get("input_sha256") != self._digest(incoming):
-            return None  # a different global model: this is a new training
-        from safetensors.numpy import load_file
-
-        return load_file(str(path.with_suffix(".safetensors"))), meta["metrics"]
-
-    def put(self, run, server_round, incoming, weights, metrics) -> None:
-        from safetensors.numpy import save_file
-
-        self.dir.mkdir(parents=True, exist_ok=True)
-        path = self._path(run, server_round)
-        save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, str(path.with_suffix(".safetensors")))
-        meta = {"input_sha256": self._digest(incoming), "metrics": metrics}
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(meta))
-        os.replace(tmp, path.with_suffix(".json"))
-        for old in sorted(self.dir.glob("*.json"), key=lambda p: p.stat().st_mtime)[: -self.keep]:
-            old.unlink(missing_ok=True)
-            old.with_suffix(".safetensors").unlink(missing_ok=True)

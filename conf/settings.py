@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 from conf.typed import SettingsError, build
+from privacy.policy import NodePolicy
 
 __all__ = [
     "SettingsError",
@@ -46,6 +47,7 @@ __all__ = [
     "SimSettings",
     "Settings",
     "RunSettings",
+    "SimulateSettings",
     "DeploySettings",
     "CoordinateSettings",
     "CentralSettings",
@@ -242,32 +244,25 @@ class FederationSettings:
 
 @dataclass(frozen=True)
 class PrivacySettings:
-    """User-level DP-SGD on every node (``privacy/dp.py``; docs/privacy.md).
+    """The DP-SGD the coordinator *requests* of every node (``privacy/policy.py``; docs/privacy.md).
 
-    ``max_epsilon`` is the one key here that is not DP-SGD's: it stands in, in simulation,
-    for every simulated node's own budget (a deployed node reads its own, see
-    :class:`NodeSettings`). The DP-SGD keys are validated by ``privacy.dp.DPConfig``.
+    It travels in every TRAIN message as a :class:`privacy.policy.TrainingRequest`; each node
+    compares it with its own policy and may decline. What a node decides alone is not here:
+    its δ, its budget, its accountant's pin and its randomness (:class:`privacy.policy.NodePolicy`).
     """
 
-    mode: str = "off"  # off | dp | target
-    noise_multiplier: float | None = 0.0
-    max_grad_norm: float = 1.0
-    delta: float | None = None  # None = 1 / users at the node
-    target_epsilon: float | None = None
+    mode: str = "target"  # off | dp | target
+    noise_multiplier: float | None = None  # mode dp
+    max_grad_norm: float = 1.0  # per-user clipping bound C
+    target_epsilon: float | None = 8.0  # mode target: per node, over all planned rounds
     accountant: str = "rdp"  # rdp | prv
     grad_sample_mode: str = "bk"  # bk | ghost | hooks
     poisson_sampling: bool = True
-    secure_rng: bool = False
-    max_epsilon: float | None = None
 
     def __post_init__(self) -> None:
         _choice("privacy.mode", self.mode, ("off", "dp", "target"))
         _choice("privacy.accountant", self.accountant, ("rdp", "prv"))
         _choice("privacy.grad_sample_mode", self.grad_sample_mode, ("bk", "ghost", "hooks"))
-
-    def dp_fields(self) -> dict[str, Any]:
-        """The keys that configure DP-SGD itself (everything but the node budget)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "max_epsilon"}
 
 
 @dataclass(frozen=True)
@@ -388,6 +383,21 @@ class RunSettings(Settings):
 
 
 @dataclass(frozen=True)
+class SimulateSettings(Settings):
+    """``conf/config.yaml``: the run config plus the simulated nodes' own policy (``conf/node/``).
+
+    ``node`` never reaches the run config: ``fedmart simulate`` hands it to the simulated
+    nodes directly, as a real node reads its own policy file.
+    """
+
+    node: NodePolicy = field(default_factory=NodePolicy)
+
+    def request(self) -> Settings:
+        """The run-config part (without ``node`` or ``deploy``)."""
+        return Settings(**{f.name: getattr(self, f.name) for f in fields(Settings)})
+
+
+@dataclass(frozen=True)
 class DeploySettings:
     """``fedmart coordinate``'s own group (``conf/coordinate.yaml``): where the SuperLink runs."""
 
@@ -408,14 +418,13 @@ class DeploySettings:
 
 
 @dataclass(frozen=True)
-class CoordinateSettings(Settings):
-    """``conf/coordinate.yaml``: the run config plus the deployment group (which never reaches Flower)."""
+class CoordinateSettings(SimulateSettings):
+    """``conf/coordinate.yaml``: the run config plus the deployment group (which never reaches Flower).
+
+    ``node`` is composed too but unused: in a deployment every node reads its own policy file.
+    """
 
     deploy: DeploySettings = field(default_factory=DeploySettings)
-
-    def request(self) -> Settings:
-        """The run-config part (without ``deploy``)."""
-        return Settings(**{f.name: getattr(self, f.name) for f in fields(Settings)})
 
 
 @dataclass(frozen=True)
@@ -460,7 +469,8 @@ class NodeSettings:
     catalog: str | None = None
     name: str | None = None
     max_quarantine_fraction: float = 0.0
-    max_epsilon: float | None = None  # the node's budget; None: DEFAULT_NODE_MAX_EPSILON in a deployment
+    policy: str | None = None  # deployment: the node's policy file (YAML/JSON); None = the default policy
+    max_epsilon: float | None = None  # overrides the policy's budget (`fedmart node --max-epsilon`)
     fault: str | None = None  # test-only fault injection (clients/guard.py)
 
     def __post_init__(self) -> None:
@@ -477,7 +487,7 @@ class NodeSettings:
 
 # The options of the ``schema`` config group, stored in Hydra's ConfigStore (conf/typed.register).
 SCHEMAS: dict[str, type] = {
-    "settings": Settings,  # conf/config.yaml
+    "settings": SimulateSettings,  # conf/config.yaml
     "coordinate": CoordinateSettings,  # conf/coordinate.yaml (overrides config.yaml's choice)
     "central": CentralSettings,  # conf/central.yaml
 }

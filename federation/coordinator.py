@@ -34,6 +34,7 @@ __all__ = [
     "RoundRecord",
     "RoundListener",
     "NodeInfo",
+    "RunRefused",
     "discover_nodes",
     "exchange",
 ]
@@ -47,9 +48,14 @@ _NODE_UNAVAILABLE = 5  # flwr.common.constant.ErrorCode.NODE_UNAVAILABLE
 class NodeInfo:
     node_id: int
     name: str
-    dataset_id: str = ""
+    dataset_id: str = ""  # the node's random population id (never a hash of its data)
     users: int = 0
     events: int = 0
+    evaluation: str = "decline"  # how the node's policy answers federated evaluation
+
+
+class RunRefused(RuntimeError):
+    """Every sampled node declined a round by its own policy or budget: there is nothing to train."""
 
 
 @dataclass
@@ -118,6 +124,7 @@ def discover_nodes(grid: Grid, *, expected: int, timeout: float, wait: float = 1
             dataset_id=str(info["dataset-id"]),
             users=int(info["users"]),
             events=int(info["events"]),
+            evaluation=str(info.get("evaluation", "decline")),
         )
     return nodes
 
@@ -164,6 +171,19 @@ def exchange(grid: Grid, messages: list[Message], *, timeout: float, poll: tuple
         time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
         pause = min(2 * pause, poll[1])
     return replies
+
+
+def _one_line(reason: str) -> str:
+    """A decline's reason: policy reasons are one line already; budget reasons are JSON."""
+    import json
+
+    try:
+        parsed = json.loads(reason)
+    except (TypeError, ValueError):
+        return reason.splitlines()[0][:300] if reason else "declined"
+    if isinstance(parsed, dict):
+        return f"{parsed.get('node', '?')}: {parsed.get('message', reason)}"[:300]
+    return reason[:300]
 
 
 def _round_seed(seed: int, server_round: int) -> int:
@@ -220,6 +240,9 @@ class Coordinator:
         self.train_config = dict(train_config or {})
         self.central_eval = central_eval
         self.listeners = list(listeners)
+        # A node's policy may refuse federated evaluation (exact metrics are a query oracle);
+        # when none answers it, the exchange is not worth a round trip.
+        self._federated_eval = any(n.evaluation == "plain" for n in nodes.values())
 
     def _name(self, node_id: int) -> str:
         info = self.nodes.get(node_id)
@@ -248,7 +271,7 @@ class Coordinator:
                 continue  # Flower's own reply for a node that went away: a dropout, listed as timed out
             seen.add(src)
             if r.has_error():
-                if r.error.code == wire.ERR_DECLINED:
+                if r.error.code in (wire.ERR_DECLINED, wire.ERR_POLICY):
                     record.declined[name] = r.error.reason or ""
                 elif r.error.code == wire.ERR_BAD_UPDATE:  # the node's own guard refused its malformed update
                     record.rejected[name] = r.error.reason or "malformed update"
@@ -298,7 +321,7 @@ class Coordinator:
             new_arrays = _cast_like(new_arrays, arrays)
         record.train_metrics = {k: float(v) for k, v in (train_metrics or {}).items() if isinstance(v, (int, float))}
         t3 = time.perf_counter()
-        if server_round % self.eval_every == 0 or server_round == self.num_rounds:
+        if self._federated_eval and (server_round % self.eval_every == 0 or server_round == self.num_rounds):
             eval_msgs = list(self.strategy.configure_evaluate(server_round, new_arrays, ConfigRecord(), self.grid))
             eval_replies = sorted(
                 (
@@ -330,6 +353,14 @@ class Coordinator:
                 if hasattr(listener, "on_round_start"):
                     listener.on_round_start(server_round)
             arrays, record = self.run_round(server_round, arrays)
+            if record.sampled and not record.aggregated and set(record.declined) == set(record.sampled):
+                # Every node said no (its policy, or its budget): no round can ever succeed,
+                # and nothing of this round is published.
+                reasons = sorted(set(record.declined.values()))
+                raise RunRefused(
+                    f"round {server_round}: every node declined ({len(record.declined)} of {len(record.sampled)}): "
+                    + " | ".join(_one_line(r) for r in reasons[:3])
+                )
             for listener in self.listeners:
                 listener.on_round_end(record, arrays, self.strategy)
         return arrays

@@ -67,6 +67,11 @@ class RunDir:
     def plots(self) -> Path:
         return self.root / "plots"
 
+    @property
+    def refused(self) -> Path:
+        """Written when the nodes refused the run (every node declined a round): the one-line reason."""
+        return self.root / "refused.txt"
+
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)

@@ -79,11 +79,14 @@ def _user_level(settings: RunSettings, rows: list[dict[str, Any]]) -> str:
         return "\n".join(lines)
     final: dict[str, float] = {}
     deltas: dict[str, float] = {}
+    budgets: dict[str, float] = {}
     for r in rows:
         for node, m in r.get("node_metrics", {}).items():
             if "epsilon" in m:
                 final[node] = float(m["epsilon"])
                 deltas[node] = float(m.get("delta", float("nan")))
+            if "max_epsilon" in m:
+                budgets[node] = float(m["max_epsilon"])
     spread, whole = _user_spread(settings)
     eps_max = max(final.values()) if final else float("nan")
     eps_sum = sum(final.values()) if final else float("nan")
@@ -93,14 +96,16 @@ def _user_level(settings: RunSettings, rows: list[dict[str, Any]]) -> str:
         f"- **Mechanism**: DP-SGD with Opacus on every node: Poisson sampling of users, per-user clipping to "
         f"C = {p.max_grad_norm} (flat L2 over all trainable parameters), Gaussian noise ({mode}); "
         f"per-user clipping by {_CLIPPING.get(p.grad_sample_mode, p.grad_sample_mode)}.",
-        f"- **Accountant**: {p.accountant.upper()} over the node's whole ledger "
-        "(all rounds, all runs on the same dataset); ε is reported per node.",
-        "- **δ**: "
-        + (f"{p.delta:g}" if p.delta else "1 / (users at the node), per node")
-        + (f" (here {min(deltas.values()):.2g} … {max(deltas.values()):.2g})" if deltas else "")
+        f"- **Accountant**: {p.accountant.upper()} requested; each node accounts over its whole ledger "
+        "(all rounds, all runs on the same population) with the accountant pinned at its first spend; "
+        "ε is reported per node.",
+        "- **δ**: each node's own (its policy's, by default 1 / (10 × users at the node)), pinned in its ledger"
+        + (f"; here {min(deltas.values()):.2g} … {max(deltas.values()):.2g}" if deltas else "")
         + ".",
-        f"- **Node budgets**: each node declines a round that would take it past its own max_epsilon "
-        f"({p.max_epsilon} here; node configuration, not the coordinator's).",
+        "- **Node budgets**: each node declines a round that would take it past its own max_epsilon (its policy, "
+        "not the coordinator's); as the nodes reported them: "
+        + (", ".join(f"{n} {b:g}" for n, b in sorted(budgets.items())[:30]) if budgets else "not reported")
+        + ".",
         f"- **ε spent per node after the run**: max {eps_max:.3f}; "
         + ", ".join(f"{n} {e:.3f}" for n, e in sorted(final.items())[:30])
         + (" …" if len(final) > 30 else "")
@@ -125,6 +130,7 @@ def _user_level(settings: RunSettings, rows: list[dict[str, Any]]) -> str:
         "computed on private data outside DP-SGD; they are aggregated in the report but the coordinator sees them "
         "per node.",
         "- **Assumptions**: users are independent (one person = one user id per node); Poisson sampling is used "
-        "(poisson_sampling=true); noise comes from PyTorch's PRNG unless secure_rng=true.",
+        "(every node's default policy requires it); each node draws its sampling and noise from a generator "
+        "seeded from the operating system for every training, never from the run seed.",
     ]
     return "\n".join(lines)

@@ -21,7 +21,7 @@ from conf.settings import ClientDPSettings, FederationSettings, RunSettings, Sec
 from federation import wire
 from federation.aggregation import HolderFedAdam, HolderFedAvg, with_holders
 from federation.catalog import Catalog
-from federation.coordinator import Coordinator, RoundRecord, discover_nodes
+from federation.coordinator import Coordinator, RoundRecord, RunRefused, discover_nodes
 from federation.device import select_device
 from federation.globalmodel import build_model, get_weights, set_weights
 from federation.outputs import (
@@ -38,6 +38,7 @@ from federation.runconfig import config_hash
 from federation.trail import AuditRecorder, RegistryPublisher, open_trail
 from privacy.client_dp import ClientDPConfig
 from privacy.client_dp_strategy import ClientDPStrategy
+from privacy.policy import TrainingRequest
 
 __all__ = ["make_strategy", "run_server", "CentralEvaluator"]
 
@@ -223,7 +224,7 @@ def run_server(grid: Grid, settings: RunSettings, *, listeners_extra=()) -> Arra
         round_timeout=fed.round_timeout,
         seed=settings.seed,
         eval_every=fed.eval_every,
-        train_config={wire.RUN: run_name},
+        train_config={wire.RUN: run_name, **training_request(settings).to_config()},
         central_eval=central,
         listeners=[
             publisher,
@@ -238,16 +239,41 @@ def run_server(grid: Grid, settings: RunSettings, *, listeners_extra=()) -> Arra
     if start >= num_rounds:
         log.info("all %d rounds already completed in %s", num_rounds, run.root)
     else:
-        arrays = coordinator.run(arrays, start_round=start + 1)
+        try:
+            arrays = coordinator.run(arrays, start_round=start + 1)
+        except RunRefused as exc:
+            # The nodes' own policies or budgets refuse this run: end it, publish nothing more,
+            # and leave the reason where the launching command finds it.
+            audit.append("run_refused", run=run_name, reason=str(exc))
+            run.refused.write_text(str(exc) + "\n")
+            log.error("run refused by the nodes: %s", exc)
+            return arrays
     audit.append("run_end", run=run_name, rounds=num_rounds, last_version=publisher.last_version)
     finish_run(run, settings, nodes_count=len(nodes), seconds=time.time() - t_start)
     return arrays
 
 
+def training_request(settings: Settings) -> TrainingRequest:
+    """What this coordinator asks of every node each round (each node checks it against its policy)."""
+    p, fed = settings.privacy, settings.federation
+    return TrainingRequest(
+        mode=p.mode,
+        noise_multiplier=p.noise_multiplier,
+        target_epsilon=p.target_epsilon,
+        max_grad_norm=p.max_grad_norm,
+        accountant=p.accountant,
+        poisson_sampling=p.poisson_sampling,
+        grad_sample_mode=p.grad_sample_mode,
+        local_epochs=fed.local_epochs,
+        local_steps=fed.local_steps,
+        planned_rounds=fed.num_rounds,
+    )
+
+
 def privacy_summary(settings: Settings) -> dict[str, Any]:
     """What the published model's privacy rests on (filled in per round with ε by node)."""
     p = settings.privacy
-    return {k: getattr(p, k) for k in ("mode", "noise_multiplier", "max_grad_norm", "delta", "accountant")} | {
+    return {k: getattr(p, k) for k in ("mode", "noise_multiplier", "target_epsilon", "max_grad_norm", "accountant")} | {
         "unit": "one user's history at one node" if p.mode != "off" else "none (no DP)",
     }
 

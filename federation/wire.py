@@ -14,6 +14,7 @@ __all__ = [
     "ERR_BAD_DATA",
     "ERR_BAD_UPDATE",
     "ERR_NO_TRAINING_DATA",
+    "ERR_POLICY",
     "ITEM_HOLDERS",
     "ITEM_ROW_KEYS",
 ]
@@ -36,3 +37,4 @@ ERR_DECLINED = 4201  # the node declined the round (privacy budget); reason is J
 ERR_BAD_DATA = 4202  # the node's data failed validation; it refuses to take part
 ERR_BAD_UPDATE = 4203  # the node refused to send its own malformed update (NaN/Inf, shape, dtype, range)
 ERR_NO_TRAINING_DATA = 4204  # no user at the node has two training events: nothing to train on
+ERR_POLICY = 4205  # the node's own policy refuses what the coordinator asked; the reason names the policy key

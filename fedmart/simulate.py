@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from conf.settings import Settings, SimSettings
+from conf.settings import Settings, SimSettings, SimulateSettings
 from conf.typed import build
 from federation.runconfig import flatten
+from fedmart.errors import UserError
 from fedmart.hydra_runs import hydra_entry, run_job
 
 __all__ = ["check_mechanisms", "check_settings", "main", "prepare", "simulate"]
@@ -35,7 +36,7 @@ def prepare(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     from clients.node import node_dir_for, write_node_dir
     from clients.partition import partition
 
-    settings = Settings.from_dict(cfg)
+    settings = SimulateSettings.from_dict(cfg)
     data = load_dataset(settings.data, report_dir=run_dir / "data")
     catalog_path = data.catalog.save(run_dir / "catalog.parquet")
     part = partition(data.interactions, data.catalog, settings.partition)
@@ -70,14 +71,14 @@ def check_mechanisms(settings: Settings) -> None:
     from privacy.dp import DPConfig
     from privacy.secagg import SecAggConfig
 
-    DPConfig.from_mapping(settings.privacy.dp_fields())
+    DPConfig.from_mapping(asdict(settings.privacy))
     SecAggConfig.from_mapping(asdict(settings.secagg))
     select_device(settings.device)
 
 
-def check_settings(cfg: dict[str, Any]) -> Settings:
+def check_settings(cfg: dict[str, Any]) -> SimulateSettings:
     """The composed config as the typed tree, validated once (here, where it enters)."""
-    settings = Settings.from_dict(cfg)
+    settings = SimulateSettings.from_dict(cfg)
     check_mechanisms(settings)
     return settings
 
@@ -97,18 +98,24 @@ def simulate(cfg: dict[str, Any], run_dir: Path) -> Path:
     else:
         sim = prepare(cfg, run_dir)
         sim_file.write_text(json.dumps(sim, indent=1) + "\n")
-    run_config = flatten(settings.with_sim(build(SimSettings, sim)).to_dict())
+    # The run config is the request only: the simulated nodes' policy (`node`) goes to them directly.
+    run_config = flatten(settings.request().with_sim(build(SimSettings, sim)).to_dict())
     simulation = settings.simulation
     backend_config = {
         "client_resources": {"num_cpus": simulation.cpus_per_node, "num_gpus": simulation.gpus_per_node},
         "init_args": {"num_cpus": simulation.num_cpus or os.cpu_count() or 1, "log_to_driver": True},
     }
+    (run_dir / "refused.txt").unlink(missing_ok=True)
     run_simulation(
         server_app=build_server_app(run_config),
-        client_app=build_client_app(run_config),
+        # The simulated nodes' own policy goes to the nodes, never into the run config.
+        client_app=build_client_app(run_config, node_policy=asdict(settings.node)),
         num_supernodes=int(sim["num-nodes"]),
         backend_config=backend_config,
     )
+    refused = run_dir / "refused.txt"
+    if refused.is_file():
+        raise UserError(refused.read_text().strip())
     if not (run_dir / "report.md").is_file():
         raise RuntimeError(f"the simulation ended without a report in {run_dir}; see the log above")
     return run_dir

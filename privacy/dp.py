@@ -64,9 +64,12 @@ guarantees: at most the *sum* of those nodes' epsilons (and deltas).
 accountant's numbers then assume a sampling scheme that was not used and are an
 approximation, not a guarantee (a warning is logged).
 
-**Randomness.** With ``secure_rng=False`` noise and sampling come from PyTorch's
-pseudo-random generator, fine for research; ``secure_rng=True`` uses Opacus's
-secure mode (needs ``torchcsprng``).
+**Randomness.** Poisson sampling and noise come from two generators seeded from
+``os.urandom`` for every training (:class:`~privacy.dp_engine.PrivateRandomness`), never
+from the run seed or PyTorch's global generator: whoever knows the run seed (the
+coordinator) can neither recompute which users a step sampled nor predict the noise, and
+a retrained round draws fresh noise. ``secure_rng=True`` uses Opacus's secure mode
+instead (a CSPRNG; needs ``torchcsprng``).
 
 **Model requirements** (checked by Opacus or by :meth:`PrivateTraining.loss_fn`): every
 trainable parameter must be used inside a module Opacus supports (an ``h @ W.T`` outside
@@ -92,7 +95,7 @@ from privacy.accounting import validate_history
 from privacy.bookkeeping import is_hooked
 from privacy.dp_bk import make_private_bk
 from privacy.dp_config import DEFAULT_GRAD_SAMPLE_MODE, GRAD_SAMPLE_MODES, MODES, DPConfig
-from privacy.dp_engine import finish_private, new_engine
+from privacy.dp_engine import PrivateRandomness, finish_private, new_engine, poisson_loader
 from privacy.dp_losses import BackwardLoss, PerExampleLoss, plain_mean, private_mean
 from privacy.dp_plan import TrainingPlan, plan_training
 from privacy.dp_training import PrivateTraining
@@ -106,6 +109,7 @@ __all__ = [
     "PrivateTraining",
     "plan_training",
     "make_private",
+    "PrivateRandomness",
 ]
 
 log = logging.getLogger(__name__)
@@ -122,6 +126,7 @@ def make_private(
     accountant_history: Iterable[Sequence[float]] | None = None,
     device: torch.device | str | None = None,
     max_steps: int | None = None,
+    rng: PrivateRandomness | None = None,
 ) -> PrivateTraining:
     """Make a node's local training differentially private (or not, in mode ``off``).
 
@@ -148,6 +153,9 @@ def make_private(
         ``PrivateTraining.epsilon()`` is the total. It does not change the noise.
     device : torch.device, str or None
         Move the module there before wrapping (the caller's choice: CUDA or CPU).
+    rng : PrivateRandomness or None
+        For tests only: inject the sampling and noise generators. By default every call
+        draws new ones from the operating system.
 
     Returns
     -------
@@ -195,22 +203,29 @@ def make_private(
             "poisson_sampling=False: the accountant's epsilon assumes Poisson sampling and is only an approximation"
         )
     engine = new_engine(config)
+    if rng is None and not config.secure_rng:
+        rng = PrivateRandomness.from_os(next(module.parameters()).device)
     if config.grad_sample_mode == "bk":
         private_module, private_opt, loss_fn, private_loader = make_private_bk(
-            engine, module=module, optimizer=optimizer, data_loader=data_loader, config=config, plan=plan
+            engine, module=module, optimizer=optimizer, data_loader=data_loader, config=config, plan=plan, rng=rng
         )
         return finish_private(engine, config, plan, prior, module, private_module, private_opt, loss_fn, private_loader)
     criterion = PerExampleLoss()
+    # Poisson sampling from our own generator: Opacus's engine would fall back to the
+    # loader's generator (seeded from the run seed) unless in secure mode.
+    own_sampling = config.poisson_sampling and not config.secure_rng
     common: dict[str, Any] = {
         "module": module,
         "optimizer": optimizer,
-        "data_loader": data_loader,
+        "data_loader": poisson_loader(data_loader, rng) if own_sampling else data_loader,
         "criterion": criterion,
         "max_grad_norm": config.max_grad_norm,
-        "poisson_sampling": config.poisson_sampling,
+        "poisson_sampling": config.poisson_sampling and not own_sampling,
         "grad_sample_mode": config.grad_sample_mode,
         "loss_reduction": "mean",
     }
+    if rng is not None:
+        common["noise_generator"] = rng.noise
     # Mode target: make_private_with_epsilon is get_noise_multiplier + make_private. We run
     # the two parts ourselves so the noise multiplier the ledger checked (plan) is the one
     # used, the seconds-long search runs once (cached), and it is calibrated at the rate

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from privacy.bookkeeping import BookKeeping
 from privacy.dp_config import DPConfig
+from privacy.dp_engine import PrivateRandomness, poisson_loader
 from privacy.dp_losses import BackwardLoss, check_per_example
 from privacy.dp_plan import TrainingPlan
 
@@ -66,6 +67,7 @@ def make_private_bk(
     data_loader: DataLoader,
     config: DPConfig,
     plan: TrainingPlan,
+    rng: PrivateRandomness | None,
 ) -> tuple[nn.Module, Any, Callable[[torch.Tensor], BackwardLoss], DataLoader]:
     """Opacus's sampler, noise and accountant around fedmart's one-pass clipping.
 
@@ -79,11 +81,14 @@ def make_private_bk(
             if id(p) not in trainable:
                 raise ValueError("Module parameters are different than optimizer Parameters")
     bk = BookKeeping(module, max_grad_norm=config.max_grad_norm)
-    loader = (
-        DPDataLoader.from_data_loader(data_loader, generator=engine.secure_rng if config.secure_rng else None)
-        if config.poisson_sampling
-        else data_loader
-    )
+    if config.poisson_sampling:
+        loader = (
+            DPDataLoader.from_data_loader(data_loader, generator=engine.secure_rng)
+            if config.secure_rng
+            else poisson_loader(data_loader, rng)
+        )
+    else:
+        loader = data_loader
     sample_rate = 1 / len(loader)
     opt = DPOptimizerFastGradientClipping(
         optimizer,
@@ -91,7 +96,7 @@ def make_private_bk(
         max_grad_norm=config.max_grad_norm,
         expected_batch_size=int(len(data_loader.dataset) * sample_rate),  # type: ignore[arg-type]
         loss_reduction="mean",
-        generator=engine.secure_rng if config.secure_rng else None,
+        generator=engine.secure_rng if config.secure_rng else (rng.noise if rng is not None else None),
         secure_mode=config.secure_rng,
     )
     opt.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from opacus import PrivacyEngine
+from opacus.data_loader import DPDataLoader
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -26,9 +29,43 @@ from privacy.dp_losses import BackwardLoss
 from privacy.dp_plan import TrainingPlan
 from privacy.dp_training import PrivateTraining
 
-__all__ = ["new_engine", "finish_private"]
+__all__ = ["PrivateRandomness", "poisson_loader", "new_engine", "finish_private"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PrivateRandomness:
+    """Where a training's private randomness comes from: Poisson sampling (CPU) and noise (the parameters' device).
+
+    Never the run seed: anyone who knows the seed (the coordinator does) could recompute
+    which users each step sampled, which removes the amplification the accountant counts
+    on, and a retrained round would draw the same noise again.
+    """
+
+    sampling: torch.Generator
+    noise: torch.Generator
+
+    @classmethod
+    def from_os(cls, device: torch.device | str | None) -> PrivateRandomness:
+        """Two generators, each seeded with 64 bits from ``os.urandom``: fresh and secret for every training.
+
+        They are PyTorch's generators (not a CSPRNG: Opacus's secure mode with torchcsprng is
+        that), seeded so that nothing outside this process knows or repeats the stream.
+        """
+        noise_device = torch.device(device) if device is not None else torch.device("cpu")
+        return cls(
+            sampling=torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little")),
+            noise=torch.Generator(device=noise_device).manual_seed(int.from_bytes(os.urandom(8), "little")),
+        )
+
+
+def poisson_loader(data_loader: DataLoader, rng: PrivateRandomness | None) -> DataLoader:
+    """Opacus's Poisson-sampling loader over ``data_loader``'s dataset, drawing from ``rng.sampling``.
+
+    Without ``rng`` (Opacus secure mode) the engine's own generator is used by the caller.
+    """
+    return DPDataLoader.from_data_loader(data_loader, generator=rng.sampling if rng is not None else None)
 
 
 def new_engine(config: DPConfig) -> PrivacyEngine:

@@ -1,4 +1,4 @@
-"""A node's privacy ledger: every DP training on one dataset, persisted on the node's disk.
+"""A node's privacy ledger: every DP training on one population of users, persisted on the node's disk.
 
 The ledger is the node's own record of what its users' data has spent, across rounds,
 runs and restarts. It is the accountant's full history (Opacus's
@@ -27,6 +27,16 @@ coordinator asks again for a round the node had trained: a second training with
 fresh noise spends budget again. A node that wants to answer such a replay for free
 must re-send the update it recorded, not retrain (see :meth:`PrivacyLedger.entries_for`).
 Without ``training_id`` every ``record`` is a new training (safe, never idempotent).
+
+Identity and pins
+-----------------
+A ledger belongs to a *population*: the node's users, named by a random id kept in the
+node's own state (not a hash of the data, so appending interactions keeps the spend, and
+the id tells nobody anything about the data). The δ and the accountant are pinned in the
+file at the first spend: a ledger never reads with another δ (a larger δ makes the same
+history read as a smaller ε), and :meth:`PrivacyLedger.check` refuses a different one.
+Version-1 files (keyed by a content hash, without pins) are adopted as they are: their
+spend is kept, and the pins are set at the next spend.
 """
 
 from __future__ import annotations
@@ -55,11 +65,12 @@ __all__ = ["LedgerError", "LedgerEntry", "Decision", "PrivacyLedger"]
 log = logging.getLogger(__name__)
 
 _FORMAT = "fedmart-privacy-ledger"
-_VERSION = 1
+_VERSION = 2
+_READABLE = (1, 2)
 
 
 class LedgerError(ValueError):
-    """The ledger file is unreadable, for another dataset, or inconsistent."""
+    """The ledger file is unreadable, for another population, or inconsistent."""
 
 
 @dataclass(frozen=True)
@@ -99,28 +110,30 @@ class Decision:
 
 
 class PrivacyLedger:
-    """The persisted privacy spend of one dataset at one node.
+    """The persisted privacy spend of one population of users at one node.
 
     Parameters
     ----------
     path : str or Path
         The ledger's JSON file on the node's own disk; created (with its directory)
         when missing.
-    dataset_id : str
-        Identifies the dataset (the unit of privacy's population). A ledger file that
-        belongs to another dataset is an error: spends of different datasets never mix.
+    population_id : str
+        The node's population (its users): a stable random id from the node's own state.
+        A ledger file of another population is an error: spends never mix.
 
     Raises
     ------
     LedgerError
-        The file exists but is unreadable, of another format, or for another dataset.
+        The file exists but is unreadable, of another format, or for another population.
     """
 
-    def __init__(self, path: str | Path, *, dataset_id: str) -> None:
-        if not isinstance(dataset_id, str) or not dataset_id:
-            raise ValueError("dataset_id must be a non-empty string")
+    def __init__(self, path: str | Path, *, population_id: str) -> None:
+        if not isinstance(population_id, str) or not population_id:
+            raise ValueError("population_id must be a non-empty string")
         self.path = Path(path)
-        self.dataset_id = dataset_id
+        self.population_id = population_id
+        self.pinned_delta: float | None = None
+        self.pinned_accountant: str | None = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._locked():
             if self.path.exists():
@@ -128,7 +141,7 @@ class PrivacyLedger:
             else:
                 self._entries = []
                 self._write([])
-                log.info("privacy ledger created at %s for dataset %r", self.path, dataset_id)
+                log.info("privacy ledger created at %s for population %r", self.path, population_id)
 
     # ---- reading -------------------------------------------------------------------
 
@@ -153,7 +166,30 @@ class PrivacyLedger:
 
     def epsilon(self, delta: float, *, accountant: str = "rdp") -> float:
         """Total epsilon spent at ``delta``, by the Opacus accountant over the whole history."""
+        self._check_pins(delta, accountant)
         return epsilon(self.history, delta=delta, accountant=accountant)
+
+    def _pin(self, delta: float | None, accountant: str | None) -> None:
+        """Pin what is not pinned yet; refuse what differs from a pin."""
+        self._check_pins(
+            delta if delta is not None and self.pinned_delta is not None else self.pinned_delta,
+            accountant if accountant is not None and self.pinned_accountant is not None else self.pinned_accountant,
+        )
+        if self.pinned_delta is None and delta is not None:
+            self.pinned_delta = float(delta)
+        if self.pinned_accountant is None and accountant is not None:
+            self.pinned_accountant = str(accountant)
+
+    def _check_pins(self, delta: float | None, accountant: str | None) -> None:
+        if self.pinned_delta is not None and delta is not None and delta != self.pinned_delta:
+            raise LedgerError(
+                f"privacy ledger {self.path} is pinned to delta {self.pinned_delta:.6g}; it never reads at another "
+                f"delta ({delta:.6g}): a larger delta would make the same spend read as a smaller epsilon"
+            )
+        if self.pinned_accountant is not None and accountant is not None and accountant != self.pinned_accountant:
+            raise LedgerError(
+                f"privacy ledger {self.path} is pinned to the {self.pinned_accountant!r} accountant, not {accountant!r}"
+            )
 
     def epsilon_after(
         self,
@@ -166,6 +202,7 @@ class PrivacyLedger:
     ) -> float:
         """Epsilon after one more training of ``steps`` steps with these parameters
         (:func:`privacy.accounting.epsilon_after` on this ledger's history)."""
+        self._check_pins(delta, accountant)
         return epsilon_after(
             self.history,
             noise_multiplier=noise_multiplier,
@@ -222,6 +259,8 @@ class PrivacyLedger:
         round: int,
         run: str,
         training_id: str | None = None,
+        delta: float | None = None,
+        accountant: str | None = None,
     ) -> bool:
         """Persist one training's spend before its update leaves the node.
 
@@ -234,6 +273,9 @@ class PrivacyLedger:
         training_id : str or None
             ``PrivateTraining.training_id``. Re-recording the same ``(run, round,
             training_id)`` is a no-op; ``None`` means a new, unique training.
+        delta, accountant : optional
+            What the node accounts this spend at: pinned at the first spend, refused if
+            they differ from the pins afterwards.
 
         Returns
         -------
@@ -253,6 +295,7 @@ class PrivacyLedger:
         tid = training_id if training_id is not None else uuid.uuid4().hex
         with self._locked():
             entries = self._read()  # never overwrite a spend recorded meanwhile
+            self._pin(delta, accountant)
             for e in entries:
                 if (e.run, e.round, e.training_id) == (run, round, tid):
                     if e.history_entry != (sigma, q, n_steps):
@@ -296,13 +339,25 @@ class PrivacyLedger:
             raise LedgerError(f"privacy ledger {self.path} cannot be read ({e}); refusing to treat it as empty") from e
         if not isinstance(data, dict) or data.get("format") != _FORMAT:
             raise LedgerError(f"{self.path} is not a fedmart privacy ledger")
-        if data.get("version") != _VERSION:
-            raise LedgerError(f"privacy ledger {self.path} has version {data.get('version')}, expected {_VERSION}")
-        if data.get("dataset_id") != self.dataset_id:
-            raise LedgerError(
-                f"privacy ledger {self.path} belongs to dataset {data.get('dataset_id')!r}, not {self.dataset_id!r}; "
-                "use one ledger file per dataset"
+        version = data.get("version")
+        if version not in _READABLE:
+            raise LedgerError(f"privacy ledger {self.path} has version {version}, expected one of {_READABLE}")
+        if version == 1:
+            # Keyed by a content hash, before populations: adopt its spend (never drop it).
+            log.warning(
+                "privacy ledger %s (version 1, dataset %r) is adopted by population %r; its spend counts",
+                self.path,
+                data.get("dataset_id"),
+                self.population_id,
             )
+        elif data.get("population_id") != self.population_id:
+            raise LedgerError(
+                f"privacy ledger {self.path} belongs to population {data.get('population_id')!r}, not "
+                f"{self.population_id!r}; use one ledger file per population"
+            )
+        pins = data.get("pinned") or {}
+        self.pinned_delta = float(pins["delta"]) if pins.get("delta") is not None else None
+        self.pinned_accountant = str(pins["accountant"]) if pins.get("accountant") is not None else None
         try:
             entries = [
                 LedgerEntry(
@@ -325,7 +380,8 @@ class PrivacyLedger:
         payload = {
             "format": _FORMAT,
             "version": _VERSION,
-            "dataset_id": self.dataset_id,
+            "population_id": self.population_id,
+            "pinned": {"delta": self.pinned_delta, "accountant": self.pinned_accountant},
             "accountant_history_fields": ["noise_multiplier", "sample_rate", "steps"],
             "entries": [asdict(e) for e in entries],
         }
@@ -344,7 +400,7 @@ class PrivacyLedger:
         _fsync_dir(self.path.parent)
 
     def __repr__(self) -> str:
-        return f"PrivacyLedger({str(self.path)!r}, dataset_id={self.dataset_id!r}, {len(self._entries)} entries)"
+        return f"PrivacyLedger({str(self.path)!r}, population_id={self.population_id!r}, {len(self._entries)} entries)"
 
 
 def _fsync_dir(directory: Path) -> None:

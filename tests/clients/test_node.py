@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from clients.interactions import DataError, Interactions
-from clients.node import NodeRefused, ReplyCache, model_skeleton, node_dir_for, write_node_dir
+from clients.node import NodeRefused, model_skeleton, node_dir_for, write_node_dir
 from clients.node import load_node as _load_node
 from conf.settings import ModelSettings, NodeSettings, RunSettings
 
@@ -254,7 +254,7 @@ def test_the_split_loses_no_event_and_never_trains_on_a_held_out_one(catalog_fil
             assert split.train.of(u).tolist() == history and held_out == [0, 0]
 
 
-# --- the dataset's identity (the privacy ledger is keyed by it) --------------------------------------
+# --- the dataset's content hash (for the node's own logs; it never leaves the node) ------------------
 
 
 def _dataset_id(directory: Path, catalog_file: Path, inter: Interactions) -> str:
@@ -306,107 +306,16 @@ def test_the_builtin_silo_is_the_same_dataset_on_every_load(tmp_path, monkeypatc
     assert load_node({"partition-id": 1}, BUILTIN).dataset_id == load_node({"partition-id": 1}, settings_).dataset_id
 
 
-# --- the replies a node already released ---------------------------------------------------------------
+# --- the node's population id (its ledger's identity) -----------------------------------------------
 
 
-def _weights(value: float) -> dict[str, np.ndarray]:
-    return {"w": np.full((2, 3), value, np.float32), "b": np.arange(3, dtype=np.float32) + value}
-
-
-def _assert_same_weights(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
-    assert set(got) == set(want)
-    for k in want:
-        assert got[k].dtype == want[k].dtype
-        np.testing.assert_array_equal(got[k], want[k])
-
-
-def test_a_replayed_round_gets_the_reply_the_node_released(tmp_path):
-    cache = ReplyCache(tmp_path / "replies")
-    incoming, reply, metrics = _weights(0.0), _weights(0.5), {"num-examples": 12, "train_loss": 3.25}
-
-    cache.put("run-a", 3, incoming, reply, metrics)
-    weights, got_metrics = cache.get("run-a", 3, incoming)
-
-    _assert_same_weights(weights, reply)
-    assert got_metrics == metrics
-
-
-def test_a_node_restarted_on_the_same_disk_still_replays(tmp_path):
-    ReplyCache(tmp_path / "replies").put("run-a", 3, _weights(0.0), _weights(0.5), {"num-examples": 12})
-
-    weights, _ = ReplyCache(tmp_path / "replies").get("run-a", 3, _weights(0.0))
-
-    _assert_same_weights(weights, _weights(0.5))
-
-
-def test_nothing_is_replayed_before_a_reply_was_released(tmp_path):
-    assert ReplyCache(tmp_path / "replies").get("run-a", 1, _weights(0.0)) is None
-
-
-@pytest.mark.parametrize(
-    ("run", "server_round", "incoming"),
-    [
-        pytest.param("run-b", 3, _weights(0.0), id="another-run"),
-        pytest.param("run-a", 4, _weights(0.0), id="another-round"),
-        pytest.param("run-a", 3, _weights(1e-7), id="another-global-model"),
-        pytest.param("run-a", 3, {"w": _weights(0.0)["w"]}, id="fewer-arrays"),
-        pytest.param("run-a", 3, {"w": _weights(0.0)["w"], "c": _weights(0.0)["b"]}, id="renamed-array"),
-    ],
-)
-def test_a_new_training_is_never_answered_from_the_cache(tmp_path, run, server_round, incoming):
-    cache = ReplyCache(tmp_path / "replies")
-    cache.put("run-a", 3, _weights(0.0), _weights(0.5), {"num-examples": 12})
-
-    assert cache.get(run, server_round, incoming) is None
-
-
-@settings(max_examples=25, deadline=None)
-@given(key=st.sampled_from(["w", "b"]), index=st.integers(0, 5), delta=st.floats(1e-3, 1e3) | st.floats(-1e3, -1e-3))
-def test_any_change_to_one_incoming_value_is_a_new_training(tmp_path_factory, key, index, delta):
-    cache = ReplyCache(tmp_path_factory.mktemp("replies"))
-    cache.put("run", 1, _weights(0.0), _weights(0.5), {})
-    other = _weights(0.0)
-    other[key].flat[index % other[key].size] += np.float32(delta)
-
-    assert cache.get("run", 1, other) is None
-
-
-def test_a_second_training_of_a_round_replaces_the_first(tmp_path):
-    cache = ReplyCache(tmp_path / "replies")
-    cache.put("run", 1, _weights(0.0), _weights(0.5), {"n": 1})
-
-    cache.put("run", 1, _weights(1.0), _weights(1.5), {"n": 2})
-
-    assert cache.get("run", 1, _weights(0.0)) is None
-    _assert_same_weights(cache.get("run", 1, _weights(1.0))[0], _weights(1.5))
-
-
-def test_the_cache_keeps_only_the_latest_replies(tmp_path):
-    cache = ReplyCache(tmp_path / "replies", keep=2)
-
-    for r in (1, 2, 3, 4):
-        cache.put("run", r, _weights(0.0), _weights(r), {"round": r})
-
-    assert [r for r in (1, 2, 3, 4) if cache.get("run", r, _weights(0.0)) is not None] == [3, 4]
-    assert len(list((tmp_path / "replies").iterdir())) == 4  # two rounds, weights and metadata each
-
-
-@pytest.mark.parametrize("run", ["../../outside", "a/b", "/abs/path", "run with spaces"])
-def test_a_run_name_cannot_put_a_reply_outside_the_cache(tmp_path, run):
-    cache = ReplyCache(tmp_path / "node" / "replies")
-
-    cache.put(run, 1, _weights(0.0), _weights(0.5), {})
-
-    assert cache.get(run, 1, _weights(0.0)) is not None
-    assert {p.parent for p in tmp_path.rglob("*") if p.is_file()} == {tmp_path / "node" / "replies"}
-
-
-def test_a_put_leaves_no_temporary_file(tmp_path):
-    cache = ReplyCache(tmp_path / "replies")
-
-    cache.put("run", 1, _weights(0.0), _weights(0.5), {})
-
-    assert sorted(p.suffix for p in (tmp_path / "replies").iterdir()) == [".json", ".safetensors"]
+def test_the_population_id_is_random_private_and_stable(tmp_path, raw_node):
+    d = raw_node(GOOD_ROWS, name="d")
+    first = load_node({"data-dir": str(d)}, {})
+    pid = first.population_id
+    assert len(pid) == 32 and pid == first.population_id  # created once, then read back
+    assert pid != first.dataset_id  # not derived from the data
+    assert (first.state_dir / "population-id").stat().st_mode & 0o777 == 0o600
 
 
 # --- the model skeleton -------------------------------------------------------------------------------

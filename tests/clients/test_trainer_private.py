@@ -31,7 +31,7 @@ def test_a_node_round_check_train_record(tmp_path, mode, gsm):
     optim = TrainSettings(batch_size=6)
     loader = make_loader(dataset, optim.batch_size, seed=0)
     cfg = DPConfig(mode=mode, noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=gsm)
-    ledger = PrivacyLedger(tmp_path / "ledger.json", dataset_id="node-a")
+    ledger = PrivacyLedger(tmp_path / "ledger.json", population_id="node-a")
     pt = make_private(
         module=model,
         optimizer=make_optimizer(model, optim),

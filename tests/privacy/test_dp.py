@@ -257,10 +257,11 @@ def test_plan_mirrors_opacus_poisson_loader_on_a_float_edge():
 
 def test_the_facade_exports_the_objects_of_the_modules_beside_it():
     import privacy.dp as dp
-    from privacy import dp_config, dp_plan, dp_training
+    from privacy import dp_config, dp_engine, dp_plan, dp_training
 
     homes = {name: dp_config for name in dp_config.__all__}
     homes |= {name: dp_plan for name in dp_plan.__all__} | {"PrivateTraining": dp_training}
+    homes |= {"PrivateRandomness": dp_engine}
     for name, home in homes.items():
         assert getattr(dp, name) is getattr(home, name), name
-    assert set(dp.__all__) == set(homes) | {"make_private"}  # the public API did not change
+    assert set(dp.__all__) == set(homes) | {"make_private"}

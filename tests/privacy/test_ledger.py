@@ -26,14 +26,14 @@ def _run(code: str) -> subprocess.CompletedProcess:
     )
 
 
-def _ledger(tmp_path: Path, dataset_id: str = "ds-1") -> PrivacyLedger:
-    return PrivacyLedger(tmp_path / "node" / "ledger.json", dataset_id=dataset_id)
+def _ledger(tmp_path: Path, population_id: str = "ds-1") -> PrivacyLedger:
+    return PrivacyLedger(tmp_path / "node" / "ledger.json", population_id=population_id)
 
 
 def test_a_new_ledger_is_written_to_disk_at_once(tmp_path):
     led = _ledger(tmp_path)
     data = json.loads(led.path.read_text())
-    assert data["dataset_id"] == "ds-1" and data["entries"] == []
+    assert data["population_id"] == "ds-1" and data["entries"] == []
     assert led.epsilon(DELTA) == 0.0 and led.history == []
 
 
@@ -41,20 +41,20 @@ def test_the_ledger_survives_a_process_restart(tmp_path):
     path = tmp_path / "ledger.json"
     write = _run(f"""
         from privacy.ledger import PrivacyLedger
-        led = PrivacyLedger({str(path)!r}, dataset_id="ds-1")
+        led = PrivacyLedger({str(path)!r}, population_id="ds-1")
         led.record(1.1, 0.01, 300, round=1, run="r1", training_id="t1")
         led.record(0.9, 0.02, 150, round=2, run="r1", training_id="t2")
     """)
     assert write.returncode == 0, write.stderr
     read = _run(f"""
         from privacy.ledger import PrivacyLedger
-        led = PrivacyLedger({str(path)!r}, dataset_id="ds-1")
+        led = PrivacyLedger({str(path)!r}, population_id="ds-1")
         print(led.history)
     """)
     assert read.returncode == 0, read.stderr
     history = [(1.1, 0.01, 300), (0.9, 0.02, 150)]
     assert read.stdout.strip() == str(history)
-    assert PrivacyLedger(path, dataset_id="ds-1").epsilon(DELTA) == epsilon(history, delta=DELTA) > 0
+    assert PrivacyLedger(path, population_id="ds-1").epsilon(DELTA) == epsilon(history, delta=DELTA) > 0
 
 
 def test_a_failed_replace_leaves_the_old_ledger_intact(tmp_path, monkeypatch):
@@ -71,7 +71,7 @@ def test_a_failed_replace_leaves_the_old_ledger_intact(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert led.path.read_bytes() == before_bytes
     assert [p.name for p in led.path.parent.iterdir() if p.suffix == ".tmp"] == []  # temp file cleaned up
-    again = PrivacyLedger(led.path, dataset_id="ds-1")
+    again = PrivacyLedger(led.path, population_id="ds-1")
     assert again.epsilon(DELTA) == before_eps
     assert again.record(1.0, 0.01, 200, round=2, run="r1", training_id="t2")  # retry works
     assert again.epsilon(DELTA) > before_eps
@@ -84,7 +84,7 @@ def test_a_process_killed_between_temp_write_and_replace_never_lowers_the_spend(
     crash = _run(f"""
         import os, signal
         from privacy.ledger import PrivacyLedger
-        led = PrivacyLedger({str(led.path)!r}, dataset_id="ds-1")
+        led = PrivacyLedger({str(led.path)!r}, population_id="ds-1")
         def die(src, dst):  # the temp file is written and fsynced; the process dies here
             assert os.path.getsize(src) > 0
             os.kill(os.getpid(), signal.SIGKILL)
@@ -93,7 +93,7 @@ def test_a_process_killed_between_temp_write_and_replace_never_lowers_the_spend(
     """)
     assert crash.returncode == -9, crash.stderr
     assert led.path.read_bytes() == before_bytes  # the old ledger, whole
-    after = PrivacyLedger(led.path, dataset_id="ds-1")  # a leftover temp file does not confuse it
+    after = PrivacyLedger(led.path, population_id="ds-1")  # a leftover temp file does not confuse it
     assert after.epsilon(DELTA) == before_eps
     after.record(1.0, 0.01, 500, round=2, run="r1", training_id="t2")
     assert after.epsilon(DELTA) > before_eps
@@ -103,7 +103,7 @@ def test_re_recording_the_same_training_does_not_double_count(tmp_path):
     led = _ledger(tmp_path)
     assert led.record(1.0, 0.01, 100, round=3, run="r1", training_id="t3") is True
     # the coordinator restarts; the node re-sends the reply it recorded and records again
-    restarted = PrivacyLedger(led.path, dataset_id="ds-1")
+    restarted = PrivacyLedger(led.path, population_id="ds-1")
     assert restarted.record(1.0, 0.01, 100, round=3, run="r1", training_id="t3") is False
     assert restarted.history == [(1.0, 0.01, 100)]
 
@@ -129,7 +129,7 @@ def test_the_same_training_with_other_parameters_is_an_error(tmp_path):
 
 def test_a_ledger_for_another_dataset_is_an_error(tmp_path):
     _ledger(tmp_path, "ds-1").record(1.0, 0.01, 100, round=1, run="r1")
-    with pytest.raises(LedgerError, match="belongs to dataset 'ds-1'"):
+    with pytest.raises(LedgerError, match="belongs to population 'ds-1'"):
         _ledger(tmp_path, "ds-2")
 
 
@@ -137,16 +137,16 @@ def test_an_unreadable_ledger_is_an_error_not_an_empty_one(tmp_path):
     led = _ledger(tmp_path)
     led.path.write_text('{"format": "fedmart-privacy-ledger", "entries": [')  # torn by hand
     with pytest.raises(LedgerError, match="refusing to treat it as empty"):
-        PrivacyLedger(led.path, dataset_id="ds-1")
+        PrivacyLedger(led.path, population_id="ds-1")
 
 
 def test_concurrent_writers_lose_no_spend(tmp_path):
     path = tmp_path / "ledger.json"
-    PrivacyLedger(path, dataset_id="ds-1")
+    PrivacyLedger(path, population_id="ds-1")
     code = """
         import sys
         from privacy.ledger import PrivacyLedger
-        led = PrivacyLedger({path!r}, dataset_id="ds-1")
+        led = PrivacyLedger({path!r}, population_id="ds-1")
         for i in range(15):
             led.record(1.0, 0.01, 10, round=i, run=sys.argv[1] if len(sys.argv) > 1 else "{run}")
     """
@@ -160,7 +160,7 @@ def test_concurrent_writers_lose_no_spend(tmp_path):
     ]
     for p in procs:
         assert p.wait(timeout=120) == 0, p.stderr.read()
-    assert len(PrivacyLedger(path, dataset_id="ds-1").history) == 30
+    assert len(PrivacyLedger(path, population_id="ds-1").history) == 30
 
 
 # ---- epsilon: the Opacus accountants on the same history ------------------------------
