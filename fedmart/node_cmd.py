@@ -91,7 +91,14 @@ def _node_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--superlink", required=True, help="the coordinator's SuperLink as HOST:PORT")
     p.add_argument("--root-cert", type=Path, required=True, help="the deployment's CA certificate (ca.pem)")
     p.add_argument("--auth-key", type=Path, required=True, help="this node's private key (OpenSSH EC, 0600)")
-    p.add_argument("--max-epsilon", type=float, default=None, help="this node's privacy budget (default 10)")
+    p.add_argument(
+        "--policy",
+        type=Path,
+        default=None,
+        help="this node's privacy policy (YAML or JSON: DP and secure aggregation required, max_epsilon, delta, "
+        "accountants, evaluation; docs/privacy.md). Default: the recommended private policy",
+    )
+    p.add_argument("--max-epsilon", type=float, default=None, help="override the policy's budget (default 10)")
     p.add_argument("--name", default=None, help="node name (default: node.json's, else the directory's name)")
     p.add_argument("--catalog", type=Path, default=None, help="catalog.parquet (default: DATA/catalog.parquet)")
     p.add_argument("--max-quarantine-fraction", type=float, default=0.0, help="share of bad rows tolerated")
@@ -99,8 +106,9 @@ def _node_args(p: argparse.ArgumentParser) -> None:
         "--isolation",
         choices=["process", "subprocess"],
         default="process",
-        help="process: this command runs the ClientApp itself, warm (default); subprocess: Flower starts "
-        "a fresh flwr-clientapp with the coordinator's FAB per message",
+        help="process: this command runs its own installed ClientApp, warm (default); subprocess: Flower starts "
+        "a fresh flwr-clientapp with the COORDINATOR'S code (its FAB) per message, which a node that requires "
+        "DP refuses",
     )
     p.add_argument("--runtime-port", type=int, default=0, help="the SuperNode's local Runtime API port (0: any)")
     p.add_argument(
@@ -111,6 +119,26 @@ def _node_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--fault", default="", help=argparse.SUPPRESS)  # test-only fault injection (clients/guard.py)
+
+
+def _check_policy(args: argparse.Namespace):
+    """The node's policy as it will be enforced, or a one-line refusal to start."""
+    from clients.node_policy import resolve_policy
+    from conf.settings import NodeSettings
+
+    node = NodeSettings(policy=str(args.policy) if args.policy else None, max_epsilon=args.max_epsilon)
+    try:
+        policy = resolve_policy(node, None)
+    except ValueError as exc:
+        raise UserError(f"--policy {args.policy}: {exc}") from exc
+    if args.isolation == "subprocess":
+        if policy.require_dp:
+            raise UserError(
+                "--isolation subprocess runs the coordinator's code (its FAB) on this node's data, so the node's "
+                "policy could not be enforced; this node's policy requires DP: use --isolation process (the default)"
+            )
+        log.warning("--isolation subprocess: the coordinator's code runs on this node's data; it is trusted entirely")
+    return policy
 
 
 def _refuse_with_report(data_dir: Path, exc: Exception) -> None:
@@ -151,6 +179,7 @@ def node_cmd(args: argparse.Namespace) -> int:
     fingerprint = ssh_fingerprint(node_public_key_openssh(key.public_key()))
     if args.max_epsilon is not None and not args.max_epsilon > 0:
         raise UserError(f"--max-epsilon must be > 0, got {args.max_epsilon}")
+    policy = _check_policy(args)
     if args.fault:
         from clients.guard import parse_fault
 
@@ -162,6 +191,7 @@ def node_cmd(args: argparse.Namespace) -> int:
         "data-dir": str(data_dir),
         "name": args.name,
         "catalog": str(args.catalog.resolve()) if args.catalog else None,
+        "policy": str(args.policy.resolve()) if args.policy else None,
         "max-epsilon": args.max_epsilon,
         "max-quarantine-fraction": args.max_quarantine_fraction,
         "fault": args.fault or None,
@@ -169,16 +199,20 @@ def node_cmd(args: argparse.Namespace) -> int:
     # 1. The node's own data, validated before it joins: bad data never reaches training.
     from clients.interactions import DataError
     from clients.node import load_node
+    from conf.settings import NodeSettings, RunSettings
     from federation.catalog import CatalogError
 
     try:
-        node = load_node({k: v for k, v in node_config.items() if v is not None}, {})
+        node = load_node(
+            NodeSettings.from_node_config({k: v for k, v in node_config.items() if v is not None}), RunSettings()
+        )
     except (DataError, CatalogError) as exc:
         _refuse_with_report(data_dir, exc)
     console.print(
         f"node [bold]{node.name}[/]: data ok ({node.interactions.num_users:,} users, {len(node.interactions):,} "
-        f"events, dataset {node.dataset_id}, catalog {node.catalog.version}); budget "
-        f"ε≤{args.max_epsilon if args.max_epsilon is not None else 'default'}; key {fingerprint}"
+        f"events, catalog {node.catalog.version}); policy: DP {'required' if policy.require_dp else 'optional'}, "
+        f"secure aggregation {'required' if policy.require_secagg else 'optional'}, budget ε≤{policy.max_epsilon:g}; "
+        f"key {fingerprint}"
     )
     # 2. The SuperNode with the node's own settings.
     state = data_dir / ".fedmart"

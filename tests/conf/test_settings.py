@@ -17,12 +17,13 @@ from conf.settings import (
     NodeSettings,
     RunSettings,
     Settings,
+    SimulateSettings,
 )
 from conf.typed import SettingsError, build
 from federation.runconfig import flatten, unflatten
 
 CONF = Path(conf.__file__).parent
-GROUPS = ("data", "partition", "model", "train", "federation", "privacy", "secagg")
+GROUPS = ("data", "partition", "model", "train", "federation", "privacy", "secagg", "node")
 
 # Every value an option file sets that differs from the dataclass default, and why. The
 # default composition (config.yaml's defaults list) must differ in nothing.
@@ -33,23 +34,29 @@ NAMED = {
         "fetch": "extract MovieLens from the recbole wheel on first use",
         "max_len": "ML-100K histories are long (median ~60 events)",
     },
-    "data/files.yaml": {"source": "the option itself", "path": "required (???)", "catalog": "required (???)"},
+    "data/files.yaml": {
+        "source": "the option itself",
+        "path": "required (???)",
+        "catalog": "required (???)",
+        "max_len": "a department's own histories may be long",
+    },
     "partition/merchant.yaml": {"scheme": "the option itself"},
     "partition/dirichlet.yaml": {"scheme": "the option itself", "num_partitions": "needs a node count"},
     "partition/iid.yaml": {"scheme": "the option itself", "num_partitions": "needs a node count"},
     "federation/fedadam.yaml": {"strategy": "the option itself"},
-    "privacy/dp.yaml": {"mode": "the option itself", "noise_multiplier": "σ = 1", "max_epsilon": "node budget 10"},
-    "privacy/dp_target.yaml": {
-        "mode": "the option itself",
-        "target_epsilon": "ε = 8 over the whole run",
-        "noise_multiplier": "calibrated per node",
-        "max_epsilon": "node budget 10",
+    "privacy/dp.yaml": {"mode": "the option itself", "noise_multiplier": "σ = 1", "target_epsilon": "unused"},
+    "privacy/none.yaml": {"mode": "the option itself", "target_epsilon": "unused"},
+    "train/default.yaml": {"lr": "the centralized baseline's", "batch_size": "small batches without DP"},
+    "node/open.yaml": {
+        "require_dp": "non-private baselines only",
+        "require_secagg": "unmasked baselines only",
+        "evaluation": "exact metrics for research",
     },
     "secagg/off.yaml": {"enabled": "the option itself"},
 }
 DEFAULT_OPTIONS = {f"{g}/{o}.yaml" for g, o in [
-    ("data", "synthetic"), ("partition", "department"), ("model", "sasrec"), ("train", "default"),
-    ("federation", "fedavg"), ("privacy", "none"), ("secagg", "on"),
+    ("data", "synthetic"), ("partition", "department"), ("model", "sasrec"), ("train", "federated"),
+    ("federation", "fedavg"), ("privacy", "dp_target"), ("secagg", "on"), ("node", "default"),
 ]}  # fmt: skip
 
 
@@ -88,7 +95,7 @@ def _differences(path: Path, cls: type, prefix: str) -> dict[str, Any]:
 @pytest.mark.parametrize("path", sorted(p.relative_to(CONF).as_posix() for g in GROUPS for p in (CONF / g).glob("*")))
 def test_every_group_value_equals_the_dataclass_default_or_is_named(path):
     group = path.split("/")[0]
-    diffs = _differences(CONF / path, Settings, f"{group}.")
+    diffs = _differences(CONF / path, SimulateSettings, f"{group}.")
     named = NAMED.get(path, {})
     assert set(diffs) == set(named), f"{path}: differs from conf/settings.py in {sorted(diffs)}, named {sorted(named)}"
     if path in DEFAULT_OPTIONS:
@@ -97,7 +104,11 @@ def test_every_group_value_equals_the_dataclass_default_or_is_named(path):
 
 @pytest.mark.parametrize(
     ("path", "cls", "prefix"),
-    [("config.yaml", Settings, ""), ("central.yaml", CentralSettings, ""), ("coordinate.yaml", DeploySettings, "")],
+    [
+        ("config.yaml", SimulateSettings, ""),
+        ("central.yaml", CentralSettings, ""),
+        ("coordinate.yaml", DeploySettings, ""),
+    ],
 )
 def test_top_level_files_set_only_dataclass_defaults(path, cls, prefix):
     raw = _raw(CONF / path)
@@ -108,7 +119,7 @@ def test_top_level_files_set_only_dataclass_defaults(path, cls, prefix):
 
 
 def test_the_default_composition_is_the_dataclass_defaults(compose):
-    assert Settings.from_dict(compose()) == Settings()
+    assert SimulateSettings.from_dict(compose()) == SimulateSettings()
     assert CoordinateSettings.from_dict(compose(config_name="coordinate")) == CoordinateSettings()
 
 
@@ -118,7 +129,7 @@ def test_every_option_and_experiment_composes_into_the_typed_tree(compose):
             if group == "experiment" and option == "ml100k":
                 CentralSettings.from_dict(compose([f"experiment={option}"], config_name="central"))
                 continue
-            Settings.from_dict(compose([f"{group}={option}"]))
+            SimulateSettings.from_dict(compose([f"{group}={option}"]))
 
 
 def test_hydra_refuses_an_unknown_key_or_a_wrong_type_at_composition(compose):
@@ -171,8 +182,12 @@ def test_node_settings_come_from_dashed_node_config_and_ignore_flowers_own_keys(
 
 
 def test_request_and_node_decisions_are_different_types():
-    # The node's own budget and data never travel in the run config.
+    # The node's own policy, budget and data never travel in the run config.
     run_keys = {f.name for f in dataclasses.fields(RunSettings)}
-    assert not run_keys & {"data_dir", "max_quarantine_fraction", "fault"}
+    assert not run_keys & {"node", "data_dir", "max_quarantine_fraction", "fault", "policy"}
+    privacy_keys = {f.name for f in dataclasses.fields(RunSettings().privacy)}
+    assert not privacy_keys & {"delta", "max_epsilon", "secure_rng"}  # the node's, not the coordinator's
+    with pytest.raises(SettingsError, match="unknown setting 'node'"):
+        build(RunSettings, {"node": {"require_dp": False}})
     with pytest.raises(SettingsError, match="unknown setting 'data_dir'"):
         build(RunSettings, {"data_dir": "/elsewhere"})

@@ -1,13 +1,17 @@
 """End-to-end federations in Flower's simulation engine, driven through the real CLI.
 
-Ray is slow to start, so the runs are shared, all with DP-SGD on the nodes, FedAdam on
-the coordinator and (unless said otherwise) secure aggregation:
+Ray is slow to start, so the runs are shared:
 
-* ``full``: 3 rounds uninterrupted;
-* ``resumed``: 2 rounds, then ``resume=`` to 3 rounds;
-* ``budget``: secure aggregation off, 2 rounds, with a node budget just above the largest
-  round-1 epsilon of ``full``: round 1 equals ``full``'s up to quantisation, and in round 2
-  at least one node declines.
+* ``full``: DP-SGD on the nodes, FedAdam, secure aggregation, 2 rounds uninterrupted;
+* ``resumed``: the same, 1 round, then ``resume=`` to 2 rounds;
+* ``budget``: secure aggregation off (the nodes' policy allows it), 2 rounds, with a node
+  budget just above the largest round-1 epsilon of ``full``: in round 2 at least one node declines;
+* ``open`` / ``open_resumed`` / ``open_plain``: no DP (the nodes' policy allows it), secure
+  aggregation on, 2 rounds; the same as 1 round + resume; and 1 round without secure aggregation.
+
+With DP the nodes draw their sampling and noise from the operating system: a resumed or
+repeated run spends the same budget but never repeats the noise. Without DP the run seed
+drives everything, and a resumed run equals an uninterrupted one bit for bit.
 """
 
 from __future__ import annotations
@@ -23,62 +27,79 @@ from safetensors.numpy import load_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
-PRIVATE = ("privacy=dp", "federation=fedadam")
+PRIVATE = ("privacy=dp", "federation=fedadam", "node.max_epsilon=1000")
+OPEN = ("privacy=none", "federation=fedadam", "node=open")
 
 
 def _simulate(small: tuple[str, ...], run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "fedmart", "simulate", *small, *PRIVATE, "privacy.max_epsilon=1000", *overrides]
-    cmd.append(f"hydra.run.dir={run_dir}")
+    cmd = [sys.executable, "-m", "fedmart", "simulate", *small, *overrides, f"hydra.run.dir={run_dir}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+def _resume(run_dir: Path, rounds: int) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedmart", "simulate", f"resume={run_dir}", f"federation.num_rounds={rounds}"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _weights(run_dir: Path, version: str) -> dict[str, np.ndarray]:
+    return load_file(str(sorted((run_dir / "registry").glob(f"{version}-*/weights.safetensors"))[0]))
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, small_federation):
     base = tmp_path_factory.mktemp("sim")
-    full = base / "full"
-    _simulate(small_federation, full, "federation.num_rounds=3")
-    part = base / "resumed"
-    _simulate(small_federation, part, "federation.num_rounds=2")
-    first_rounds = _metrics(part)
-    resumed = subprocess.run(
-        [sys.executable, "-m", "fedmart", "simulate", f"resume={part}", "federation.num_rounds=3"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    eps_r1 = [m["epsilon"] for m in _metrics(full)[0]["node_metrics"].values()]
-    budget = base / "budget"
+    out = {name: base / name for name in ("full", "resumed", "budget", "open", "open_resumed", "open_plain")}
+    _simulate(small_federation, out["full"], *PRIVATE, "federation.num_rounds=2")
+    _simulate(small_federation, out["resumed"], *PRIVATE, "federation.num_rounds=1")
+    out["first_rounds"] = _metrics(out["resumed"])
+    _resume(out["resumed"], 2)
+    eps_r1 = [m["epsilon"] for m in _metrics(out["full"])[0]["node_metrics"].values()]
     _simulate(
-        small_federation, budget, "federation.num_rounds=2", "secagg=off", f"privacy.max_epsilon={max(eps_r1) + 1e-6}"
+        small_federation,
+        out["budget"],
+        *PRIVATE,
+        "federation.num_rounds=2",
+        "secagg=off",
+        "node.require_secagg=false",
+        f"node.max_epsilon={max(eps_r1) + 1e-6}",
     )
-    return {"full": full, "resumed": part, "first_rounds": first_rounds, "budget": budget}
+    _simulate(small_federation, out["open"], *OPEN, "federation.num_rounds=2")
+    _simulate(small_federation, out["open_resumed"], *OPEN, "federation.num_rounds=1")
+    _resume(out["open_resumed"], 2)
+    _simulate(small_federation, out["open_plain"], *OPEN, "federation.num_rounds=1", "secagg=off")
+    return out
 
 
 def test_three_nodes_ran_and_outputs_were_written(runs):
     run = runs["full"]
     rows = _metrics(run)
-    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert [r["round"] for r in rows] == [1, 2]
     for r in rows:
         assert len(r["sampled"]) == 3 and len(r["replied"]) == 3
         assert r["aggregated"]
         assert 0.0 <= r["central_eval"]["test_ndcg@10"] <= 1.0
-        assert r["federated_eval"]["test_ndcg@10"] >= 0.0
+        assert r["federated_eval"] == {}  # the default node policy answers no federated evaluation
     for name in ("config.yaml", "report.md", "plots/metrics.png", "catalog.parquet", "audit.jsonl"):
         assert (run / name).is_file(), name
-    assert "| 3 | 3/3 |" in (run / "report.md").read_text()
+    assert "| 2 | 3/3 |" in (run / "report.md").read_text()
+    assert _metrics(runs["open"])[-1]["federated_eval"]["test_ndcg@10"] >= 0.0  # a policy that allows it
 
 
 def test_global_model_changed_every_round(runs):
     run = runs["full"]
     models = sorted((run / "registry").glob("v*/weights.safetensors"))
-    assert len(models) == 3, "one signed registry version per round"
+    assert len(models) == 2, "one signed registry version per round"
     w = [load_file(str(m)) for m in models]
     for a, b in zip(w, w[1:], strict=False):
         assert any(not np.array_equal(a[k], b[k]) for k in a)
@@ -89,16 +110,27 @@ def test_training_improves_over_rounds(runs):
     assert rows[-1]["train_metrics"]["train_loss"] < rows[0]["train_metrics"]["train_loss"]
 
 
-def test_resume_equals_uninterrupted(runs):
-    full, resumed = _metrics(runs["full"]), _metrics(runs["resumed"])
-    assert [r["round"] for r in resumed] == [1, 2, 3]
-    assert resumed[:2] == runs["first_rounds"], "resume rewrote the rounds it had already completed"
+def test_without_dp_resume_equals_uninterrupted_bit_for_bit(runs):
+    full, resumed = _metrics(runs["open"]), _metrics(runs["open_resumed"])
+    assert [r["round"] for r in resumed] == [1, 2]
     for a, b in zip(full, resumed, strict=True):
         assert a["central_eval"] == b["central_eval"], f"round {a['round']} differs after resume"
         assert a["train_metrics"]["train_loss"] == b["train_metrics"]["train_loss"]
-    fa = load_file(str(sorted((runs["full"] / "registry").glob("v0003-r3-*/weights.safetensors"))[0]))
-    fb = load_file(str(sorted((runs["resumed"] / "registry").glob("v0003-r3-*/weights.safetensors"))[0]))
-    assert all(np.array_equal(fa[k], fb[k]) for k in fa)
+    for version in ("v0001", "v0002"):  # two non-private runs of the same seed publish the same weights
+        fa, fb = _weights(runs["open"], version), _weights(runs["open_resumed"], version)
+        assert all(np.array_equal(fa[k], fb[k]) for k in fa), version
+
+
+def test_with_dp_a_resumed_run_spends_the_same_but_never_repeats_the_noise(runs):
+    full, resumed = _metrics(runs["full"]), _metrics(runs["resumed"])
+    assert [r["round"] for r in resumed] == [1, 2]
+    assert resumed[:1] == runs["first_rounds"], "resume rewrote the rounds it had already completed"
+    for a, b in zip(full, resumed, strict=True):  # the same ledger spend, round by round and node by node
+        spent_a = {n: m["epsilon"] for n, m in a["node_metrics"].items()}
+        assert spent_a == {n: m["epsilon"] for n, m in b["node_metrics"].items()}
+    for version in ("v0001", "v0002"):  # two private runs of the same seed publish different weights
+        fa, fb = _weights(runs["full"], version), _weights(runs["resumed"], version)
+        assert any(not np.array_equal(fa[k], fb[k]) for k in fa), version
 
 
 def test_bad_override_gives_a_readable_error(tmp_path):
@@ -145,15 +177,19 @@ def test_every_ledger_equals_the_completed_rounds(runs):
     run = runs["resumed"]
     for ledger in sorted((run / "nodes").glob("node-*/.fedmart/privacy-ledger.json")):
         entries = json.loads(ledger.read_text())["entries"]
-        assert sorted(e["round"] for e in entries) == [1, 2, 3], ledger
+        assert sorted(e["round"] for e in entries) == [1, 2], ledger
 
 
 def test_secure_aggregation_matches_plain_within_quantisation(runs):
-    secure, plain = _metrics(runs["full"])[0], _metrics(runs["budget"])[0]
-    # the nodes' local training is identical; only the aggregation path differs
+    # Without DP the nodes' local training is identical; only the aggregation path differs.
+    secure, plain = _metrics(runs["open"])[0], _metrics(runs["open_plain"])[0]
     assert secure["train_metrics"]["train_loss"] == pytest.approx(plain["train_metrics"]["train_loss"], rel=1e-6)
     for key in ("valid_ndcg@10", "test_ndcg@10", "test_hr@10"):
         assert abs(secure["central_eval"][key] - plain["central_eval"][key]) < 0.01, key
+    # With DP the noise differs, but the spend does not: the same ledgers.
+    dp_secure, dp_plain = _metrics(runs["full"])[0], _metrics(runs["budget"])[0]
+    spent = {n: m["epsilon"] for n, m in dp_secure["node_metrics"].items()}
+    assert spent == {n: m["epsilon"] for n, m in dp_plain["node_metrics"].items()}
 
 
 def test_a_node_over_its_budget_declines_and_the_run_goes_on(runs):
@@ -178,6 +214,7 @@ def test_client_level_dp_composes_with_dp_sgd_and_secure_aggregation(tmp_path, s
     _simulate(
         small_federation,
         run,
+        *PRIVATE,
         "federation.num_rounds=2",
         "federation.client_dp.enabled=true",
         "federation.client_dp.clipping_norm=0.05",
