@@ -100,7 +100,7 @@ def train_epoch_private(pt: PrivateTraining, device: torch.device, *, max_steps:
     model.train()
     reduction = "none" if pt.is_private else "mean"
     # bk clips in one pass and can score only the positions with a target, like "mean"
-    extra = {"packed": True} if pt.grad_sample_mode == "bk" else {}
+    packed = pt.grad_sample_mode == "bk" and getattr(model, "has_packed_loss", False)
     total, batches, steps, examples = 0.0, 0, 0, 0
     with warnings.catch_warnings():
         # Opacus's backward hooks on the item embedding (integer inputs) make torch warn every step.
@@ -114,7 +114,10 @@ def train_epoch_private(pt: PrivateTraining, device: torch.device, *, max_steps:
                 continue
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             pt.optimizer.zero_grad(set_to_none=True)
-            _, per_example = model(inputs, targets, reduction=reduction, **extra)  # (b,) or scalar when off
+            if packed:
+                per_example = model.packed_loss(inputs, targets)  # (b,)
+            else:
+                _, per_example = model(inputs, targets, reduction=reduction)  # (b,), or a scalar when off
             loss = pt.loss_fn(per_example)
             loss.backward()
             pt.optimizer.step()

@@ -113,34 +113,27 @@ class SASRec(nn.Module):
         ).last_hidden_state
 
     def forward(
-        self,
-        seq: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        reduction: str = "mean",
-        *,
-        packed: bool = False,
+        self, seq: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Scores for the next item at every position, and the loss if ``targets`` is given.
+        """``(logits, loss)``: scores for the next item, and the loss if ``targets`` is given.
 
         Parameters
         ----------
         seq : (b, t) long
         targets : (b, t) long, 0 where there is nothing to predict
         reduction : "mean" (mean over all target positions) or "none" (one loss per
-            example: mean over that example's positions, shape (b,))
-        packed : with ``reduction="none"``, score only the positions that have a target
-            (as "mean" does) and tag the packed head input with each row's example
-            (``privacy.bookkeeping.tag_rows``), for DP's one-pass ``bk`` clipping; logits
-            are then (positions with a target, num_items + 1). Opacus's own modes need
-            the unpacked (b, t, ...) head.
+            example: mean over that example's positions, shape (b,), as Opacus needs)
 
         Returns
         -------
-        logits : (b, t', num_items + 1), padding column forced to -inf, without targets;
-            (b, t', num_items + 1) with ``reduction="none"``; (positions with a target,
-            num_items + 1) with ``reduction="mean"``. t' <= t: leading columns that are
-            padding in every row are not scored (see :meth:`hidden_states`).
+        logits : the scores of the positions the loss is taken over: every kept position,
+            (b, t', num_items + 1), without targets (padding column forced to -inf) or with
+            ``reduction="none"``; with ``reduction="mean"`` only the positions that have a
+            target, (v, num_items + 1), because padding is half or more of a batch. t' <= t:
+            leading columns that are padding in every row are not scored (:meth:`hidden_states`).
         loss : scalar, (b,), or None
+
+        DP's one-pass ``bk`` clipping uses :meth:`packed_loss` instead.
         """
         h = self.hidden_states(seq)  # (b, t', d): all-padding leading columns dropped
         if targets is not None:
@@ -159,15 +152,6 @@ class SASRec(nn.Module):
         if reduction != "none":
             raise ValueError(f"reduction must be 'mean' or 'none', not {reduction!r}")
         b, t = targets.shape
-        if packed:
-            valid = targets > 0  # (b, t)
-            owner = valid.nonzero()[:, 0]  # (v,): the example of each scored row, non-decreasing
-            logits = self.head(tag_rows(h[valid], owner))  # (v, n + 1)
-            ce = F.cross_entropy(
-                logits, targets[valid], reduction="none", label_smoothing=self.config.label_smoothing
-            )  # (v,)
-            per_example = torch.zeros(b, dtype=ce.dtype, device=ce.device).index_add(0, owner, ce)
-            return logits, per_example / valid.sum(1).clamp(min=1)  # (b,)
         logits = self.head(h)  # (b, t, n + 1)
         ce = F.cross_entropy(
             logits.view(b * t, -1),
@@ -178,6 +162,24 @@ class SASRec(nn.Module):
         )
         valid = (targets > 0).float()  # (b, t)
         return logits, (ce.view(b, t) * valid).sum(1) / valid.sum(1).clamp(min=1)  # (b,)
+
+    def packed_loss(self, seq: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-example loss (b,) for DP's one-pass ``bk`` clipping (``privacy/bookkeeping.py``).
+
+        Scores only the positions that have a target, as ``reduction="mean"`` does, and tags
+        the packed head input with each row's example (``privacy.bookkeeping.tag_rows``), so
+        that the head's per-user gradient norms can be taken on the packed rows. Opacus's own
+        modes need the unpacked (b, t, ...) head of ``forward(..., reduction="none")``.
+        """
+        h = self.hidden_states(seq)  # (b, t', d)
+        targets = targets[:, seq.shape[1] - h.shape[1] :]  # pads of input and target line up
+        b = targets.shape[0]
+        valid = targets > 0  # (b, t')
+        owner = valid.nonzero()[:, 0]  # (v,): the example of each scored row, non-decreasing
+        logits = self.head(tag_rows(h[valid], owner))  # (v, n + 1)
+        ce = F.cross_entropy(logits, targets[valid], reduction="none", label_smoothing=self.config.label_smoothing)
+        per_example = torch.zeros(b, dtype=ce.dtype, device=ce.device).index_add(0, owner, ce)  # (b,)
+        return per_example / valid.sum(1).clamp(min=1)
 
     @torch.no_grad()
     def score_last(self, seq: torch.Tensor) -> torch.Tensor:

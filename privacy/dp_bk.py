@@ -55,6 +55,15 @@ class _BookKeepingModule(nn.Module):
         self._bk.discard()  # a forward pass without its backward (an exception) must not linger
         return self._module(*args, **kwargs)
 
+    def packed_loss(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's own packed per-example loss (rows tagged by ``tag_rows``), where it has one."""
+        self._bk.discard()
+        return self._module.packed_loss(*args, **kwargs)
+
+    @property
+    def has_packed_loss(self) -> bool:
+        return callable(getattr(self._module, "packed_loss", None))
+
     def cleanup(self) -> None:
         self._bk.remove()
 

@@ -312,4 +312,3 @@ def test_run_one_task_says_whether_the_app_completed_the_task(supernode, fab_id,
     # a reply in every case: the coordinator is not left waiting
     assert msg.metadata.message_id in supernode.replies(run)
     assert [status for status, _ in supernode.outcomes()] == ["completed" if completed else "failed"]
-

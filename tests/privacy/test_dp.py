@@ -30,8 +30,8 @@ class Tiny(nn.Module):
         self.emb = nn.Embedding(vocab, d)
         self.head = nn.Linear(d, classes)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean", packed: bool = False):
-        # packed (bk's compact head) changes nothing here: one row per example already
+    def forward(self, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean"):
+        # no packed_loss: bk clips this model's per-example loss from forward (one row per example)
         logits = self.head(self.emb(x).mean(1))  # (b, classes)
         loss = F.cross_entropy(logits, y, reduction="none")  # (b,)
         return logits, loss if reduction == "none" else loss.mean()
