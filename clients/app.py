@@ -89,6 +89,13 @@ def local_train(msg: Message, node: NodeData, policy: NodePolicy, settings: RunS
         log.warning("node %s declines: %s", node.name, d.reason)
         return Message(Error(code=wire.ERR_DECLINED, reason=json.dumps(reason)), reply_to=msg)
     assert result.weights is not None and result.metrics is not None
+    log.info(
+        "node %s: trained round %d of run %s (epsilon %s)",
+        node.name,
+        server_round,
+        run,
+        f"{result.metrics['epsilon']:.4f}" if "epsilon" in result.metrics else "n/a, no DP",
+    )
     return _train_reply(msg, result.weights, result.metrics)
 
 

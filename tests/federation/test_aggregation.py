@@ -9,6 +9,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp.strategy import FedAdam, FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
+from conf.settings import ClientDPSettings, FederationSettings, SecAggSettings
 from federation import wire
 from federation.aggregation import (
     MIN_SHARE,
@@ -137,7 +138,8 @@ def test_rows_with_a_negligible_holder_share_keep_the_plain_average(share):
 def test_without_client_dp_the_average_is_exact():
     from federation.server import make_strategy
 
-    strategy = make_strategy({"item_rows": "mean", "min_train_nodes": 2, "min_available_nodes": 2}, 2)
+    fed = FederationSettings(item_rows="mean", min_train_nodes=2, min_available_nodes=2)
+    strategy = make_strategy(fed, 2)
     assert not isinstance(strategy, ClientDPStrategy)  # no wrapper, no noise
     g = ArrayRecord({"w": Array(np.zeros(10, dtype=np.float32))})
     out = _round(strategy, g, [({"w": np.ones(10, np.float32)}, 1)] * 2)
@@ -162,12 +164,12 @@ def test_make_strategy_stacks_secure_aggregation_over_client_dp_over_the_holder_
     from federation.server import make_strategy
     from privacy.secagg import SecAggStrategy
 
-    fed = {
-        "strategy": "fedadam",
-        "item_rows": "holders",
-        "client_dp": {"enabled": True, "clipping_norm": 0.5, "noise_multiplier": 1.0, "delta": 0.01},
-    }
-    strategy = make_strategy(fed, 3, {"enabled": True})
+    fed = FederationSettings(
+        strategy="fedadam",
+        item_rows="holders",
+        client_dp=ClientDPSettings(enabled=True, clipping_norm=0.5, noise_multiplier=1.0, delta=0.01),
+    )
+    strategy = make_strategy(fed, 3, SecAggSettings(enabled=True))
 
     assert isinstance(strategy, SecAggStrategy) and isinstance(strategy.inner, ClientDPStrategy)
     assert type(strategy.inner.inner) is HolderFedAdam

@@ -43,7 +43,7 @@ def test_flwr_run_from_a_fresh_flower_home(tmp_path, small_federation):
         FLWR_TELEMETRY_ENABLED="0",
         FLWR_DISABLE_UPDATE_CHECK="1",
     )
-    run_config = " ".join([*small_federation, "federation.num_rounds=1", f'sim.run-dir="{run}"'])
+    run_config = " ".join([*small_federation, "federation.num_rounds=1", f'sim.run_dir="{run}"'])
     pyproject = (ROOT / "pyproject.toml").read_text()
     argv = ["flwr", "run", str(ROOT), "--stream", "--federation-config", f"num-supernodes={NODES}"]
     try:
