@@ -48,6 +48,8 @@ CONFIG = [
     "model.heads=1",
     "privacy=dp",
     "secagg=on",
+    "train=default",  # small batches, whole local epochs: the recipe of its first measurement
+    "federation.local_steps=0",
     "federation.central_eval=false",
     "federation.round_timeout=300",
 ]

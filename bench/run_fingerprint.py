@@ -2,7 +2,8 @@
 
 Two runs with the same fingerprint computed the same thing bit for bit: every metric, every
 per-node number and every weight. What depends on the wall clock is left out: any key
-ending in ``seconds``, and the order of the node lists (``replied`` is in arrival order). Used to show that a refactoring changed no behaviour::
+ending in ``seconds``, and the order of the node lists (``replied`` is in arrival order).
+Used to show that a refactoring changed no behaviour::
 
     fedmart simulate hydra.run.dir=/tmp/a && python bench/run_fingerprint.py /tmp/a
 """
@@ -14,7 +15,6 @@ import hashlib
 import json
 from pathlib import Path
 from typing import Any
-
 
 _ARRIVAL_ORDER = ("replied", "sampled", "timed_out")
 

@@ -51,6 +51,14 @@ def run(size: str, arm: str, rounds: int, workdir: Path) -> dict:
         "simulate",
         *SIZES[size],
         f"secagg={arm}",
+        # Non-private in both arms (only the aggregation path differs), on the recipe of its first
+        # measurement; the nodes' policy must allow the unmasked arm.
+        "privacy=none",
+        "node=open",
+        "train=default",
+        "federation.local_steps=0",
+        "data.max_len=50",
+        "data.synthetic.num_users=20000",
         f"federation.num_rounds={rounds}",
         "federation.fraction_evaluate=0",
         f"federation.eval_every={rounds}",
