@@ -125,6 +125,10 @@ class CentralEvaluator:
             mask[keep] = True
             self.split.valid_target = np.where(mask, self.split.valid_target, 0)
             self.split.test_target = np.where(mask, self.split.test_target, 0)
+        from clients.trainer import evaluate_popularity
+
+        # The yardstick beside the model in the report: the same users, split and metrics.
+        self.popularity = evaluate_popularity(self.split, catalog.num_items, "test")
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> dict[str, float]:
         from clients.trainer import evaluate
@@ -249,7 +253,8 @@ def run_server(grid: Grid, settings: RunSettings, *, listeners_extra=()) -> Arra
             log.error("run refused by the nodes: %s", exc)
             return arrays
     audit.append("run_end", run=run_name, rounds=num_rounds, last_version=publisher.last_version)
-    finish_run(run, settings, nodes_count=len(nodes), seconds=time.time() - t_start)
+    popularity = central.popularity if central is not None else None
+    finish_run(run, settings, nodes_count=len(nodes), seconds=time.time() - t_start, popularity=popularity)
     return arrays
 
 
@@ -278,7 +283,14 @@ def privacy_summary(settings: Settings) -> dict[str, Any]:
     }
 
 
-def finish_run(run: RunDir, settings: RunSettings, *, nodes_count: int, seconds: float) -> None:
+def finish_run(
+    run: RunDir,
+    settings: RunSettings,
+    *,
+    nodes_count: int,
+    seconds: float,
+    popularity: dict[str, float] | None = None,
+) -> None:
     plot_metrics(run)
     fed = settings.federation
     summary = {
@@ -287,10 +299,22 @@ def finish_run(run: RunDir, settings: RunSettings, *, nodes_count: int, seconds:
         "strategy": fed.strategy,
         "rounds": fed.num_rounds,
         "local epochs": fed.local_epochs,
+        "local steps (cap)": fed.local_steps or "whole epochs",
+        "expected batch": settings.train.batch_size,
+        "privacy requested": (
+            f"{settings.privacy.mode} (target ε {settings.privacy.target_epsilon})"
+            if settings.privacy.mode == "target"
+            else settings.privacy.mode
+        ),
+        "secure aggregation": "on" if settings.secagg.enabled else "off",
         "model": json.dumps(asdict(settings.model)),
         "seed": settings.seed,
         "wall time (this invocation)": f"{seconds:.0f}s",
     }
+    if popularity is not None:  # simulation: the same pooled users and metrics as the central evaluation
+        summary["popularity baseline (central test)"] = (
+            f"NDCG@10 {popularity['ndcg@10']:.4f}, HR@10 {popularity['hr@10']:.4f}"
+        )
     from federation.outputs import read_metrics
     from federation.privacy_report import privacy_section
 
