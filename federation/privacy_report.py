@@ -126,9 +126,9 @@ def _user_level(settings: RunSettings, rows: list[dict[str, Any]]) -> str:
             else "the coordinator receives each node's DP update; "
         )
         + "every model it and anyone downstream sees is covered by the guarantee (post-processing). **Not covered**: "
-        "the plaintext metrics a node reports (training loss, evaluation on its held-out items, user counts) are "
-        "computed on private data outside DP-SGD; they are aggregated in the report but the coordinator sees them "
-        "per node.",
+        "the plaintext metrics a node reports (its training loss and user counts, and evaluation on its held-out "
+        "items where its policy says `evaluation: plain`; the default policy declines evaluation) are computed on "
+        "private data outside DP-SGD; the coordinator sees them per node.",
         "- **Assumptions**: users are independent (one person = one user id per node); Poisson sampling is used "
         "(every node's default policy requires it); each node draws its sampling and noise from a generator "
         "seeded from the operating system for every training, never from the run seed.",
