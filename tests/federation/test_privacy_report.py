@@ -13,7 +13,7 @@ def privacy_section(settings: dict, rows: list[dict]) -> str:
 def test_private_run_states_unit_delta_accountant_and_composition():
     settings = {
         **BASE,
-        "privacy": {"mode": "dp", "noise_multiplier": 1.1, "max_grad_norm": 1.0, "accountant": "rdp", "max_epsilon": 8},
+        "privacy": {"mode": "dp", "noise_multiplier": 1.1, "max_grad_norm": 1.0, "accountant": "rdp"},
         "sim": {"max-nodes-per-user": 3, "mean-nodes-per-user": 1.7},
     }
     rows = [{"node_metrics": {"Books": {"epsilon": 1.5, "delta": 1e-4}, "Toys": {"epsilon": 2.0, "delta": 2e-4}}}]
