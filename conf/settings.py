@@ -17,7 +17,8 @@ names the key: OmegaConf 2.3 has no ``Literal``, so choices are validated here. 
 same classes are registered with Hydra's ``ConfigStore`` (:func:`register`) so that a
 mistyped key or a wrong type fails at composition, before any data is read.
 
-It imports only :mod:`privacy.policy` (the bottom layer, for the node policy), so every package may read it.
+It imports only the bottom layer, :mod:`privacy` (the node policy and secure aggregation's config), so every
+package may read it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any, TypeVar
 
 from conf.typed import SettingsError, build
 from privacy.policy import NodePolicy
+from privacy.secagg.config import SecAggConfig
 
 __all__ = [
     "SettingsError",
@@ -265,25 +267,8 @@ class PrivacySettings:
         _choice("privacy.grad_sample_mode", self.grad_sample_mode, ("bk", "ghost", "hooks"))
 
 
-@dataclass(frozen=True)
-class SecAggSettings:
-    """Secure aggregation (``privacy/secagg``); validated in full by ``privacy.secagg.SecAggConfig``."""
-
-    enabled: bool = True
-    threshold: Any = 0.5  # float = fraction of each secret's holders, int = count (>= 2)
-    neighbours: int = 0  # SecAgg+ graph degree (even); 0 = complete graph
-    clip_range: float = 1.0
-    bits: int = 16
-    max_weight: int = 1000
-    max_nodes: int = 50
-    timeout: float = 60.0
-    unmask_spare: int = 1
-
-    def __post_init__(self) -> None:
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, int | float):
-            raise SettingsError(
-                f"secagg.threshold must be a fraction in (0, 1] or a count >= 2, not {self.threshold!r}"
-            )
+# The secure-aggregation group is the mechanism's own typed config, validated in full there.
+SecAggSettings = SecAggConfig
 
 
 @dataclass(frozen=True)
@@ -347,7 +332,7 @@ class Settings:
     train: TrainSettings = field(default_factory=TrainSettings)
     federation: FederationSettings = field(default_factory=FederationSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
-    secagg: SecAggSettings = field(default_factory=SecAggSettings)
+    secagg: SecAggConfig = field(default_factory=lambda: SecAggConfig(enabled=True))
     simulation: SimulationSettings = field(default_factory=SimulationSettings)
     registry: RegistrySettings = field(default_factory=RegistrySettings)
     audit: AuditSettings = field(default_factory=AuditSettings)

@@ -29,7 +29,16 @@ def _coerce(path: str, hint: Any, value: Any) -> Any:
         options = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(path, options[0], value)
+        for option in options:  # the value's own type first (int | float keeps an int an int)
+            if isinstance(option, type) and isinstance(value, option) and not isinstance(value, bool):
+                return value
+        errors = []
+        for option in options:
+            try:
+                return _coerce(path, option, value)
+            except SettingsError as exc:
+                errors.append(str(exc))
+        raise SettingsError(errors[0])
     if hint is Any:
         return value
     if dataclasses.is_dataclass(hint):

@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, Strategy
 
-from conf.settings import ClientDPSettings, FederationSettings, RunSettings, SecAggSettings, Settings
+from conf.settings import ClientDPSettings, FederationSettings, RunSettings, Settings
 from federation import wire
 from federation.aggregation import HolderFedAdam, HolderFedAvg, with_holders
 from federation.catalog import Catalog
@@ -39,22 +39,23 @@ from federation.trail import AuditRecorder, RegistryPublisher, open_trail
 from privacy.client_dp import ClientDPConfig
 from privacy.client_dp_strategy import ClientDPStrategy
 from privacy.policy import TrainingRequest
+from privacy.secagg.config import SecAggConfig
 
 __all__ = ["make_strategy", "run_server", "CentralEvaluator"]
 
 log = logging.getLogger(__name__)
 
 
-def make_strategy(fed: FederationSettings, num_nodes: int, secagg: SecAggSettings | None = None) -> Strategy:
+def make_strategy(fed: FederationSettings, num_nodes: int, secagg: SecAggConfig | None = None) -> Strategy:
     """FedAvg or FedAdam from the ``federation`` group, wrapped in client-level DP and secure aggregation when enabled.
 
     The stack is ``SecAggStrategy(ClientDPStrategy(inner))``, either wrapper only when enabled.
     """
     inner = _base_strategy(fed, num_nodes)
     if secagg is not None and secagg.enabled:
-        from privacy.secagg import SecAggConfig, wrap_strategy
+        from privacy.secagg import wrap_strategy
 
-        return wrap_strategy(inner, SecAggConfig.from_mapping(asdict(secagg)))
+        return wrap_strategy(inner, secagg)
     return inner
 
 

@@ -9,7 +9,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp.strategy import FedAdam, FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
-from conf.settings import ClientDPSettings, FederationSettings, SecAggSettings
+from conf.settings import ClientDPSettings, FederationSettings
 from federation import wire
 from federation.aggregation import (
     MIN_SHARE,
@@ -20,6 +20,7 @@ from federation.aggregation import (
 )
 from privacy.client_dp import ClientDPConfig, add_noise_to_sum
 from privacy.client_dp_strategy import ClientDPStrategy
+from privacy.secagg.config import SecAggConfig
 
 ROWS, DIM = 5, 3
 
@@ -169,7 +170,7 @@ def test_make_strategy_stacks_secure_aggregation_over_client_dp_over_the_holder_
         item_rows="holders",
         client_dp=ClientDPSettings(enabled=True, clipping_norm=0.5, noise_multiplier=1.0, delta=0.01),
     )
-    strategy = make_strategy(fed, 3, SecAggSettings(enabled=True))
+    strategy = make_strategy(fed, 3, SecAggConfig(enabled=True))
 
     assert isinstance(strategy, SecAggStrategy) and isinstance(strategy.inner, ClientDPStrategy)
     assert type(strategy.inner.inner) is HolderFedAdam
