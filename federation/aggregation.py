@@ -16,8 +16,12 @@ of the round's weight held by the item's holders:
 
 a convex combination of the holders' updates, where ``h_k[i]`` is 1 when node k holds
 item i. The nodes report ``h_k`` as one more array (``wire.ITEM_HOLDERS``) inside the same
-weighted average, so under secure aggregation the coordinator learns only the averaged
-holder shares, never a node's item set. When every node holds every item the rule is exactly FedAvg. A row's divisor is
+average, and under this rule every node weighs 1 (``clients/local_round.py``), so the
+averaged holder vector is each item's holder *count* over the number of nodes in the sum:
+under secure aggregation the coordinator learns how many nodes hold an item, never which.
+(With distinct plaintext weights, the weighted shares would be subset sums from which the
+coordinator could decode every node's item set.) Under DP the holder set comes from the
+public catalog anyway. When every node holds every item the rule is exactly FedAvg. A row's divisor is
 floored at ``MIN_SHARE``: below it the row keeps the plain average, so a rare item held by
 one tiny node cannot amplify the secure sum's quantisation error without bound.
 

@@ -24,7 +24,7 @@ METRICS = "metrics"  # MetricRecord key of a reply's metrics
 CONFIG = "config"  # ConfigRecord key of a round's instructions
 NUM_EXAMPLES = "num-examples"  # aggregation weight: users trained (train) or evaluated (evaluate)
 SERVER_ROUND = "server-round"  # injected by Flower's strategies
-RUN = "fedmart-run"  # the run's name: a node's ledger and reply cache are keyed by (run, round)
+RUN = "fedmart-run"  # the run's name: a node's ledger entries are keyed by (run, round)
 QUERY_HELLO = "query.hello"  # coordinator asks a node for its name and data summary
 # Holder-normalised item rows (federation/aggregation.py): an extra array in the global
 # ArrayRecord, zeros from the coordinator; a node returns 1.0 for every item row its update

@@ -20,12 +20,12 @@ an error, never an empty ledger.
 Idempotence
 -----------
 Each entry carries ``(run, round, training_id)``. Recording the same triple again
-(a retried ``record`` after a crash, or a node re-sending the reply it already
-recorded) adds nothing. A *new* training is a new release and is always recorded,
-also for a ``(run, round)`` that already has an entry, e.g. when a restarted
-coordinator asks again for a round the node had trained: a second training with
-fresh noise spends budget again. A node that wants to answer such a replay for free
-must re-send the update it recorded, not retrain (see :meth:`PrivacyLedger.entries_for`).
+(a retried ``record`` after a crash) adds nothing. A *new* training is a new release and
+is always recorded, also for a ``(run, round)`` that already has an entry, e.g. when a
+restarted coordinator asks again for a round the node had trained: fedmart's node then
+trains again with fresh noise and spends budget again. It never re-sends the recorded
+update, because two secure sums over different survivor sets that both contain the same
+update reveal it exactly (their difference).
 Without ``training_id`` every ``record`` is a new training (safe, never idempotent).
 
 Identity and pins
