@@ -38,6 +38,7 @@ from federation.globalmodel import set_weights
 from federation.runconfig import unflatten
 from privacy.policy import NodePolicy, TrainingRequest
 from privacy.secagg import secagg_mod
+from privacy.secagg import wire as secagg_wire
 
 __all__ = ["app", "build_client_app", "arrays_to_numpy", "numpy_to_arrays", "round_seed"]
 
@@ -68,7 +69,16 @@ def local_train(msg: Message, node: NodeData, policy: NodePolicy, settings: RunS
         return refuse(msg, f"policy.request: {exc}")
     # A round asked again (a restarted coordinator, or one that replays) is trained again,
     # with fresh DP randomness and a fresh spend in the ledger: the node never puts the
-    # same update into two secure sums, whose difference would reveal it exactly.
+    # same update into two secure sums, whose difference would reveal it exactly. Without
+    # DP a retraining would repeat the same update (the run seed drives it), so a
+    # non-private node declines a round it already released.
+    secure = secagg_wire.RECORD in msg.content.config_records
+    if not request.is_private and secure and node.released(run, server_round):
+        return refuse(
+            msg,
+            f"policy.require_dp: node {node.name} trains without DP and already released round {server_round} of "
+            f"run {run}; a second secure sum with the same update would reveal it",
+        )
     seed = round_seed(settings.seed, server_round, node.name)
     seed_everything(seed)
     if len(node.train_dataset(settings.data.max_len)) == 0:
@@ -89,6 +99,8 @@ def local_train(msg: Message, node: NodeData, policy: NodePolicy, settings: RunS
         log.warning("node %s declines: %s", node.name, d.reason)
         return Message(Error(code=wire.ERR_DECLINED, reason=json.dumps(reason)), reply_to=msg)
     assert result.weights is not None and result.metrics is not None
+    if not request.is_private:
+        node.record_release(run, server_round)
     log.info(
         "node %s: trained round %d of run %s (epsilon %s)",
         node.name,

@@ -92,6 +92,13 @@ def train_round(
     planned = epochs * request.planned_rounds
     ledger = PrivacyLedger(node.state_dir / "privacy-ledger.json", population_id=node.population_id)
     delta = ledger.pinned_delta or policy_delta(policy, node.interactions.num_users)
+    if request.is_private and delta > 1.0 / max(node.interactions.num_users, 1):
+        # (0, 1/n)-DP allows publishing one user's whole history: no delta may be looser.
+        return RoundResult(
+            refused=PolicyDecision.refuse(
+                "delta", f"delta {delta:.3g} is looser than 1/users = {1 / node.interactions.num_users:.3g}"
+            )
+        )
     accountant = ledger.pinned_accountant or request.accountant
     try:
         dpc = dp_config(request, delta=delta, accountant=accountant)

@@ -184,6 +184,9 @@ def coordinate(cfg: dict[str, Any], run_dir: Path) -> Path:
         )
         _follow(runner, flwr_dir / "serverapp.log", run_dir / "metrics.jsonl", stop)
         events = _audit_events(run_dir / "audit.jsonl")[started_events:]
+        refused = [e for e in events if e.get("event") == "run_refused"]
+        if refused:  # every node declined a round by its own policy or budget
+            raise UserError(str(refused[-1].get("reason", "every node declined")))
         if not any(e.get("event") == "run_end" for e in events):
             if stop.is_set():
                 raise UserError(f"stopped; continue with `fedmart coordinate resume={run_dir}`")

@@ -105,7 +105,10 @@ class NodePolicy:
         kwargs = dict(values)
         if "accountants" in kwargs:
             kwargs["accountants"] = list(kwargs["accountants"])
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:  # a value of the wrong type, e.g. max_epsilon: ten
+            raise ValueError(f"node policy: a value has the wrong type ({exc})") from exc
 
 
 def policy_delta(policy: NodePolicy, num_users: int) -> float:
