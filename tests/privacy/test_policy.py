@@ -127,9 +127,17 @@ def test_a_missing_key_is_named():
 
 
 @pytest.mark.parametrize("key", ["local_epochs", "local_steps", "planned_rounds"])
-@pytest.mark.parametrize("value", [-1, 1.5, True])
+@pytest.mark.parametrize("value", [-1, 1.5, True, "x"])
 def test_a_malformed_count_is_named(key, value):
     config = {**PRIVATE.to_config(), REQUEST_PREFIX + key: value}
+
+    with pytest.raises(ValueError, match=rf"request\.{key}"):
+        TrainingRequest.from_config(config)
+
+
+@pytest.mark.parametrize("key", ["noise_multiplier", "target_epsilon", "max_grad_norm"])
+def test_a_malformed_number_is_named(key):
+    config = {**PRIVATE.to_config(), REQUEST_PREFIX + key: "lots"}
 
     with pytest.raises(ValueError, match=rf"request\.{key}"):
         TrainingRequest.from_config(config)
