@@ -195,6 +195,8 @@ def run_attacks(grid: Grid, settings: SimulateSettings, box: dict[str, Any]) -> 
         "plain_train": lambda: attacker.train(initial, honest.to_config(), run="adv-plain", secure=False),
         "holders": lambda: attacker.train(initial, honest.to_config(), run="adv-holders", item_rows="mean"),
         "evaluate": lambda: attacker.evaluate(probe),
+        # The same probe in a valid, private, secure TRAIN message: what comes back in the clear?
+        "loss_oracle": lambda: attacker.train(with_holders(probe), honest.to_config(), run="adv-loss"),
     }
     for name, attack in attacks.items():
         box[name] = _recorded(name, attack, box)

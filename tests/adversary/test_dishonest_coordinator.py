@@ -192,7 +192,7 @@ def test_every_ledger_holds_one_spend_per_update_the_node_released(attacks):
     for node, count in answered.items():
         entries = _ledger(attacks, node)["entries"]
         assert len(entries) == count, (node, count, [(e["run"], e["round"]) for e in entries])
-        assert count == 5  # delta, honest, holders, and the replayed round twice
+        assert count == 6  # delta, honest, holders, the loss probe, and the replayed round twice
 
 
 def test_holder_shares_reveal_counts_and_never_which_nodes(attacks):
@@ -211,3 +211,19 @@ def test_holder_shares_reveal_counts_and_never_which_nodes(attacks):
     for node in metrics:
         held[1:] += np.asarray(catalog.department).astype(str) == node
     assert np.array_equal(np.round(counts), held) and held[1:].min() == 1
+
+
+# ---- the training loss ------------------------------------------------------------------------------
+
+
+def test_a_train_reply_carries_no_exact_loss_on_weights_the_coordinator_chose(attacks):
+    probe, honest = _attack(attacks, "loss_oracle"), _attack(attacks, "honest")
+
+    for node, reply in probe["replies"].items():
+        assert reply["code"] is None, (node, reply["reason"])  # a valid, private, secure request: the node trains
+        leaked = reply["metrics"].get("train_loss")
+        assert leaked is None, (
+            f"{node} released its exact training loss in the clear on the attacker's weights ({leaked:.3f}; "
+            f"{honest['replies'][node]['metrics']['train_loss']:.3f} on the honest ones): computed on its users' "
+            "data outside DP-SGD, per node and per query, like the federated-evaluation oracle"
+        )
