@@ -54,7 +54,6 @@ WORLD: dict[str, Any] = {
     # The honest coordinator's request: DP-SGD at sigma 1 (above the nodes' floor), 3 steps a round.
     "privacy": {"mode": "dp", "noise_multiplier": 1.0, "accountant": "rdp"},
     "federation": {"num_rounds": 1, "local_steps": 3, "central_eval": False, "round_timeout": 120.0},
-    "secagg": {"timeout": 60.0},
 }
 
 

@@ -9,7 +9,7 @@ refusal (``ERR_POLICY`` and the reason naming the policy key), or the observable
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,6 @@ from federation import wire
 from federation.catalog import Catalog
 from privacy.accounting import epsilon
 from privacy.policy import TrainingRequest
-from privacy.secagg import SecAggConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -50,7 +49,7 @@ def _own_delta(attacks, node: str) -> float:
 
 
 def _error_bound(attacks) -> float:
-    return SecAggConfig.from_mapping(asdict(attacks.settings.secagg)).encoding.error_bound
+    return attacks.settings.secagg.encoding.error_bound
 
 
 def _assert_every_node_refuses(attacks, name: str, key: str) -> None:
@@ -82,6 +81,7 @@ def _answered(attacks) -> dict[str, int]:
 def test_the_script_ran_every_attack(attacks):
     assert attacks.box.get("errors", {}) == {}
     assert len(attacks.box["hello"]) == 3
+    assert attacks.settings.secagg.enabled, "the attacks that need secure aggregation must have had it"
 
 
 # ---- the honest request, so that every refusal below could have been an acceptance ------------------
