@@ -9,7 +9,9 @@ forges: the ``request.*`` keys of a TRAIN message, a round asked again, a plain 
 an evaluate message with weights of its choosing. Every reply is recorded (error code and
 reason, metrics, the unmasked aggregate) and the tests in this folder assert on the record.
 
-One Ray start costs ~20 s, so every attack shares the one simulation (``attacks`` fixture).
+One Ray start costs ~20 s, so the attacks share simulations: every attack on private nodes runs
+in one (``attacks``), the attacks that need nodes allowing training without DP in a second
+(``open_attacks``, ``conf/node/open.yaml``).
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ NUM_NODES = 3
 # The nodes' own policy: fedmart's default (DP and secure aggregation required, evaluation
 # declined, max_epsilon 10, delta 1/(10 x users)) narrowed to one accountant and a floor on sigma.
 NODE_POLICY: dict[str, Any] = {"accountants": ["rdp"], "min_noise_multiplier": 0.5}
+# conf/node/open.yaml: training without DP and unmasked, evaluation in the clear.
+OPEN_POLICY: dict[str, Any] = {"require_dp": False, "require_secagg": False, "evaluation": "plain"}
 # The tiny world: 600 users, 150 items, 3 departments; a 16-wide one-head model, batch 32.
 WORLD: dict[str, Any] = {
     "data": {
@@ -171,13 +175,19 @@ def _request(base: TrainingRequest, **changes: Any) -> dict[str, Any]:
     return dataclasses.replace(base, **changes).to_config()
 
 
-def run_attacks(grid: Grid, settings: SimulateSettings, box: dict[str, Any]) -> None:
-    """The script: every attack, one after another, each recorded under its name in ``box``."""
+def _begin(grid: Grid, settings: SimulateSettings, box: dict[str, Any]) -> tuple[DishonestCoordinator, Any]:
+    """Discover the nodes as fedmart's coordinator does; the attacker and the initial global model."""
     nodes = discover_nodes(grid, expected=NUM_NODES, timeout=60.0)
     box["hello"] = {n.name: dataclasses.asdict(n) for n in nodes.values()}
-    attacker = DishonestCoordinator(grid, settings, nodes)
     catalog = Catalog.load(box["sim"]["catalog"])
-    model = build_model(catalog, settings.model, settings.data.max_len, seed=settings.seed)
+    return DishonestCoordinator(grid, settings, nodes), build_model(
+        catalog, settings.model, settings.data.max_len, seed=settings.seed
+    )
+
+
+def run_attacks(grid: Grid, settings: SimulateSettings, box: dict[str, Any]) -> None:
+    """The script against private nodes: every attack in turn, each recorded under its name in ``box``."""
+    attacker, model = _begin(grid, settings, box)
     initial = with_holders(to_arrays(get_weights(model)))
     honest = attacker.honest
     probe = _oracle_weights(model)
@@ -206,6 +216,27 @@ def run_attacks(grid: Grid, settings: SimulateSettings, box: dict[str, Any]) -> 
     ]
 
 
+def run_attacks_on_open_nodes(grid: Grid, settings: SimulateSettings, box: dict[str, Any]) -> None:
+    """The script against nodes whose policy allows training without DP (``conf/node/open.yaml``).
+
+    Without DP a node's update is a function of the global weights and the run seed's round
+    seed, and its holder set is the items in its data: the re-release and holder attacks as
+    the issue found them.
+    """
+    attacker, model = _begin(grid, settings, box)
+    initial = with_holders(to_arrays(get_weights(model)))
+    off = _request(attacker.honest, mode="off", noise_multiplier=None)
+    box["holders"] = _recorded(
+        "holders", lambda: attacker.train(initial, off, run="open-holders", item_rows="mean"), box
+    )
+    # a restarted coordinator asks round 1 of one run again, with the same global weights ...
+    box["replay"] = [
+        _recorded("replay", lambda: attacker.train(initial, off, run="open-replay"), box) for _ in range(2)
+    ]
+    # ... or asks it under another run's name: the round seed, hence the update, is the same
+    box["renamed"] = _recorded("renamed", lambda: attacker.train(initial, off, run="open-replay-2"), box)
+
+
 def _recorded(name: str, attack: Callable[[], dict[str, Any]], box: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
@@ -225,28 +256,26 @@ def _oracle_weights(model) -> ArrayRecord:
     return to_arrays(weights)
 
 
-@pytest.fixture(scope="session")
-def attacks(tmp_path_factory) -> SimpleNamespace:
-    """Run the dishonest coordinator once against three real nodes; the record of every attack."""
+def _simulate(root: Path, policy: dict[str, Any], script, world: dict[str, Any]) -> SimpleNamespace:
+    """One Flower simulation: the real ClientApp with ``policy`` on three nodes, ``script`` as the ServerApp."""
     from flwr.simulation import run_simulation
 
     from clients.app import build_client_app
     from fedmart.simulate import prepare
 
-    root = tmp_path_factory.mktemp("adversary")
-    settings = SimulateSettings.from_dict(WORLD)
+    settings = SimulateSettings.from_dict(world)
     box: dict[str, Any] = {"sim": prepare(settings.to_dict(), root)}
     run_config = flatten(settings.request().with_sim(build(SimSettings, box["sim"])).to_dict())
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        run_attacks(grid, settings, box)
+        script(grid, settings, box)
 
     t0 = time.perf_counter()
     run_simulation(
         server_app=server,
-        client_app=build_client_app(run_config, node_policy=NODE_POLICY),
+        client_app=build_client_app(run_config, node_policy=policy),
         num_supernodes=NUM_NODES,
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
@@ -257,4 +286,20 @@ def attacks(tmp_path_factory) -> SimpleNamespace:
     node_dirs = {}
     for node_dir in sorted(Path(box["sim"]["nodes-dir"]).iterdir()):
         node_dirs[json.loads((node_dir / "node.json").read_text())["name"]] = node_dir
-    return SimpleNamespace(box=box, run_config=run_config, node_dirs=node_dirs, settings=settings, policy=NODE_POLICY)
+    return SimpleNamespace(box=box, run_config=run_config, node_dirs=node_dirs, settings=settings, policy=policy)
+
+
+@pytest.fixture(scope="session")
+def attacks(tmp_path_factory) -> SimpleNamespace:
+    """The dishonest coordinator against three private nodes (:data:`NODE_POLICY`); the record of every attack."""
+    return _simulate(tmp_path_factory.mktemp("adversary"), NODE_POLICY, run_attacks, WORLD)
+
+
+@pytest.fixture(scope="session")
+def open_attacks(tmp_path_factory) -> SimpleNamespace:
+    """The dishonest coordinator against three nodes that allow training without DP (:data:`OPEN_POLICY`)."""
+    # Dirichlet silos of a long catalog: nodes of different sizes whose item sets overlap in part
+    # (department silos hold disjoint sets: a department's items are its own).
+    data = {**WORLD["data"], "synthetic": {**WORLD["data"]["synthetic"], "num_items": 1500}}
+    world = {**WORLD, "data": data, "partition": {"scheme": "dirichlet", "num_partitions": NUM_NODES, "alpha": 0.5}}
+    return _simulate(tmp_path_factory.mktemp("adversary-open"), OPEN_POLICY, run_attacks_on_open_nodes, world)
