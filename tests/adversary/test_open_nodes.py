@@ -28,12 +28,50 @@ def _attack(open_attacks, name: str) -> Any:
     return open_attacks.box[name]
 
 
+def _max_difference(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    return max(float(np.max(np.abs(a[k].astype(np.float64) - b[k]))) for k in a)
+
+
+def _same_update_twice(first: dict[str, Any], again: dict[str, Any], bound: float) -> str:
+    """Why ``again`` shows that some node put the update of ``first`` into a second secure sum ("" if not)."""
+    if not again["record"]["aggregated"]:
+        return ""
+    diff = _max_difference(first["aggregate"], again["aggregate"])
+    if diff > 100 * bound:
+        return ""
+    return (
+        f"{again['record']['replied']} answered again; the two unmasked sums differ by {diff:.2g} (quantisation "
+        f"{bound:.2g}): the same updates went into two secure sums, and over two survivor sets their "
+        "difference would be one node's update, exactly"
+    )
+
+
 def test_the_script_ran_every_attack_and_the_first_ask_was_answered(open_attacks):
     assert open_attacks.box.get("errors", {}) == {}
     first = _attack(open_attacks, "replay")[0]
 
     assert first["sent"]["request.mode"] == "off" and open_attacks.settings.secagg.enabled
     assert first["record"]["aggregated"] and len(first["record"]["replied"]) == 3
+
+
+def test_a_round_released_without_dp_is_not_released_again_in_another_secure_sum(open_attacks):
+    first, again = _attack(open_attacks, "replay")
+
+    for node, reply in again["replies"].items():
+        assert reply["code"] == wire.ERR_POLICY and "already released" in reply["reason"], (
+            node,
+            reply,
+            _same_update_twice(first, again, open_attacks.settings.secagg.encoding.error_bound),
+        )
+
+
+def test_a_round_asked_again_under_another_run_name_releases_no_update_twice(open_attacks):
+    first = _attack(open_attacks, "replay")[0]
+    renamed = _attack(open_attacks, "renamed")
+
+    assert renamed["run"] != first["run"] and renamed["round"] == first["round"]
+    why = _same_update_twice(first, renamed, open_attacks.settings.secagg.encoding.error_bound)
+    assert why == "", why
 
 
 def test_without_dp_holder_shares_reveal_counts_and_never_which_nodes(open_attacks):
