@@ -98,6 +98,16 @@ def test_a_private_round_accounts_at_the_nodes_own_delta_and_pins_it(node, setti
     assert len(ledger.entries) == 1 and result.metrics["epsilon"] == pytest.approx(ledger.epsilon(own))
 
 
+def test_a_policy_delta_looser_than_one_over_users_is_refused_and_one_over_users_is_the_loosest(node, settings):
+    users = node.interactions.num_users
+
+    looser = _train(node, settings, PRIVATE, NodePolicy(delta=1.5 / users))
+    assert looser.refused is not None and looser.refused.key == "delta" and _ledger(node).entries == []
+
+    loosest = _train(node, settings, PRIVATE, NodePolicy(delta=1.0 / users))
+    assert loosest.weights is not None and loosest.metrics["delta"] == 1.0 / users
+
+
 def test_once_pinned_the_ledgers_delta_and_accountant_win_over_a_changed_policy_or_request(node, settings):
     _train(node, settings, PRIVATE, NodePolicy())
     pinned = _ledger(node).pinned_delta
