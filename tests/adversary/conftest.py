@@ -1,7 +1,7 @@
 """A scripted dishonest coordinator, run once against real fedmart nodes in Flower's simulation engine.
 
-The nodes are the real ClientApp (``clients.app.build_client_app``) on a tiny department
-world written to disk as ``fedmart simulate`` writes it, with the node policy below. The
+The nodes are the real ClientApp (``clients.app.build_client_app``) on a tiny world written to
+disk as ``fedmart simulate`` writes it (three silos), with one of the node policies below. The
 coordinator is a real ``ServerApp`` whose main function runs one attack after another over
 the real grid, with fedmart's own coordinator parts (:class:`~federation.coordinator.Coordinator`,
 :func:`~federation.server.make_strategy`, secure aggregation). It forges only what an attacker
