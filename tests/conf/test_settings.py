@@ -147,6 +147,15 @@ def test_the_run_config_round_trips_through_flowers_flat_form():
     assert settings.sim.run_dir == "/x" and settings.sim.num_nodes == 4
 
 
+def test_a_partial_group_keeps_the_trees_defaults_and_secure_aggregation_stays_on():
+    # Settings() has secure aggregation on; a mapping that sets one other secagg key (a test,
+    # a script, a partial run config) must not switch the rest of the group to other defaults.
+    settings = Settings.from_dict({"secagg": {"timeout": 30.0}})
+
+    assert settings.secagg == dataclasses.replace(Settings().secagg, timeout=30.0)
+    assert settings.secagg.enabled
+
+
 @pytest.mark.parametrize(
     ("values", "message"),
     [
