@@ -38,7 +38,6 @@ from federation.globalmodel import set_weights
 from federation.runconfig import unflatten
 from privacy.policy import NodePolicy, TrainingRequest
 from privacy.secagg import secagg_mod
-from privacy.secagg import wire as secagg_wire
 
 __all__ = ["app", "build_client_app", "arrays_to_numpy", "numpy_to_arrays", "round_seed"]
 
@@ -51,6 +50,15 @@ def arrays_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 def numpy_to_arrays(weights: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
+
+
+def release_key(seed: int, incoming: dict[str, np.ndarray], request: TrainingRequest) -> str:
+    """What decides a non-private update: the round seed, the incoming weights and the request."""
+    h = hashlib.sha256(f"{seed}:{sorted(request.to_config().items())}".encode())
+    for key in sorted(incoming):
+        h.update(key.encode())
+        h.update(np.ascontiguousarray(incoming[key]).tobytes())
+    return h.hexdigest()
 
 
 def round_seed(seed: int, server_round: int, node_name: str) -> int:
@@ -70,16 +78,17 @@ def local_train(msg: Message, node: NodeData, policy: NodePolicy, settings: RunS
     # A round asked again (a restarted coordinator, or one that replays) is trained again,
     # with fresh DP randomness and a fresh spend in the ledger: the node never puts the
     # same update into two secure sums, whose difference would reveal it exactly. Without
-    # DP a retraining would repeat the same update (the run seed drives it), so a
-    # non-private node declines a round it already released.
-    secure = secagg_wire.RECORD in msg.content.config_records
-    if not request.is_private and secure and node.released(run, server_round):
+    # DP a retraining repeats the same update (the run seed and the incoming weights decide
+    # it, whatever the run is called), so a non-private node declines what it already released.
+    seed = round_seed(settings.seed, server_round, node.name)
+    incoming = arrays_to_numpy(msg.content[wire.ARRAYS])
+    release = release_key(seed, incoming, request) if not request.is_private else None
+    if release is not None and node.released(release):
         return refuse(
             msg,
-            f"policy.require_dp: node {node.name} trains without DP and already released round {server_round} of "
-            f"run {run}; a second secure sum with the same update would reveal it",
+            f"policy.require_dp: node {node.name} trains without DP and already released this update (round "
+            f"{server_round}, the same weights); a second secure sum with it would reveal it",
         )
-    seed = round_seed(settings.seed, server_round, node.name)
     seed_everything(seed)
     if len(node.train_dataset(settings.data.max_len)) == 0:
         # A silo can be too thin (a rare genre: every user has < 2 events left after the
@@ -88,7 +97,6 @@ def local_train(msg: Message, node: NodeData, policy: NodePolicy, settings: RunS
         reason = f"node {node.name} has no training example: none of its {users} users has 2 training events"
         log.warning(reason)
         return Message(Error(code=wire.ERR_NO_TRAINING_DATA, reason=reason), reply_to=msg)
-    incoming = arrays_to_numpy(msg.content[wire.ARRAYS])
     result = train_round(node, settings, request, policy, incoming, server_round=server_round, run=run, seed=seed)
     if result.refused is not None:
         return refuse(msg, f"node {node.name}: {result.refused.reason}")
@@ -99,8 +107,8 @@ def local_train(msg: Message, node: NodeData, policy: NodePolicy, settings: RunS
         log.warning("node %s declines: %s", node.name, d.reason)
         return Message(Error(code=wire.ERR_DECLINED, reason=json.dumps(reason)), reply_to=msg)
     assert result.weights is not None and result.metrics is not None
-    if not request.is_private:
-        node.record_release(run, server_round)
+    if release is not None:
+        node.record_release(release)
     log.info(
         "node %s: trained round %d of run %s (epsilon %s)",
         node.name,

@@ -163,10 +163,13 @@ def train_round(
                 noise_multiplier=pt.noise_multiplier,
                 max_epsilon=policy.max_epsilon,
             )
+    if not dpc.is_private:  # under DP the exact loss is a statistic of private data outside the mechanism
+        metrics["train_loss"] = float(np.mean(losses)) if losses else 0.0
+    else:
+        log.info("node %s: local training loss %.4f (kept on the node)", node.name, np.mean(losses) if losses else 0.0)
     metrics.update(
         {
             wire.NUM_EXAMPLES: len(dataset),
-            "train_loss": float(np.mean(losses)) if losses else 0.0,
             "steps": steps,
             "train_seconds": time.perf_counter() - t0 - t_setup,
             "setup_seconds": t_setup,

@@ -73,17 +73,17 @@ class NodeData:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def released(self, run: str, server_round: int) -> bool:
-        """Whether this node already released a non-private update for ``(run, round)`` (its own record)."""
+    def released(self, key: str) -> bool:
+        """Whether this node already released the non-private update ``key`` names (its own record)."""
         path = self.state_dir / "released.json"
-        return path.is_file() and [run, int(server_round)] in json.loads(path.read_text())
+        return path.is_file() and key in json.loads(path.read_text())
 
-    def record_release(self, run: str, server_round: int) -> None:
+    def record_release(self, key: str) -> None:
         """Note a non-private release (private ones are in the privacy ledger), atomically."""
         path = self.state_dir / "released.json"
         done = json.loads(path.read_text()) if path.is_file() else []
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps([*done, [run, int(server_round)]][-1000:]))
+        tmp.write_text(json.dumps([*done, key][-1000:]))
         os.replace(tmp, path)
 
     @property

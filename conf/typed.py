@@ -42,6 +42,8 @@ def _coerce(path: str, hint: Any, value: Any) -> Any:
     if hint is Any:
         return value
     if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):  # a default group object, already validated
+            return value
         if not isinstance(value, dict):
             raise SettingsError(f"{path} is a group of settings, not {value!r}")
         return build(hint, value, prefix=path)
@@ -75,6 +77,18 @@ def _coerce(path: str, hint: Any, value: Any) -> Any:
     raise TypeError(f"{path}: unsupported annotation {hint!r}")  # pragma: no cover - a programming error
 
 
+def _field_default(cls: type, name: str) -> Any:
+    f = next(f for f in fields(cls) if f.name == name)
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def _as_mapping(obj: Any) -> dict[str, Any]:
+    """A dataclass's own fields, one level deep (nested groups stay objects)."""
+    return {f.name: getattr(obj, f.name) for f in fields(obj)}
+
+
 def build(cls: type[T], values: dict[str, Any], *, prefix: str = "", ignore_unknown: bool = False) -> T:
     """``cls`` from a nested mapping: unknown keys, wrong types and bad values name the key.
 
@@ -91,7 +105,13 @@ def build(cls: type[T], values: dict[str, Any], *, prefix: str = "", ignore_unkn
             if ignore_unknown:
                 continue
             raise SettingsError(f"unknown setting {path!r}; {prefix or 'the top level'} has {', '.join(sorted(names))}")
-        kwargs[name] = _coerce(path, hints[name], value)
+        default = _field_default(cls, name)
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            # A partial group keeps the tree's own default for it, not its class's
+            # (Settings.secagg is SecAggConfig(enabled=True), SecAggConfig() is not).
+            kwargs[name] = build(type(default), {**_as_mapping(default), **value}, prefix=path)
+        else:
+            kwargs[name] = _coerce(path, hints[name], value)
     try:
         return cls(**kwargs)
     except SettingsError:

@@ -158,16 +158,18 @@ class TrainingRequest:
                 raise ValueError(f"the TRAIN message has no {key!r}: not a fedmart coordinator's request")
             value = config[key]
             kwargs[f.name] = None if value == "" else value
-        try:
-            for name in ("local_epochs", "local_steps", "planned_rounds"):
-                if isinstance(kwargs[name], bool) or int(kwargs[name]) != kwargs[name] or kwargs[name] < 0:
-                    raise ValueError(f"{REQUEST_PREFIX}{name} must be an integer >= 0, not {kwargs[name]!r}")
-                kwargs[name] = int(kwargs[name])
-            for name in ("noise_multiplier", "target_epsilon", "max_grad_norm"):
-                if kwargs[name] is not None:
-                    kwargs[name] = float(kwargs[name])
-        except (TypeError, ValueError) as exc:
-            raise ValueError(str(exc)) from exc
+        for name in ("local_epochs", "local_steps", "planned_rounds"):
+            value = kwargs[name]
+            if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value) or value < 0:
+                raise ValueError(f"{REQUEST_PREFIX}{name} must be an integer >= 0, not {value!r}")
+            kwargs[name] = int(value)
+        for name in ("noise_multiplier", "target_epsilon", "max_grad_norm"):
+            value = kwargs[name]
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{REQUEST_PREFIX}{name} must be a number, not {value!r}")
+            kwargs[name] = float(value)
         return cls(**kwargs)
 
     @property
