@@ -226,8 +226,9 @@ def run_attacks_on_open_nodes(grid: Grid, settings: SimulateSettings, box: dict[
     attacker, model = _begin(grid, settings, box)
     initial = with_holders(to_arrays(get_weights(model)))
     off = _request(attacker.honest, mode="off", noise_multiplier=None)
+    # (round 2: a node without DP declines an update it already released, and round 1's is the replay's)
     box["holders"] = _recorded(
-        "holders", lambda: attacker.train(initial, off, run="open-holders", item_rows="mean"), box
+        "holders", lambda: attacker.train(initial, off, run="open-holders", server_round=2, item_rows="mean"), box
     )
     # a restarted coordinator asks round 1 of one run again, with the same global weights ...
     box["replay"] = [
