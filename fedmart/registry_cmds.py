@@ -171,7 +171,7 @@ def registry_cmd(args: argparse.Namespace) -> int:
             newest, why = promotions.newest()
             if newest is not None:
                 console.print(f"newest promotion: #{newest['counter']} {newest['version']}", soft_wrap=True)
-            elif why and promotions.refused:
+            elif why and (promotions.valid or promotions.refused):
                 console.print(f"[red]no promotion to serve[/]: {why}", soft_wrap=True)
             if bad:
                 console.print(f"[red]{bad} version(s) or promotion(s) failed verification[/]", soft_wrap=True)

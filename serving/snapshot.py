@@ -160,8 +160,7 @@ class VersionKeeper:
             self._refuse(f"promotions.jsonl line {line}", reason, candidate=False)
         record, why = promotions.newest()
         if record is None:
-            if why and promotions.refused:
-                self.last_refusal = why
+            self.last_refusal = why
             return None
         version, counter = str(record["version"]), int(record["counter"])
         reason = self.high_water.refusal(counter, version)

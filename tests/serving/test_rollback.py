@@ -125,3 +125,14 @@ def test_serve_with_a_missing_key_path_is_a_one_line_error(dp_world, tmp_path, c
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("fedmart: error:") and "public key not found" in err
+
+
+def test_a_cut_and_repromoted_file_serves_neither_promotion(dp_world):
+    v1, _ = dp_world.versions
+    lines = _promotions(dp_world)
+    (dp_world.registry_path / "promotions.jsonl").write_text(lines[0])  # cut to #1 (v1) ...
+    dp_world.registry.promote(v1, by="a")  # ... and promoted again: a second #2, naming v1
+    (dp_world.registry_path / "promotions.jsonl").write_text("".join(lines) + _promotions(dp_world)[-1])
+
+    with pytest.raises(ServeError, match="carry the same counter 2"):
+        Server(dp_world.serve_config(require=REQUIRE))
