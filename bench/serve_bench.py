@@ -43,7 +43,7 @@ def make_registry(root: Path, num_items: int, *, seed: int = 0) -> tuple[Path, P
     catalog, inter = generate(SyntheticSettings(num_users=2_000, num_items=num_items, seed=seed))
     catalog_path = catalog.save(root / "catalog.parquet")
     model = build_model(catalog, {"hidden": 64, "layers": 2, "heads": 2}, 50, seed=seed).eval()
-    reg = ModelRegistry(root / "registry", private_key_path=root / "keys" / "signing.pem")
+    reg = ModelRegistry(root / "registry", private_key_path=root / "keys" / "signing.pem", create_key=True)
     version = reg.publish(
         get_weights(model),
         run="bench",

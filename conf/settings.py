@@ -275,8 +275,11 @@ SecAggSettings = SecAggConfig
 class RegistrySettings:
     """Where signed model versions go (``federation/registry.py``) and the key that signs them."""
 
-    signing_key: str = "keys/coordinator.key"  # Ed25519, PEM; created 0600 on first use
+    signing_key: str = "keys/coordinator.key"  # Ed25519, PEM
     root: str | None = None  # None: outputs/<run>/registry
+    # Create the key (0600) when it is missing: simulation and a local `flwr run .` only.
+    # `fedmart coordinate` sets it false and refuses a missing key (conf/coordinate.yaml).
+    create_key: bool = True
 
 
 @dataclass(frozen=True)
@@ -390,6 +393,7 @@ class DeploySettings:
     node_keys: str | None = None
     host: str = "127.0.0.1"
     port: int = 9092
+    control_port: int = 9093
     num_nodes: int | None = None
     catalog: str | None = None
     isolation: str = "subprocess"
@@ -397,8 +401,11 @@ class DeploySettings:
     database: str = "outputs/superlink/state.db"
 
     def __post_init__(self) -> None:
-        if not 0 < self.port < 65536:
-            raise SettingsError(f"deploy.port must be a TCP port, got {self.port}")
+        for name in ("port", "control_port"):
+            if not 0 < getattr(self, name) < 65536:
+                raise SettingsError(f"deploy.{name} must be a TCP port, got {getattr(self, name)}")
+        if self.control_port == self.port:
+            raise SettingsError(f"deploy.control_port must differ from deploy.port ({self.port})")
         _choice("deploy.isolation", self.isolation, ("subprocess", "process"))
 
 
@@ -410,6 +417,7 @@ class CoordinateSettings(SimulateSettings):
     """
 
     deploy: DeploySettings = field(default_factory=DeploySettings)
+    registry: RegistrySettings = field(default_factory=lambda: RegistrySettings(create_key=False))
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ Layout under ``root``::
         metadata.json         run, round, config and catalog hashes, model config, metrics,
                               privacy report, parent, created_at, sha256 of every file above
         signature             base64 Ed25519 signature of the metadata digest
-    promotions.jsonl          one line per `promote`, oldest first
+    promotions.jsonl          one signed line per `promote`, with a counter (federation/promotions.py)
 
 A version id is ``v<seq>-r<round>-<first 8 hex of the weights' sha256>``; ``seq``
 (at least four digits) orders versions and :meth:`ModelRegistry.list` sorts by it
@@ -18,8 +18,12 @@ into place, so a reader never sees half a version.
 What is signed: ``b"fedmart-model-v1\\n" + sha256(canonical_json(metadata))``. The
 metadata holds the sha256 of each file and the version id itself, so one flipped
 byte in a file, the metadata, or a renamed directory fails :meth:`verify`.
-Promotions are not signed: whoever can write ``promotions.jsonl`` can promote
-(or roll back to) any *signed* version, but never serve an unsigned one.
+Promotions are signed by the same key and carry a monotonic counter
+(:mod:`federation.promotions`): an edited, unsigned or reordered record changes
+nothing, and a cut-off newest record leaves a counter that goes backwards.
+
+The signing key is loaded, never created, unless ``create_key=True`` (what only
+``fedmart simulate`` and a local ``flwr run .`` ask for): a wrong path is an error.
 """
 
 from __future__ import annotations
@@ -46,8 +50,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from safetensors.numpy import load as load_safetensors_bytes
 from safetensors.numpy import save as save_safetensors_bytes
 
+from federation.promotions import Promotions, read_promotions, signed_promotion
 from privacy.audit import canonical_json
-from privacy.signing import key_fingerprint, load_or_create_keypair, load_public_key, sign, verify
+from privacy.signing import key_fingerprint, load_keypair, load_or_create_keypair, load_public_key, sign, verify
 
 __all__ = ["ModelRegistry", "RegistryError", "VersionInfo", "signing_message", "FORMAT"]
 
@@ -101,9 +106,11 @@ def _now() -> str:
 class ModelRegistry:
     """Signed model versions under ``root``.
 
-    ``private_key_path``: needed to :meth:`publish` (created on first use, see
-    :func:`privacy.signing.load_or_create_keypair`). ``public_key_path``: the key
-    :meth:`verify` checks against; without it, the public half of the private key.
+    ``private_key_path`` (or an already loaded ``private_key``): needed to :meth:`publish`
+    and :meth:`promote`; a missing file is a :class:`~privacy.signing.KeyFileError` unless
+    ``create_key`` (then it is created, see :func:`privacy.signing.load_or_create_keypair`).
+    ``public_key_path``: the key :meth:`verify` checks against; without it, the public half
+    of the private key.
     """
 
     def __init__(
@@ -112,12 +119,15 @@ class ModelRegistry:
         *,
         private_key_path: Path | None = None,
         public_key_path: Path | None = None,
+        private_key: Ed25519PrivateKey | None = None,
+        create_key: bool = False,
     ) -> None:
         self.root = Path(root)
-        self._private_key: Ed25519PrivateKey | None = None
-        self._public_key: Ed25519PublicKey | None = None
+        self._private_key: Ed25519PrivateKey | None = private_key
+        self._public_key: Ed25519PublicKey | None = private_key.public_key() if private_key else None
         if private_key_path is not None:
-            self._private_key, self._public_key = load_or_create_keypair(private_key_path)
+            load = load_or_create_keypair if create_key else load_keypair
+            self._private_key, self._public_key = load(private_key_path)
         if public_key_path is not None:
             public = load_public_key(public_key_path)
             if self._public_key is not None and key_fingerprint(public) != key_fingerprint(self._public_key):
@@ -129,6 +139,11 @@ class ModelRegistry:
     @property
     def public_key(self) -> Ed25519PublicKey | None:
         return self._public_key
+
+    @property
+    def signing_key(self) -> Ed25519PrivateKey | None:
+        """The private key this registry publishes and promotes with (also signs the audit entry of a promotion)."""
+        return self._private_key
 
     # -- writing ----------------------------------------------------------------------------
     def publish(
@@ -210,25 +225,31 @@ class ModelRegistry:
         return version
 
     def promote(self, version: str, by: str) -> dict[str, Any]:
-        """Mark ``version`` for serving; refuse one that does not verify. Returns the record written."""
+        """Mark ``version`` for serving; refuse one that does not verify. Returns the signed record written.
+
+        Its counter is one more than the highest valid counter so far (under the registry's lock).
+        """
         if not by or not isinstance(by, str):
             raise ValueError("promote needs `by`: who promotes (a user or service name)")
+        if self._private_key is None:
+            raise RegistryError("promoting needs the signing key: pass --signing-key (the coordinator's private key)")
         ok, reason = self.verify(version)
         if not ok:
             raise RegistryError(f"refusing to promote {version}: {reason}")
         meta = self.show(version)
-        current = self.promoted()
-        record = {
-            "event": "promotion",
-            "version": version,
-            "by": by,
-            "at": _now(),
-            "weights_sha256": meta["weights_sha256"],
-            "round": meta["round"],
-            "run": meta["run"],
-            "previous": current[-1]["version"] if current else None,
-        }
         with self._locked():
+            so_far = self.promotions()
+            current, _ = so_far.newest()
+            fields = {
+                "version": version,
+                "by": by,
+                "at": _now(),
+                "weights_sha256": meta["weights_sha256"],
+                "round": meta["round"],
+                "run": meta["run"],
+                "previous": current["version"] if current else None,
+            }
+            record = signed_promotion(self._private_key, fields, so_far.highest_counter + 1)
             fd = os.open(self.root / PROMOTIONS, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             try:
                 os.write(fd, (canonical_json(record) + "\n").encode())
@@ -290,38 +311,32 @@ class ModelRegistry:
         return True, "signature valid, files match their recorded sha256"
 
     def promoted(self) -> list[dict[str, Any]]:
-        """Promotion records, oldest first (unparseable lines are logged and skipped)."""
-        path = self.root / PROMOTIONS
-        if not path.is_file():
-            return []
-        out = []
-        for n, line in enumerate(path.read_text().splitlines(), start=1):
-            try:
-                rec = json.loads(line)
-                if not isinstance(rec, dict) or not isinstance(rec.get("version"), str):
-                    raise ValueError("no version")
-            except ValueError as exc:
-                log.warning("%s line %d is not a promotion record (%s); ignored", path, n, exc)
-                continue
-            out.append(rec)
-        return out
+        """Promotion records as written, oldest first, signatures unchecked (for listings; see :meth:`promotions`)."""
+        return read_promotions(self.root / PROMOTIONS, None).valid
+
+    def promotions(self, public_key: Ed25519PublicKey | None = None) -> Promotions:
+        """Promotion records whose signature verifies with ``public_key`` (default: the registry's key)."""
+        key = public_key or self._public_key
+        if key is None:
+            raise RegistryError("no public key to verify promotions with: pass --public-key (the signer's .pub file)")
+        return read_promotions(self.root / PROMOTIONS, key)
 
     def latest_promoted_verified(self, public_key: Ed25519PublicKey | None = None) -> str | None:
-        """The most recently promoted version that verifies; tampered ones are skipped with a warning.
+        """The version of the newest signed promotion (highest counter), if it verifies; else None, with a warning.
 
-        "Most recent" is by promotion, not by version number: promoting an older
-        version is a rollback.
+        "Newest" is by promotion, not by version number: promoting an older version is a
+        rollback by the key holder. A newest promotion that fails is never replaced by an
+        older one: that would be a rollback by whoever can break a file.
         """
-        seen: set[str] = set()
-        for rec in reversed(self.promoted()):
-            v = rec["version"]
-            if v in seen:
-                continue
-            seen.add(v)
-            ok, reason = self.verify(v, public_key)
-            if ok:
-                return v
-            log.warning("promoted version %s refused: %s", v, reason)
+        record, why = self.promotions(public_key).newest()
+        if record is None:
+            if why:
+                log.warning("nothing promoted to serve: %s", why)
+            return None
+        ok, reason = self.verify(record["version"], public_key)
+        if ok:
+            return str(record["version"])
+        log.warning("promoted version %s refused: %s", record["version"], reason)
         return None
 
     def load(

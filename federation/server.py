@@ -277,10 +277,16 @@ def training_request(settings: Settings) -> TrainingRequest:
 
 
 def privacy_summary(settings: Settings) -> dict[str, Any]:
-    """What the published model's privacy rests on (filled in per round with ε by node)."""
+    """What the published model's privacy rests on, signed into every version's metadata.
+
+    DP mode and parameters, and the secure-aggregation config (``secagg.enabled``, ...);
+    :class:`federation.trail.RegistryPublisher` adds ε by node and ``epsilon_max`` per round.
+    ``fedmart serve --require`` reads these (``serving/policy.py``).
+    """
     p = settings.privacy
     return {k: getattr(p, k) for k in ("mode", "noise_multiplier", "target_epsilon", "max_grad_norm", "accountant")} | {
         "unit": "one user's history at one node" if p.mode != "off" else "none (no DP)",
+        "secagg": asdict(settings.secagg),
     }
 
 

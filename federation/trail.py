@@ -16,6 +16,7 @@ from federation.coordinator import RoundRecord
 from federation.outputs import from_arrays
 from federation.registry import ModelRegistry
 from privacy.audit import AuditLog
+from privacy.signing import load_keypair, load_or_create_keypair
 
 __all__ = ["RegistryPublisher", "AuditRecorder", "head_bias_popularity", "open_trail"]
 
@@ -41,8 +42,26 @@ def _eps_by_node(record: RoundRecord) -> dict[str, float]:
     return {n: m["epsilon"] for n, m in record.node_metrics.items() if "epsilon" in m}
 
 
+def _parent_epsilon_max(registry: ModelRegistry, parent: str | None, run: str) -> float | None:
+    """The running max ε recorded by ``parent`` when it belongs to this run (a resumed run goes on from it)."""
+    if parent is None:
+        return None
+    try:
+        meta = registry.show(parent)
+    except ValueError:
+        return None
+    value = (meta.get("privacy") or {}).get("epsilon_max")
+    return float(value) if meta.get("run") == run and value is not None else None
+
+
 class RegistryPublisher:
-    """Publishes every round's global model as a signed version (parent = the previous one)."""
+    """Publishes every round's global model as a signed version (parent = the previous one).
+
+    The signed ``privacy`` metadata is :func:`federation.server.privacy_summary` (DP mode
+    and parameters, secure aggregation) plus this round's ε by node and ``epsilon_max``:
+    the largest ε any node reported in any round of this run so far, since the model
+    carries every earlier round's updates (None when no node reported one, e.g. without DP).
+    """
 
     def __init__(
         self,
@@ -65,13 +84,18 @@ class RegistryPublisher:
         versions = registry.versions()
         self.parent: str | None = versions[-1] if versions else None
         self.last_version: str | None = self.parent
+        self.epsilon_max = _parent_epsilon_max(registry, self.parent, run)
 
     def on_round_end(self, record: RoundRecord, arrays: ArrayRecord, strategy: Strategy) -> None:
         if not record.aggregated:
             return  # the global model did not change: no new version (the audit log says why)
         weights = without_holders(from_arrays(arrays))
         metrics = {"central": record.central_eval, "federated": record.federated_eval, "train": record.train_metrics}
-        privacy = {**self.privacy, "epsilon_by_node": _eps_by_node(record)}
+        eps = _eps_by_node(record)
+        if eps:
+            top = max(float(v) for v in eps.values())
+            self.epsilon_max = top if self.epsilon_max is None else max(self.epsilon_max, top)
+        privacy = {**self.privacy, "epsilon_by_node": eps, "epsilon_max": self.epsilon_max}
         version = self.registry.publish(
             weights,
             run=self.run,
@@ -118,6 +142,13 @@ class AuditRecorder:
 
 
 def open_trail(run_root: Path, settings: Settings) -> tuple[ModelRegistry, AuditLog]:
+    """The run's registry and audit log, both signed with the coordinator's key (``registry.signing_key``).
+
+    The key is created only when ``registry.create_key`` (simulation); otherwise a missing
+    key raises :class:`~privacy.signing.KeyFileError` before anything is written.
+    """
     reg = settings.registry
-    registry = ModelRegistry(Path(reg.root or run_root / "registry"), private_key_path=Path(reg.signing_key))
-    return registry, AuditLog(Path(settings.audit.path or run_root / "audit.jsonl"))
+    load = load_or_create_keypair if reg.create_key else load_keypair
+    private, _ = load(Path(reg.signing_key))
+    registry = ModelRegistry(Path(reg.root or run_root / "registry"), private_key=private)
+    return registry, AuditLog(Path(settings.audit.path or run_root / "audit.jsonl"), private_key=private)

@@ -19,7 +19,7 @@ def _certs_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--hosts",
         default="127.0.0.1,localhost",
-        help="comma-separated names the coordinator is reached by (its TLS certificate's SAN)",
+        help="comma-separated names nodes reach the coordinator by (the TLS certificate's SAN; 127.0.0.1 is added)",
     )
     p.add_argument("--nodes-only", action="store_true", help="write node key pairs only (on a department's machine)")
 

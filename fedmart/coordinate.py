@@ -2,16 +2,22 @@
 
 Processes (all on Flower's deployment runtime, talking HTTPS)::
 
-    fedmart coordinate ──> flower-superlink  (TLS, --enable-supernode-auth, one port)
-                              └─ flower-superexec ─> flwr-serverapp (federation.app:app)
-                           flwr supernode register <node>.pub   (one per node key)
+    nodes ──> fleet gate (deploy.host:deploy.port, Fleet API only: fedmart/fleet_gate.py)
+                 └──> flower-superlink  (TLS, --enable-supernode-auth, 127.0.0.1:deploy.control_port)
+    fedmart coordinate ──┘    └─ flower-superexec ─> flwr-serverapp (federation.app:app)
+                           flwr supernode register <node>.pub   (one per node key, on loopback)
                            flwr run <staged app> --run-config <flattened Hydra config>
 
 TLS: the SuperLink serves its Fleet, Control and Runtime APIs on one HTTPS port with the
 certificate ``fedmart certs`` issued (``--ssl-ca-certfile/--ssl-certfile/--ssl-keyfile``);
-nodes (``fedmart node``) and the ``flwr`` CLI trust only ``ca.pem``. Node authentication:
-the SuperLink runs with ``--enable-supernode-auth`` and accepts a SuperNode only if its
-public key was registered (``flwr supernode register``, :mod:`fedmart.nodes_admin`).
+that port is on loopback only, and nodes reach the SuperLink through the gate, which serves
+the same certificate and forwards only the Fleet routes (Flower 1.41 has no authentication
+for the Control API in its open-source build). Nodes (``fedmart node``) and the ``flwr`` CLI
+trust only ``ca.pem``. Node authentication: the SuperLink runs with
+``--enable-supernode-auth`` and accepts a SuperNode only if its public key was registered
+(``flwr supernode register``, :mod:`fedmart.nodes_admin`). Signing: the ServerApp signs
+model versions and audit entries with ``registry.signing_key``, which must exist: a
+deployment never creates it (:func:`fedmart.simulate.check_signing_key`).
 
 The coordinator's outputs go to ``outputs/<run>/`` exactly as in simulation (the run
 config's ``sim.run-dir``); Flower's own state (SuperLink database, FAB installs, the staged
@@ -28,6 +34,8 @@ import re
 import signal
 import subprocess
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +45,7 @@ from omegaconf import DictConfig
 from conf.settings import CoordinateSettings, DeploySettings, SimSettings
 from federation.runconfig import flatten
 from fedmart.errors import UserError
+from fedmart.fleet_gate import gate_argv
 from fedmart.hydra_runs import hydra_entry, run_job
 from fedmart.nodes_admin import register_node_keys
 from fedmart.staging import stage_app
@@ -50,9 +59,19 @@ from fedmart.supervise import (
     write_flwr_config,
 )
 
-__all__ = ["Deployment", "coordinate", "main", "round_line", "superlink_argv"]
+__all__ = [
+    "CONTROL_HOST",
+    "Deployment",
+    "coordinate",
+    "main",
+    "round_line",
+    "start_link",
+    "superlink_argv",
+]
 
 log = logging.getLogger(__name__)
+
+CONTROL_HOST = "127.0.0.1"  # the SuperLink's own address: the coordinator's flwr CLI and ServerApp only
 
 
 @dataclass(frozen=True)
@@ -63,11 +82,22 @@ class Deployment:
     node_keys: Path
     host: str
     port: int
+    control_port: int
     num_nodes: int | None
     catalog: Path | None
     isolation: str
     startup_timeout: float
     database: Path
+
+    @property
+    def control_address(self) -> str:
+        """The SuperLink (Fleet, Control, Runtime APIs), reachable from this machine only."""
+        return f"{CONTROL_HOST}:{self.control_port}"
+
+    @property
+    def node_address(self) -> str:
+        """What nodes dial: the Fleet gate."""
+        return f"{self.host}:{self.port}"
 
     @classmethod
     def from_settings(cls, d: DeploySettings) -> Deployment:
@@ -77,6 +107,7 @@ class Deployment:
             node_keys=Path(d.node_keys).resolve() if d.node_keys else certs / "nodes",
             host=d.host,
             port=d.port,
+            control_port=d.control_port,
             num_nodes=d.num_nodes,
             catalog=Path(d.catalog).resolve() if d.catalog else None,
             isolation=d.isolation,
@@ -86,7 +117,9 @@ class Deployment:
 
 
 def _check_certs(deploy: Deployment) -> list[Path]:
-    from privacy.pki import PkiError, PkiLayout, check_private_permissions
+    from cryptography import x509
+
+    from privacy.pki import PkiError, PkiLayout, cert_hosts, check_private_permissions
 
     layout = PkiLayout(deploy.certs)
     for path in (layout.ca_cert, layout.server_cert, layout.server_key):
@@ -96,6 +129,11 @@ def _check_certs(deploy: Deployment) -> list[Path]:
         check_private_permissions(layout.server_key)
     except PkiError as exc:
         raise UserError(str(exc)) from exc
+    if CONTROL_HOST not in cert_hosts(x509.load_pem_x509_certificate(layout.server_cert.read_bytes())):
+        raise UserError(
+            f"{layout.server_cert} does not name {CONTROL_HOST} (the SuperLink's own loopback address); "
+            f"re-issue it: `fedmart certs --out {deploy.certs} --hosts ...` (it adds {CONTROL_HOST})"
+        )
     pubs = sorted(deploy.node_keys.glob("*.pub"))
     if not pubs:
         raise UserError(f"{deploy.node_keys}: no node public keys (*.pub) to register")
@@ -117,17 +155,19 @@ def _audit_events(path: Path) -> list[dict[str, Any]]:
 def coordinate(cfg: dict[str, Any], run_dir: Path) -> Path:
     """Start the SuperLink, register the node keys, run the federation; returns the run directory."""
     from fedmart.console import console
-    from fedmart.simulate import check_mechanisms
+    from fedmart.simulate import check_mechanisms, check_signing_key
 
     settings = CoordinateSettings.from_dict(cfg)  # validated once, where the config enters
+    if settings.registry.create_key:
+        raise UserError("registry.create_key=true: `fedmart coordinate` never creates the signing key; drop it")
+    request = check_signing_key(settings.request())  # before anything starts: a deployment never makes a key
     check_mechanisms(settings)
     deploy = Deployment.from_settings(settings.deploy)
     pubs = _check_certs(deploy)
     run_dir = run_dir.resolve()
     flwr_dir = run_dir / "flwr"
     home = flwr_dir / "home"
-    address = f"{deploy.host}:{deploy.port}"
-    write_flwr_config(home, address, deploy.certs / "ca.pem")
+    write_flwr_config(home, deploy.control_address, deploy.certs / "ca.pem")
     deploy.database.parent.mkdir(parents=True, exist_ok=True)
     sim = SimSettings(
         run_dir=str(run_dir),
@@ -135,7 +175,7 @@ def coordinate(cfg: dict[str, Any], run_dir: Path) -> Path:
         num_nodes=deploy.num_nodes or len(pubs),
     )
     # The run config is the request only: no `deploy`, and no `node` (each node reads its own policy file).
-    run_config = flatten(settings.request().with_sim(sim).to_dict())
+    run_config = flatten(request.with_sim(sim).to_dict())
     app_dir = stage_app(flwr_dir / "app", run_config)  # the staged defaults: exactly the keys this run sends
     (flwr_dir / "run-config.json").write_text(json.dumps(run_config, indent=1) + "\n")
     import tomli_w
@@ -143,64 +183,98 @@ def coordinate(cfg: dict[str, Any], run_dir: Path) -> Path:
     overrides = flwr_dir / "run-config.toml"
     overrides.write_text(tomli_w.dumps(run_config))
 
-    if wait_for_port(deploy.host, deploy.port, 0.5):
-        raise UserError(f"{address} is already in use; stop what listens there or set deploy.port")
-    stale = stale_serverapps(address)
-    if stale:
-        log.warning("stopping the ServerApp processes a crashed coordinator left behind: %s", stale)
-        if reap_stale_serverapps(address):
-            raise UserError(f"ServerApp processes {stale} of an earlier coordinator on {address} would not stop")
-    superlink = Child(
-        "flower-superlink",
-        superlink_argv(
-            certs=deploy.certs,
-            host=deploy.host,
-            port=deploy.port,
-            database=deploy.database,
-            isolation=deploy.isolation,
-        ),
-        env=flwr_env(home),
-        cwd=Path.cwd(),
-        log_path=flwr_dir / "superlink.log",
-    )
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
-    runner = None
     try:
-        if not wait_for_port(deploy.host, deploy.port, deploy.startup_timeout, superlink.alive):
-            raise UserError(f"the SuperLink did not come up on {address}: {superlink.tail(3)}")
-        registered = register_node_keys(home, pubs)
-        console.print(
-            f"SuperLink on https://{address} (TLS, node auth); {len(registered)} node keys: "
-            + ", ".join(f"{k} ({v})" for k, v in registered.items())
-        )
-        started_events = len(_audit_events(run_dir / "audit.jsonl"))
-        runner = subprocess.Popen(
-            ["flwr", "run", str(app_dir), CONNECTION, "--run-config", str(overrides), "--stream"],
-            env=flwr_env(home),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        _follow(runner, flwr_dir / "serverapp.log", run_dir / "metrics.jsonl", stop)
-        events = _audit_events(run_dir / "audit.jsonl")[started_events:]
-        refused = [e for e in events if e.get("event") == "run_refused"]
-        if refused:  # every node declined a round by its own policy or budget
-            raise UserError(str(refused[-1].get("reason", "every node declined")))
-        if not any(e.get("event") == "run_end" for e in events):
-            if stop.is_set():
-                raise UserError(f"stopped; continue with `fedmart coordinate resume={run_dir}`")
-            raise UserError(
-                f"the run ended before its last round; see {flwr_dir / 'serverapp.log'} and "
-                f"{superlink.log_path}; continue with `fedmart coordinate resume={run_dir}`"
+        with start_link(deploy, flwr_dir, home) as (superlink, _gate):
+            registered = register_node_keys(home, pubs)
+            console.print(
+                f"SuperLink on https://{deploy.control_address} (TLS, node auth, Control API on this machine only); "
+                f"nodes connect to https://{deploy.node_address} (Fleet API only); {len(registered)} node keys: "
+                + ", ".join(f"{k} ({v})" for k, v in registered.items())
             )
+            _run_app(app_dir, overrides, home, run_dir, superlink.log_path, stop)
         return run_dir
     finally:
-        if runner is not None and runner.poll() is None:
-            runner.terminate()
-        superlink.stop()
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def _run_app(
+    app_dir: Path, overrides: Path, home: Path, run_dir: Path, superlink_log: Path, stop: threading.Event
+) -> None:
+    """``flwr run`` the staged app on the SuperLink and follow it; a UserError unless the run ended."""
+    flwr_dir = run_dir / "flwr"
+    started_events = len(_audit_events(run_dir / "audit.jsonl"))
+    runner = subprocess.Popen(
+        ["flwr", "run", str(app_dir), CONNECTION, "--run-config", str(overrides), "--stream"],
+        env=flwr_env(home),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        _follow(runner, flwr_dir / "serverapp.log", run_dir / "metrics.jsonl", stop)
+    finally:
+        if runner.poll() is None:
+            runner.terminate()
+    events = _audit_events(run_dir / "audit.jsonl")[started_events:]
+    refused = [e for e in events if e.get("event") == "run_refused"]
+    if refused:  # every node declined a round by its own policy or budget
+        raise UserError(str(refused[-1].get("reason", "every node declined")))
+    if not any(e.get("event") == "run_end" for e in events):
+        if stop.is_set():
+            raise UserError(f"stopped; continue with `fedmart coordinate resume={run_dir}`")
+        raise UserError(
+            f"the run ended before its last round; see {flwr_dir / 'serverapp.log'} and "
+            f"{superlink_log}; continue with `fedmart coordinate resume={run_dir}`"
+        )
+
+
+@contextmanager
+def start_link(deploy: Deployment, flwr_dir: Path, home: Path) -> Iterator[tuple[Child, Child]]:
+    """Start the SuperLink on ``127.0.0.1:deploy.control_port`` and the Fleet gate on ``deploy.host:deploy.port``.
+
+    Yields (superlink, gate) once both accept connections; stops both on exit. The SuperLink's
+    one port serves Fleet, Control and Runtime, and Control has no authentication in Flower
+    1.41's open-source build: only the coordinator's machine reaches it, nodes reach the gate,
+    which forwards the Fleet routes only (:mod:`fedmart.fleet_gate`).
+    """
+    control = deploy.control_address
+    for host, port, key in ((CONTROL_HOST, deploy.control_port, "control_port"), (deploy.host, deploy.port, "port")):
+        if wait_for_port(host, port, 0.5):
+            raise UserError(f"{host}:{port} is already in use; stop what listens there or set deploy.{key}")
+    stale = stale_serverapps(control)
+    if stale:
+        log.warning("stopping the ServerApp processes a crashed coordinator left behind: %s", stale)
+        if reap_stale_serverapps(control):
+            raise UserError(f"ServerApp processes {stale} of an earlier coordinator on {control} would not stop")
+    argv = superlink_argv(
+        certs=deploy.certs,
+        host=CONTROL_HOST,
+        port=deploy.control_port,
+        database=deploy.database,
+        isolation=deploy.isolation,
+    )
+    superlink = Child("flower-superlink", argv, env=flwr_env(home), cwd=Path.cwd(), log_path=flwr_dir / "superlink.log")
+    gate: Child | None = None
+    try:
+        if not wait_for_port(CONTROL_HOST, deploy.control_port, deploy.startup_timeout, superlink.alive):
+            raise UserError(f"the SuperLink did not come up on {control}: {superlink.tail(3)}")
+        gate = Child(
+            "fleet-gate",
+            gate_argv(host=deploy.host, port=deploy.port, upstream=control, certs=deploy.certs),
+            env=flwr_env(home),
+            cwd=Path.cwd(),
+            log_path=flwr_dir / "fleet-gate.log",
+        )
+        if not wait_for_port(deploy.host, deploy.port, deploy.startup_timeout, gate.alive):
+            raise UserError(f"the Fleet gate did not come up on {deploy.node_address}: {gate.tail(3)}")
+        yield superlink, gate
+    finally:
+        if gate is not None:
+            gate.stop()
+        superlink.stop()
 
 
 _PROGRESS = re.compile(r"Successfully started run|Exit Code|Error|error:")

@@ -11,9 +11,18 @@ from pathlib import Path
 from fedmart.cli import command
 from fedmart.errors import UserError, exit_on_user_error
 
-__all__ = ["PUBLIC_KEY_ENV", "default_registry_root", "public_key_arg", "need_public_key", "registry_cmd", "audit_cmd"]
+__all__ = [
+    "PUBLIC_KEY_ENV",
+    "SIGNING_KEY_ENV",
+    "default_registry_root",
+    "public_key_arg",
+    "need_public_key",
+    "registry_cmd",
+    "audit_cmd",
+]
 
 PUBLIC_KEY_ENV = "FEDMART_PUBLIC_KEY"
+SIGNING_KEY_ENV = "FEDMART_SIGNING_KEY"
 
 
 def default_registry_root(outputs: Path = Path("outputs")) -> Path:
@@ -41,17 +50,27 @@ def need_public_key(args: argparse.Namespace) -> Path:
     return Path(args.public_key)
 
 
-def _open_registry(args: argparse.Namespace, *, need_key: bool):
-    from federation.registry import ModelRegistry
+def _open_registry(args: argparse.Namespace, *, need_key: bool, signing: bool = False):
+    from federation.registry import ModelRegistry, RegistryError
     from privacy.signing import KeyFileError
 
     root = Path(args.root) if args.root else default_registry_root()
     if not root.is_dir():
         raise UserError(f"{root}: no registry there; pass --root DIR")
     key = need_public_key(args) if need_key else (Path(args.public_key) if args.public_key else None)
+    private = None
+    if signing:
+        private = getattr(args, "signing_key", None) or os.environ.get(SIGNING_KEY_ENV)
+        if not private:
+            raise UserError(
+                f"promote signs its record: pass --signing-key KEY (the coordinator's) or set ${SIGNING_KEY_ENV}"
+            )
     try:
-        return ModelRegistry(root, public_key_path=key)
+        return ModelRegistry(root, public_key_path=key, private_key_path=Path(private) if private else None)
     except KeyFileError as exc:
+        hint = "; promote never creates a key: pass the coordinator's --signing-key" if signing else ""
+        raise UserError(f"{exc}{hint}") from exc
+    except RegistryError as exc:
         raise UserError(str(exc)) from exc
 
 
@@ -78,10 +97,18 @@ def _registry_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("version")
     v = sub.add_parser("verify", help="check signatures and file hashes (all versions, or one)")
     v.add_argument("version", nargs="?")
-    pr = sub.add_parser("promote", help="mark a verified version for serving (recorded in promotions.jsonl)")
+    pr = sub.add_parser("promote", help="mark a verified version for serving (a signed, counted promotions.jsonl line)")
     pr.add_argument("version")
+    kg = sub.add_parser("keygen", help="create the coordinator's Ed25519 signing key, once, at set-up")
+    kg.add_argument("path", type=Path, help="where the private key goes (e.g. keys/coordinator.key); never replaced")
     for sp in (ls, s, v, pr):
         _registry_common(sp, sub=True)
+    pr.add_argument(
+        "--signing-key",
+        type=Path,
+        default=None,
+        help=f"the coordinator's Ed25519 private key that signs the promotion (default ${SIGNING_KEY_ENV})",
+    )
     pr.add_argument("--by", default=None, help="who promotes (default: the current user)")
     pr.add_argument(
         "--audit", type=Path, default=None, help="audit log to record the promotion in (default: ROOT/../audit.jsonl)"
@@ -96,7 +123,9 @@ def registry_cmd(args: argparse.Namespace) -> int:
     from fedmart.console import console
 
     cmd = args.registry_cmd
-    reg = _open_registry(args, need_key=cmd in ("verify", "promote"))
+    if cmd == "keygen":
+        return _keygen(Path(args.path))
+    reg = _open_registry(args, need_key=cmd in ("verify", "promote"), signing=cmd == "promote")
     try:
         if cmd == "list":
             rows = reg.list()
@@ -135,8 +164,17 @@ def registry_cmd(args: argparse.Namespace) -> int:
                 bad += not ok
                 reason = reason.removeprefix(f"{v}: ")
                 console.print(f"{'[green]ok[/]' if ok else '[red]FAILED[/]'}  {v}: {reason}", soft_wrap=True)
+            promotions = reg.promotions()
+            for line, reason in promotions.refused.items():
+                bad += 1
+                console.print(f"[red]FAILED[/]  promotions.jsonl line {line}: {reason}", soft_wrap=True)
+            newest, why = promotions.newest()
+            if newest is not None:
+                console.print(f"newest promotion: #{newest['counter']} {newest['version']}", soft_wrap=True)
+            elif why and (promotions.valid or promotions.refused):
+                console.print(f"[red]no promotion to serve[/]: {why}", soft_wrap=True)
             if bad:
-                console.print(f"[red]{bad} of {len(versions)} version(s) failed verification[/]", soft_wrap=True)
+                console.print(f"[red]{bad} version(s) or promotion(s) failed verification[/]", soft_wrap=True)
             return 1 if bad else 0
         # promote
         record = reg.promote(args.version, by=args.by or getpass.getuser())
@@ -145,21 +183,43 @@ def registry_cmd(args: argparse.Namespace) -> int:
             from privacy.audit import AuditError, AuditLog
 
             try:
-                AuditLog(audit).append("promotion", **{k: v for k, v in record.items() if k != "event"})
+                AuditLog(audit, private_key=reg.signing_key).append(
+                    "promotion", **{k: v for k, v in record.items() if k != "event"}
+                )
             except AuditError as exc:
                 raise UserError(f"promoted, but not recorded in the audit log: {exc}") from exc
             console.print(
-                f"promoted {args.version} (recorded in {reg.root / 'promotions.jsonl'} and {audit})", soft_wrap=True
+                f"promoted {args.version} as #{record['counter']} (signed, in {reg.root / 'promotions.jsonl'} "
+                f"and {audit})",
+                soft_wrap=True,
             )
         else:
-            console.print(f"promoted {args.version} (recorded in {reg.root / 'promotions.jsonl'})", soft_wrap=True)
+            console.print(
+                f"promoted {args.version} as #{record['counter']} (signed, in {reg.root / 'promotions.jsonl'})",
+                soft_wrap=True,
+            )
         return 0
     except RegistryError as exc:
         raise UserError(str(exc)) from exc
 
 
+def _keygen(path: Path) -> int:
+    from fedmart.console import console
+    from privacy.signing import key_fingerprint, load_or_create_keypair, public_key_path_for
+
+    if path.exists():
+        raise UserError(f"{path} exists; keygen never replaces a signing key (versions signed by it would be orphaned)")
+    _, public = load_or_create_keypair(path)
+    console.print(
+        f"created {path} (0600, key id {key_fingerprint(public)}); its public key {public_key_path_for(path)} "
+        "is what `fedmart serve --public-key` and `fedmart registry verify` take",
+        soft_wrap=True,
+    )
+    return 0
+
+
 registry_cmd.add_arguments = _registry_args  # type: ignore[attr-defined]
-command("registry", "list, show, verify and promote signed model versions")(registry_cmd)
+command("registry", "list, show, verify and promote signed model versions; make the signing key")(registry_cmd)
 
 
 # --- fedmart audit ---------------------------------------------------------------------------

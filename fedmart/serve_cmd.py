@@ -1,4 +1,4 @@
-"""``fedmart serve``: the recommendation and search API over the newest promoted, verified model."""
+"""``fedmart serve``: the recommendation and search API over the newest signed promotion that passes its checks."""
 
 from __future__ import annotations
 
@@ -31,6 +31,20 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--no-search", action="store_true", help="do not build the title index (/search answers 501)")
     p.add_argument("--text-cache", type=Path, help="title embeddings cache (.npy)")
+    p.add_argument(
+        "--require",
+        action="append",
+        default=[],
+        metavar="TERM",
+        help="serve only a version whose signed metadata meets TERM: dp, secagg, epsilon<=X (repeatable)",
+    )
+    p.add_argument(
+        "--state",
+        type=Path,
+        default=None,
+        help="where the highest promotion counter served is kept across restarts "
+        "(default: $XDG_STATE_HOME/fedmart/serve-<registry>.json; keep it out of the registry writers' reach)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -38,11 +52,13 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 def serve_cmd(args: argparse.Namespace) -> int:
     from serving.config import ServeConfig, ServeError
     from serving.http import run_http
+    from serving.policy import default_state_path
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        registry = Path(args.registry) if args.registry else default_registry_root()
         config = ServeConfig(
-            registry=Path(args.registry) if args.registry else default_registry_root(),
+            registry=registry,
             public_key=need_public_key(args),
             catalog=Path(args.catalog),
             host=args.host,
@@ -54,6 +70,8 @@ def serve_cmd(args: argparse.Namespace) -> int:
             threads=args.threads,
             search=not args.no_search,
             text_cache=args.text_cache,
+            require=tuple(args.require),
+            state=args.state or default_state_path(registry),
         )
         run_http(config, log_level=args.log_level)
     except (ServeError, ValueError) as exc:

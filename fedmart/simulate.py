@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from omegaconf import DictConfig
@@ -25,9 +25,11 @@ from federation.runconfig import flatten
 from fedmart.errors import UserError
 from fedmart.hydra_runs import hydra_entry, run_job
 
-__all__ = ["check_mechanisms", "check_settings", "main", "prepare", "simulate"]
+__all__ = ["check_mechanisms", "check_settings", "check_signing_key", "main", "prepare", "simulate"]
 
 log = logging.getLogger(__name__)
+
+S = TypeVar("S", bound=Settings)
 
 
 def prepare(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
@@ -74,9 +76,32 @@ def check_mechanisms(settings: Settings) -> None:
     select_device(settings.device)
 
 
+def check_signing_key(settings: S) -> S:
+    """``settings`` with ``registry.signing_key`` made absolute after loading the key, unless it may be created.
+
+    With ``registry.create_key=false`` (always in ``fedmart coordinate``) a missing or unreadable
+    key is a UserError before anything starts: a wrong path must stop the command, not start
+    a second signer whose versions nobody can verify.
+    """
+    from privacy.signing import KeyFileError, load_keypair
+
+    reg = settings.registry
+    if reg.create_key:
+        return settings
+    path = Path(reg.signing_key).resolve()
+    try:
+        load_keypair(path)
+    except KeyFileError as exc:
+        raise UserError(
+            f"registry.signing_key: {exc}; it is never created here: point registry.signing_key at the "
+            "coordinator's key, or make one once with `fedmart registry keygen PATH`"
+        ) from exc
+    return replace(settings, registry=replace(reg, signing_key=str(path)))
+
+
 def check_settings(cfg: dict[str, Any]) -> SimulateSettings:
     """The composed config as the typed tree, validated once (here, where it enters)."""
-    settings = SimulateSettings.from_dict(cfg)
+    settings = check_signing_key(SimulateSettings.from_dict(cfg))
     check_mechanisms(settings)
     return settings
 

@@ -64,6 +64,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_HOSTS = ("127.0.0.1", "localhost")
+LOOPBACK = "127.0.0.1"  # always named: the SuperLink listens there, behind the Fleet gate
 NODE_CURVE = ec.SECP384R1  # Flower's docs use ECDSA P-384 (`ssh-keygen -t ecdsa -b 384`); any NIST curve works
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
@@ -435,6 +436,8 @@ def ensure_pki(
     certificate for ``hosts``), ``nodes/<name>.key``/``nodes/<name>.pub`` (one
     authentication key pair per node). ``with_ca=False`` writes node keys only (what a
     department runs on its own machine, sending just the ``.pub`` to the coordinator).
+    ``127.0.0.1`` is always among the server's names: ``fedmart coordinate`` runs the
+    SuperLink itself on loopback, behind the node-facing Fleet gate.
     """
     names = [valid_node_name(n) for n in node_names]
     if len(set(names)) != len(names):
@@ -443,7 +446,7 @@ def ensure_pki(
     _secure_dir(layout.root)
     report = PkiReport(layout)
     if with_ca:
-        hosts = list(hosts)
+        hosts = list(hosts) + ([LOOPBACK] if LOOPBACK not in hosts else [])
         _san(hosts)  # reject bad names before writing anything
         ca_key, ca_cert = _ensure_ca(layout, report)
         _ensure_server(layout, report, ca_key, ca_cert, hosts)

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 __all__ = [
     "KeyFileError",
+    "load_keypair",
     "load_or_create_keypair",
     "load_private_key",
     "load_public_key",
@@ -50,22 +51,35 @@ def public_key_path_for(private_key_path: str | Path) -> Path:
     return p.with_name(p.name + ".pub")
 
 
-def load_or_create_keypair(private_key_path: str | Path) -> tuple[Ed25519PrivateKey, Ed25519PublicKey]:
-    """Load the Ed25519 key at ``private_key_path``, creating it (0600, parent 0700) on first use.
+def load_keypair(private_key_path: str | Path) -> tuple[Ed25519PrivateKey, Ed25519PublicKey]:
+    """Load the Ed25519 key at ``private_key_path``; a missing file is a :class:`KeyFileError`, never a new key.
 
-    Creation is exclusive (``O_EXCL``): two processes racing to create the key end
-    up sharing the one that won. The public key is (re)exported to ``<path>.pub``
-    when that file is missing.
+    What the coordinator (``fedmart coordinate``), ``fedmart registry promote`` and a
+    deployed ServerApp use: a mistyped path must not start a second signer whose
+    versions nobody can verify. The public key is (re)exported to ``<path>.pub`` when
+    that file is missing.
     """
     path = Path(private_key_path)
-    if not path.exists():
-        _create_private_key(path)
     private = load_private_key(path)
     public = private.public_key()
     pub_path = public_key_path_for(path)
     if not pub_path.exists():
         export_public_key(public, pub_path)
     return private, public
+
+
+def load_or_create_keypair(private_key_path: str | Path) -> tuple[Ed25519PrivateKey, Ed25519PublicKey]:
+    """Load the Ed25519 key at ``private_key_path``, creating it (0600, parent 0700) on first use.
+
+    Only for what may make a key (``fedmart simulate``, a local ``flwr run .``, tests):
+    everything else calls :func:`load_keypair`. Creation is exclusive (``O_EXCL``): two
+    processes racing to create the key end up sharing the one that won. The public key
+    is (re)exported to ``<path>.pub`` when that file is missing.
+    """
+    path = Path(private_key_path)
+    if not path.exists():
+        _create_private_key(path)
+    return load_keypair(path)
 
 
 def _create_private_key(path: Path) -> None:

@@ -32,8 +32,13 @@ class ServeConfig:
     search: bool = True  # build the title index for /search (in the background)
     text_cache: Path | None = None  # .npy cache of title embeddings (default: beside the catalog's cache dir)
     search_blend: float = 0.3  # weight of the recommender in /search when a history is given
+    require: tuple[str, ...] = ()  # --require terms: dp, secagg, epsilon<=X (serving/policy.py)
+    state: Path | None = None  # the highest promotion counter served, kept across restarts; None: in memory only
 
     def __post_init__(self) -> None:
+        from serving.policy import Requirements
+
+        Requirements.parse(self.require)  # a ValueError names the bad term
         if self.reload_interval <= 0:
             raise ValueError("reload_interval must be > 0 seconds")
         if self.max_batch < 1:

@@ -17,9 +17,10 @@ import torch
 from federation.catalog import Catalog
 from federation.device import select_device
 from federation.registry import ModelRegistry
-from privacy.signing import load_public_key
+from privacy.signing import key_fingerprint, load_public_key
 from serving.config import ServeConfig, ServeError, default_threads
 from serving.items import ItemIndex
+from serving.policy import HighWater, Requirements
 from serving.scoring import Job, fallback_top, make_job, rank_batch
 from serving.search import TitleSearch
 from serving.snapshot import Snapshot, VersionKeeper
@@ -50,23 +51,35 @@ class Server:
         self.catalog = Catalog.load(config.catalog)
         self.items = ItemIndex(self.catalog, self.device)
         self.text = TitleSearch(self.catalog, self.device, cache=config.text_cache, blend=config.search_blend)
+        try:
+            high_water = HighWater(config.state, key_fingerprint(self.public_key))
+        except ValueError as exc:
+            raise ServeError(str(exc)) from exc
         self.versions = VersionKeeper(
-            self.registry, self.public_key, self.catalog, self.device, text_embeddings=self.text.model_embeddings
+            self.registry,
+            self.public_key,
+            self.catalog,
+            self.device,
+            text_embeddings=self.text.model_embeddings,
+            requirements=Requirements.parse(config.require),
+            high_water=high_water,
         )
-        version = self.versions.select()
-        if version is None:
+        try:
+            snap = self.versions.start()
+        except ServeError as exc:
             raise ServeError(
-                f"{config.registry}: no promoted version verifies with {config.public_key}; "
-                "promote one with `fedmart registry promote VERSION`"
-            )
-        self.versions.current = self.versions.load(version)
+                f"{config.registry}: no promoted version verifies with {config.public_key} and passes the checks "
+                f"({exc}); promote one with `fedmart registry promote VERSION`"
+            ) from exc
         log.info(
-            "serving %s (run %s, round %s) on %s; %d items",
-            version,
+            "serving %s (promotion #%s; run %s, round %s) on %s; %d items; required: %s",
+            snap.version,
+            snap.promotion.get("counter"),
             self.snapshot.metadata.get("run"),
             self.snapshot.metadata.get("round"),
             self.device,
             self.catalog.num_items,
+            self.versions.requirements,
         )
 
     # -- versions ------------------------------------------------------------------------------

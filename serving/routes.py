@@ -179,6 +179,8 @@ class Routes:
                 "privacy": m.get("privacy"),
                 "promoted_by": snap.promotion.get("by"),
                 "promoted_at": snap.promotion.get("at"),
+                "promotion_counter": snap.promotion.get("counter"),
+                "required": str(server.versions.requirements),
                 "loaded_at": snap.loaded_at,
                 "device": str(server.device),
                 "num_items": server.catalog.num_items,

@@ -1,10 +1,14 @@
-"""The served model version: select the newest promoted version that verifies, load it, swap it in.
+"""The served model version: select the newest signed promotion, check it, load it, swap it in.
 
 A :class:`Snapshot` is a verified version, ready on its device, with its cold-start
 ranking; it is never mutated. :class:`VersionKeeper` holds the current one and swaps it
 for a new one by a single reference assignment, so a request that took the old snapshot
-keeps it to the end. A tampered, unsigned or mismatching version is refused with a log
-line and the previous version keeps serving.
+keeps it to the end. The candidate is the version of the valid promotion with the highest
+counter (``federation/promotions.py``), never an older one: it is refused, with a log line
+while the previous version keeps serving, when its promotion counter is below one already
+served (a rolled-back ``promotions.jsonl``), when the version is tampered, unsigned or for
+another catalog, or when its signed privacy metadata does not meet ``--require``
+(``serving/policy.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from federation.catalog import Catalog
 from federation.globalmodel import set_weights
 from federation.model import SASRec, SASRecConfig
 from federation.registry import ModelRegistry, RegistryError
+from privacy.signing import key_fingerprint
 from serving.config import ServeError
+from serving.policy import HighWater, Requirements
 from serving.scoring import fast_scorer
 
 __all__ = ["Snapshot", "VersionKeeper", "FALLBACK_WHAT", "fallback_scores"]
@@ -97,6 +103,7 @@ class VersionKeeper:
     """Holds the served :class:`Snapshot` (``current``) and swaps in newly promoted, verified versions.
 
     ``text_embeddings`` gives the catalog's title embeddings, for models trained with them.
+    ``requirements``: ``--require``; ``high_water``: the promotion counter served so far.
     """
 
     def __init__(
@@ -107,14 +114,20 @@ class VersionKeeper:
         device: torch.device,
         *,
         text_embeddings: Callable[[], torch.Tensor],
+        requirements: Requirements | None = None,
+        high_water: HighWater | None = None,
     ) -> None:
         self.registry = registry
         self.public_key = public_key
         self.catalog = catalog
         self.device = device
         self._text_embeddings = text_embeddings
+        self.requirements = requirements or Requirements()
+        self.high_water = high_water or HighWater(None, key_fingerprint(public_key))
         self.current: Snapshot | None = None
-        self.refused: dict[str, str] = {}  # version -> reason, for /model
+        self.refused: dict[str, str] = {}  # version (or promotions.jsonl line) -> reason, for /model
+        self.last_refusal: str | None = None  # why the last select() found nothing to serve
+        self._selected: dict[str, Any] = {}  # the promotion record the last select() chose
         self._promotions_stamp: tuple | None = None
         self._swap_lock = threading.Lock()
 
@@ -125,32 +138,49 @@ class VersionKeeper:
             return None
         return (st.st_ino, st.st_size, st.st_mtime_ns)
 
+    def _refuse(self, what: str, reason: str, *, candidate: bool = True) -> None:
+        """Record and log a refusal. Before the first version is served, the candidate's refusal is
+        logged at INFO only: the start fails with it as its one-line error (:meth:`start`)."""
+        if self.refused.get(what) != reason:
+            if self.current is not None:
+                level, then = logging.ERROR, f"still serving {self.current.version}"
+            else:
+                level, then = (logging.INFO if candidate else logging.WARNING), "nothing served yet"
+            log.log(level, "refusing promoted version %s: %s; %s", what, reason, then)
+        self.refused[what] = reason
+        if candidate:
+            self.last_refusal = f"{what}: {reason}"
+
     def select(self) -> str | None:
-        """Newest promoted version that verifies; logs each refusal."""
+        """The version of the newest signed promotion if it passes every check; else None (each refusal logged)."""
         self._promotions_stamp = self._stamp()
-        records = self.registry.promoted()
-        seen: set[str] = set()
-        for rec in reversed(records):
-            v = rec["version"]
-            if v in seen:
-                continue
-            seen.add(v)
-            ok, reason = self.registry.verify(v, self.public_key)
-            if ok:
-                return v
-            if self.refused.get(v) != reason:
-                log.error(
-                    "refusing promoted version %s: %s; %s",
-                    v,
-                    reason,
-                    f"still serving {self.current.version}" if self.current else "trying an older promotion",
-                )
-            self.refused[v] = reason
-        return None
+        self.last_refusal = None
+        promotions = self.registry.promotions(self.public_key)
+        for line, reason in promotions.refused.items():
+            self._refuse(f"promotions.jsonl line {line}", reason, candidate=False)
+        record, why = promotions.newest()
+        if record is None:
+            self.last_refusal = why
+            return None
+        version, counter = str(record["version"]), int(record["counter"])
+        reason = self.high_water.refusal(counter, version)
+        if reason is None:
+            ok, why_not = self.registry.verify(version, self.public_key)
+            reason = None if ok else why_not.removeprefix(f"{version}: ")
+        if reason is None:
+            reason = self.requirements.unmet(self.registry.show(version))
+        if reason is not None:
+            self._refuse(version, reason)
+            return None
+        self._selected = record
+        return version
 
     def load(self, version: str) -> Snapshot:
         """Verify, load, warm up; raises RegistryError/ServeError on anything wrong."""
         weights, meta = self.registry.load(version, self.public_key)
+        unmet = self.requirements.unmet(meta)  # again, on the bytes just verified and loaded
+        if unmet:
+            raise ServeError(f"{version}: {unmet}")
         if meta.get("catalog_version") != self.catalog.version:
             raise ServeError(
                 f"{version} was trained on catalog {meta.get('catalog_version')}, "
@@ -169,7 +199,7 @@ class VersionKeeper:
         infer, inference = fast_scorer(model, self.device)
         kind, scores = fallback_scores(self.registry, version, self.public_key, weights, self.catalog.num_items)
         order = np.argsort(-scores[1:], kind="stable") + 1
-        promotion = next((r for r in reversed(self.registry.promoted()) if r["version"] == version), {})
+        promotion = self._selected if self._selected.get("version") == version else {}
         log.info("%s: inference path %s on %s", version, inference, self.device)
         return Snapshot(version, meta, model, cfg.max_len, kind, scores, order, promotion, infer, inference)
 
@@ -181,15 +211,28 @@ class VersionKeeper:
             if not force and stamp == self._promotions_stamp:
                 return None
             version = self.select()
-            if version is None or version == self.current.version:
+            if version is None:
+                return None
+            counter = int(self._selected["counter"])
+            if version == self.current.version:  # promoted again: nothing to load, the counter moves on
+                self.high_water.advance(counter, version)
                 return None
             try:
                 snap = self.load(version)
             except (RegistryError, ServeError, ValueError) as exc:
-                self.refused[version] = str(exc)
-                log.error("refusing promoted version %s: %s; still serving %s", version, exc, self.current.version)
+                self._refuse(version, str(exc).removeprefix(f"{version}: "))
                 return None
             self.refused.pop(version, None)
             old, self.current = self.current, snap  # the swap: one reference assignment
-            log.info("now serving %s (was %s)", version, old.version)
+            self.high_water.advance(counter, version)
+            log.info("now serving %s (promotion #%d; was %s)", version, counter, old.version)
             return version
+
+    def start(self) -> Snapshot:
+        """Select and load the first version (raises :class:`ServeError` with the reason when there is none)."""
+        version = self.select()
+        if version is None:
+            raise ServeError(self.last_refusal or "no signed promotion")
+        self.current = self.load(version)
+        self.high_water.advance(int(self._selected["counter"]), version)
+        return self.current

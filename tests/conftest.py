@@ -108,7 +108,9 @@ def random_weights(catalog: Catalog, seed: int, **config) -> tuple[dict[str, np.
     return get_weights(model), cfg.to_dict()
 
 
-def publish(world: World, seed: int, *, promote: bool = True, round: int | None = None) -> str:
+def publish(
+    world: World, seed: int, *, promote: bool = True, round: int | None = None, privacy: dict | None = None
+) -> str:
     weights, model_config = random_weights(world.catalog, seed)
     version = world.registry.publish(
         weights,
@@ -118,7 +120,7 @@ def publish(world: World, seed: int, *, promote: bool = True, round: int | None 
         catalog_version=world.catalog.version,
         model_config=model_config,
         metrics={"ndcg@10": 0.1 * seed},
-        privacy={"epsilon": 2.0, "delta": 1e-5},
+        privacy=privacy if privacy is not None else {"epsilon": 2.0, "delta": 1e-5},
         parent=world.versions[-1] if world.versions else None,
         popularity=world.popularity,
     )
@@ -134,7 +136,7 @@ def make_world(root: Path, *, num_items: int = 300, promote: bool = True) -> Wor
     )
     catalog_path = catalog.save(root / "catalog.parquet")
     key = root / "keys" / "signing.pem"
-    registry = ModelRegistry(root / "registry", private_key_path=key)
+    registry = ModelRegistry(root / "registry", private_key_path=key, create_key=True)  # a test world: like simulate
     world = World(
         root=root,
         catalog=catalog,

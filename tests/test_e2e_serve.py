@@ -19,6 +19,7 @@ import pytest
 from federation.catalog import Catalog
 from fedmart.cli import main
 from privacy.audit import verify_audit
+from privacy.signing import load_public_key
 from serving.config import ServeConfig
 from serving.http import create_app, serve_in_thread
 
@@ -54,9 +55,11 @@ def test_simulate_promote_serve_recommend_and_search(run, capsys):
     assert len(versions) == 2, "one signed version per round"
     assert _fedmart("registry", "verify", "--root", str(registry), "--public-key", str(pub)) == 0
 
-    assert _fedmart("registry", "promote", versions[-1], "--root", str(registry), "--public-key", str(pub)) == 0
+    key = pub.with_name(pub.name.removesuffix(".pub"))  # the key `fedmart simulate` created
+    promote = ("registry", "promote", versions[-1], "--root", str(registry), "--public-key", str(pub))
+    assert _fedmart(*promote, "--signing-key", str(key)) == 0
     audit = run["run"] / "audit.jsonl"
-    assert verify_audit(audit).ok
+    assert verify_audit(audit, public_key=load_public_key(pub)).ok, "the run's entries and the promotion: all signed"
     assert json.loads(audit.read_text().splitlines()[-1])["event"] == "promotion"
 
     catalog = Catalog.load(run["catalog"])

@@ -54,7 +54,7 @@ def test_promote_records_in_promotions_and_the_audit_log(world, capsys):
     AuditLog(audit).append("run_start", run="test")
     v = world.versions[0]
 
-    assert fedmart(*_reg(world, "promote", v, "--by", "carol")) == 0
+    assert fedmart(*_reg(world, "promote", v, "--by", "carol", "--signing-key", str(world.key))) == 0
 
     assert world.registry.promoted()[-1]["by"] == "carol"
     last = json.loads(audit.read_text().splitlines()[-1])
@@ -66,7 +66,7 @@ def test_promote_refuses_a_tampered_version_with_one_line(world, capsys, support
     v = world.versions[0]
     support.flip_byte(world.registry_path / v / "weights.safetensors")
 
-    assert fedmart(*_reg(world, "promote", v)) == 2
+    assert fedmart(*_reg(world, "promote", v, "--signing-key", str(world.key))) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("fedmart: error: refusing to promote") and "\n" not in err
 
@@ -107,3 +107,44 @@ def test_audit_verify_names_the_edited_line(tmp_path, capsys):
 def test_audit_verify_of_a_missing_file_is_a_one_line_error(tmp_path, capsys):
     assert fedmart("audit", "verify", str(tmp_path / "none.jsonl")) == 2
     assert "no audit log" in capsys.readouterr().err
+
+
+def test_promote_without_the_signing_key_is_a_one_line_error(world, capsys, monkeypatch, tmp_path):
+    monkeypatch.delenv("FEDMART_SIGNING_KEY", raising=False)
+    v = world.versions[0]
+
+    assert fedmart(*_reg(world, "promote", v)) == 2
+    assert "--signing-key" in capsys.readouterr().err
+
+    missing = tmp_path / "keys" / "typo.key"
+    assert fedmart(*_reg(world, "promote", v, "--signing-key", str(missing))) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fedmart: error:") and "private key not found" in err and "\n" not in err
+    assert not missing.exists(), "a wrong path must never become a new key"
+    assert world.registry.promoted() == []
+
+
+def test_keygen_creates_a_key_once_and_never_replaces_it(tmp_path, capsys):
+    key = tmp_path / "keys" / "coordinator.key"
+
+    assert fedmart("registry", "keygen", str(key)) == 0
+    assert key.is_file() and key.with_name("coordinator.key.pub").is_file()
+    before = key.read_bytes()
+
+    assert fedmart("registry", "keygen", str(key)) == 2
+    assert "never replaces" in capsys.readouterr().err
+    assert key.read_bytes() == before
+
+
+def test_registry_verify_fails_on_a_tampered_promotion(world, capsys):
+    v = world.versions[0]
+    assert fedmart(*_reg(world, "promote", v, "--signing-key", str(world.key))) == 0
+    path = world.registry_path / "promotions.jsonl"
+    record = json.loads(path.read_text())
+    record["counter"] = 7
+    path.write_text(json.dumps(record) + "\n")
+    capsys.readouterr()
+
+    assert fedmart(*_reg(world, "verify")) == 1
+    out = capsys.readouterr().out
+    assert "promotions.jsonl line 1" in out and "signature does not verify" in out

@@ -187,12 +187,16 @@ def federation(tmp_path_factory):
         [*CLI, "certs", "--out", "rogue-keys", "--node-names", "rogue", "--nodes-only"], cwd=base, capture_output=True
     )
     assert rogue_keys.returncode == 0
-    port = free_port()
+    # The coordinator's signing key is made once, at set-up: `fedmart coordinate` never creates it.
+    keygen = subprocess.run([*CLI, "registry", "keygen", "keys/coordinator.key"], cwd=base, capture_output=True)
+    assert keygen.returncode == 0, keygen.stderr
+    port, control_port = free_port(), free_port()
     run_dir = base / "outputs" / "dep"
     coordinate = [
         *CLI, "coordinate", *TINY, "privacy=dp", "secagg=on", f"federation.num_rounds={ROUNDS}",
         "federation.eval_every=3", "federation.round_timeout=60", "secagg.timeout=45",
-        "deploy.certs=certs", f"deploy.port={port}", "deploy.catalog=catalog.parquet", "hydra.run.dir=outputs/dep",
+        "deploy.certs=certs", f"deploy.port={port}", f"deploy.control_port={control_port}",
+        "deploy.catalog=catalog.parquet", "hydra.run.dir=outputs/dep",
     ]  # fmt: skip
 
     def node(name: str, *extra: str, key: str | None = None) -> list[str]:
@@ -220,7 +224,7 @@ def federation(tmp_path_factory):
         assert len(_metrics(run_dir)) == 1, "the kill must land inside round 2"
         procs.kill("coordinator")
         out.killed_coordinator_after = [r["round"] for r in _metrics(run_dir)]
-        out.stale_after_kill = bool(_flower_children_of(port))  # `coordinate resume=` stops them
+        out.stale_after_kill = bool(_flower_children_of(control_port))  # `coordinate resume=` stops them
         procs.start("coordinator-resumed", [*CLI, "coordinate", "resume=outputs/dep"])
 
         # While the resumed run goes on: the registered nodes as the SuperLink lists them.
@@ -262,7 +266,12 @@ def test_run_completes_all_rounds_and_publishes_signed_models(federation):
     )
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert verify.stdout.count("ok") >= ROUNDS
-    audit = subprocess.run([*CLI, "audit", "verify", str(f.run_dir / "audit.jsonl")], capture_output=True, text=True)
+    audit = subprocess.run(
+        [*CLI, "audit", "verify", str(f.run_dir / "audit.jsonl"), "--public-key", "keys/coordinator.key.pub"],
+        cwd=f.base,
+        capture_output=True,
+        text=True,
+    )
     assert audit.returncode == 0 and "chain intact" in audit.stdout, audit.stdout + audit.stderr
 
 

@@ -168,7 +168,7 @@ def test_promote_refuses_an_unverifiable_version(world, support):
     assert world.registry.promoted() == []
 
 
-def test_latest_promoted_verified_skips_a_tampered_promotion(world, caplog, support):
+def test_a_tampered_newest_promotion_is_refused_not_replaced_by_an_older_one(world, caplog, support):
     v1 = world.versions[0]
     world.registry.promote(v1, by="a")
     v2 = support.publish(world, 2)  # promoted
@@ -178,7 +178,8 @@ def test_latest_promoted_verified_skips_a_tampered_promotion(world, caplog, supp
     with caplog.at_level(logging.WARNING, logger="federation.registry"):
         chosen = world.registry.latest_promoted_verified(world.registry.public_key)
 
-    assert chosen == v1
+    # Falling back to v1 would let whoever can break a file roll the served model back.
+    assert chosen is None
     assert f"promoted version {v2} refused" in caplog.text
 
 

@@ -149,3 +149,12 @@ def test_node_private_key_loader_accepts_only_ecdsa():
         load_node_private_key(ed)
     with pytest.raises(PkiError):
         load_node_private_key(b"-----BEGIN NOTHING-----")
+
+
+def test_the_server_certificate_always_names_loopback(tmp_path):
+    # fedmart coordinate runs the SuperLink on 127.0.0.1 behind the Fleet gate, whatever names nodes dial.
+    layout = ensure_pki(tmp_path / "certs", hosts=["coord.example"]).layout
+
+    cert = x509.load_pem_x509_certificate(layout.server_cert.read_bytes())
+
+    assert sorted(cert_hosts(cert)) == ["127.0.0.1", "coord.example"]
