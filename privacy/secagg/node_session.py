@@ -76,6 +76,7 @@ class NodeSession:
     sid: bytes = b""  # the session id every survivor signs under (statements.session_id)
     also_signed: tuple[int, ...] = ()  # the one survivor set besides U2 this node signed, if any
     u2_signature: bytes = field(default=b"", compare=False)  # sent with the masked input; not kept
+    _prepared: MaskRequest | None = field(default=None, compare=False, repr=False)
 
     @property
     def active(self) -> bool:
@@ -142,13 +143,12 @@ class NodeSession:
         return node, reply
 
     # --- stage 3: masked input -----------------------------------------------------------
-    def mask(
-        self, request: MaskRequest, x: np.ndarray, *, in_place: bool = False, identity: NodeIdentity | None = None
-    ) -> np.ndarray:
-        """Decrypt the shares this node holds and return ``x`` masked (masked in place if ``in_place``).
+    def prepare_mask(self, request: MaskRequest, identity: NodeIdentity | None = None) -> None:
+        """Check ``request`` and decrypt the shares it carries, before the node trains.
 
-        In the active mode the neighbours' keys must carry their roster signatures; the node then
-        signs the U2 it was shown (:attr:`u2_signature`, sent with the masked input).
+        Everything that could make the node refuse the stage happens here, so a node that
+        refuses has not spent a training (nor privacy budget) on it. In the active mode the
+        neighbours' keys must carry their roster signatures for this session and round.
         """
         self.expect("shared", request.session)
         peers = sorted(request.neighbour_s_pks)
@@ -180,8 +180,22 @@ class NodeSession:
             if len(plain) != 2 * SHARE_BYTES:
                 raise ValueError(f"malformed share pair from node {v}")
             self.held_b[v], self.held_sk[v] = plain[:SHARE_BYTES], plain[SHARE_BYTES:]
+        self._prepared = request
+
+    def mask(
+        self, request: MaskRequest, x: np.ndarray, *, in_place: bool = False, identity: NodeIdentity | None = None
+    ) -> np.ndarray:
+        """Return ``x`` masked (in place if ``in_place``), after :meth:`prepare_mask` if not done yet.
+
+        In the active mode the node then signs the U2 it was shown (:attr:`u2_signature`, sent
+        with the masked input): while nobody drops, that is its consistency-check signature.
+        """
+        if self._prepared is not request:
+            self.prepare_mask(request, identity)
         if x.ndim != 1 or x.dtype.kind != "u":
             raise ValueError("the encoded input must be a 1-d unsigned integer array")
+        peers = sorted(request.neighbour_s_pks)
+        s_pks = [request.neighbour_s_pks[v] for v in peers]
         y = x if in_place else x.copy()
         seeds = [self.b, *pair_seeds(self.s_sk, s_pks, self.session)]
         signs = [1] + [mask_sign(self.index, v) for v in peers]
@@ -189,6 +203,7 @@ class NodeSession:
         self.masked_with = tuple(peers)
         self.stage = "masked"
         self.channel_keys = {}  # no longer needed
+        self._prepared = None
         if self.active:
             self.members = dict(request.members)
             self.u2_signature = self._sign(self.members, self._identity(identity))

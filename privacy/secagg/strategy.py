@@ -25,6 +25,12 @@ speculation is dropped and the stage runs as usual. In steady state a secure rou
 one message exchange more than a plain one (the unmask stage, which then carries nothing but
 the unmasking and so need not reach every node); ``pipeline=False`` turns this off.
 
+**The active-adversary mode** (``config.adversary == "active"``, the default) also forwards the
+nodes' roster signatures, raises the threshold and a sparse degree to what the nodes demand
+(``floor(2n/3) + 1`` of their roster), and, only when a node dropped between the share-keys
+stage and its masked input, runs a ``consistency`` exchange (survivors sign U3) before the
+unmask stage; otherwise the signatures on U2 that rode on the masked inputs serve.
+
 A round that cannot complete (fewer survivors than the threshold at some stage, a secret
 without enough shares, too many nodes for the modulus) aborts: ``aggregate_train`` returns
 ``(None, None)``, the global model stays as it was, and the reason is logged and kept in
@@ -115,8 +121,9 @@ class SecAggStrategy(StrategyWrapper):
         """Log the secure-aggregation settings, then the inner strategy's summary."""
         c = self.config
         log.info(
-            "secure aggregation: threshold=%s neighbours=%s clip_range=%g bits=%d (error <= %.3g) "
+            "secure aggregation (%s coordinator): threshold=%s neighbours=%s clip_range=%g bits=%d (error <= %.3g) "
             "max_weight=%d max_nodes=%d modulus=2**%d timeout=%gs",
+            c.adversary,
             c.threshold,
             c.neighbours or "all",
             c.clip_range,

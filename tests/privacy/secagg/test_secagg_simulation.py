@@ -21,7 +21,9 @@ from privacy.secagg import RoundReport, SecAggConfig, SecAggStrategy, secagg_mod
 pytestmark = pytest.mark.slow
 
 NODES, ROUNDS, D = 4, 3, 1000
-CFG = SecAggConfig(enabled=True, threshold=0.5, clip_range=0.5, bits=16, max_weight=1000, timeout=300)
+CFG = SecAggConfig(
+    enabled=True, adversary="semi-honest", threshold=0.5, clip_range=0.5, bits=16, max_weight=1000, timeout=300
+)
 
 
 def _delta(pid: int, server_round: int) -> np.ndarray:
