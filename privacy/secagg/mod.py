@@ -148,6 +148,8 @@ def _advertise(ctxt: Context, record: ConfigRecord, identity: NodeIdentity | Non
     # The coordinator asks only when it holds no channel key for this node: first contact,
     # after it restarted (resume) or after this node failed a stage. Any session in progress is
     # void then, and would make the node refuse the resumed round's keys as "stale".
+    if record.get(wire.ADVERSARY) == wire.ACTIVE and identity is None:
+        raise ValueError("the active-adversary mode needs this node's roster and roster key (fedmart node --roster)")
     _wipe(ctxt, wire.STATE_SESSION, wire.STATE_SESSION_NEXT)
     _, c_pk = _channel_keys(ctxt)
     out = {wire.STAGE: wire.ADVERTISE, wire.CHANNEL_PK: c_pk}
