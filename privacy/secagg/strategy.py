@@ -270,6 +270,9 @@ class SecAggStrategy(StrategyWrapper):
             return "the reply carries no masked input (is secagg_mod the outermost mod on the node?)"
         if rec.get(wire.SESSION) != rnd.keys.session.session:
             return "the masked input belongs to another secure-aggregation session"
+        signature = rec.get(wire.SIGNATURE)
+        if rnd.keys.session.active and not (isinstance(signature, bytes) and len(signature) == 64):
+            return "the masked input carries no signature on U2 (the active mode's consistency check)"
         y = masked[wire.MASKED_ARRAY]
         d = sum(int(np.prod(a.shape)) for a in rnd.arrays.values())
         if y.dtype != str(self._params.dtype) or tuple(y.shape) != (d + 1,):

@@ -171,3 +171,14 @@ def test_a_node_without_a_roster_is_left_out_of_an_active_session(grid_factory: 
 
     assert arrays is not None and strategy.last_report.shared == 4
     assert np.max(np.abs(arrays["w"].numpy() - _mean(range(4)))) <= CFG.encoding.error_bound + 1e-6
+
+
+def test_validate_reply_wants_the_signature_that_rides_on_the_masked_input(grid_factory: type) -> None:
+    fed = Federation(grid_factory, 3)
+    strategy = SecAggStrategy(FedAvg(min_available_nodes=3), config=CFG)
+    arrays = ArrayRecord({"w": Array(np.zeros(SHAPE, np.float32))})
+    replies = fed.grid.send_and_receive(list(strategy.configure_train(1, arrays, ConfigRecord(), fed.grid)))
+
+    assert [strategy.validate_reply(r) for r in replies] == ["", "", ""]
+    del replies[0].content.config_records[wire.RECORD][wire.SIGNATURE]
+    assert "no signature on U2" in strategy.validate_reply(replies[0])
