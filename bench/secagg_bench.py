@@ -246,6 +246,7 @@ def run_arm(
             if arm.startswith("fedmart"):
                 cfg = SecAggConfig(
                     enabled=True,
+                    adversary="semi-honest",  # secagg_mod here has no roster (the active arm: issue 14)
                     threshold=THRESHOLD,
                     clip_range=CLIP,
                     bits=BITS,

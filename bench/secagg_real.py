@@ -1,9 +1,10 @@
-"""Secure aggregation in fedmart's real round: ``fedmart simulate`` with ``secagg=off`` and ``on``.
+"""Secure aggregation in fedmart's real round: ``fedmart simulate`` plain, semi-honest and active.
 
 ``bench/secagg_bench.py`` measures the protocol on a round whose "training" is a vectorised
 add, which is the worst case for the ratio. This script measures what a user of fedmart
-pays: the same federation (same data, seeds, model, local training) run twice, without
-and with secure aggregation, through the real CLI in a subprocess each, arms interleaved.
+pays: the same federation (same data, seeds, model, local training) run without secure
+aggregation, with its ``semi-honest`` mode and with its ``active`` mode (the default), through
+the real CLI in a subprocess each, arms interleaved.
 The model's size is set through the catalog: SASRec (2 x 64) has about 1.0M trainable
 parameters with 7,000 items and 0.19M with 700.
 
@@ -40,7 +41,11 @@ SIZES = {
     "10x1M": ["data.synthetic.num_items=7000", "partition=department"],
     "50x200k": ["data.synthetic.num_items=700", "partition=merchant"],
 }
-ARMS = ("off", "on")
+ARMS = {
+    "off": ["secagg=off"],
+    "semi-honest": ["secagg=on", "secagg.adversary=semi-honest", "node.secagg_threat_model=semi-honest"],
+    "active": ["secagg=on", "secagg.adversary=active"],
+}
 
 
 def run(size: str, arm: str, rounds: int, workdir: Path) -> dict:
@@ -50,7 +55,7 @@ def run(size: str, arm: str, rounds: int, workdir: Path) -> dict:
         "fedmart",
         "simulate",
         *SIZES[size],
-        f"secagg={arm}",
+        *ARMS[arm],
         # Non-private in both arms (only the aggregation path differs), on the recipe of its first
         # measurement; the nodes' policy must allow the unmasked arm.
         "privacy=none",
@@ -99,24 +104,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default=",".join(SIZES))
     ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--reps", type=int, default=2, help="repetitions; arms alternate, order rotated per rep")
+    ap.add_argument("--reps", type=int, default=2, help="repetitions; arms interleaved, order rotated per rep")
     ap.add_argument("--workdir", type=Path, default=ROOT / "outputs" / "bench-secagg-real")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     results = []
     for size in args.sizes.split(","):
         for rep in range(args.reps):
-            for arm in ARMS if rep % 2 == 0 else ARMS[::-1]:
+            arms = list(ARMS)
+            for arm in arms[rep % len(arms) :] + arms[: rep % len(arms)]:  # order rotated per rep
                 r = run(size, arm, args.rounds, args.workdir) | {"rep": rep}
                 results.append(r)
                 print(
-                    f"{size:<8} {arm:<3} rep {rep}: round {r['round_s']:.2f}s (configure {r['configure_s']:.3f}, "
+                    f"{size:<8} {arm:<11} rep {rep}: round {r['round_s']:.2f}s (configure {r['configure_s']:.3f}, "
                     f"train exchange {r['train_exchange_s']:.2f}, aggregate {r['aggregate_s']:.3f}); "
                     f"test NDCG@10 {r['final_test_ndcg@10']}; load {r['load1'][0]:.1f}-{r['load1'][1]:.1f}",
                     flush=True,
                 )
         med = {a: statistics.median(r["round_s"] for r in results if r["size"] == size and r["arm"] == a) for a in ARMS}
-        print(f"{size:<8} secure / plain round: {med['on'] / med['off']:.3f}x ({med['on']:.2f}s / {med['off']:.2f}s)")
+        for arm in ("semi-honest", "active"):
+            print(f"{size:<8} {arm} / plain round: {med[arm] / med['off']:.3f}x ({med[arm]:.2f}s / {med['off']:.2f}s)")
+        print(f"{size:<8} active - semi-honest: {med['active'] - med['semi-honest']:+.3f}s per round")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         meta = {"date": date.today().isoformat(), "machine": platform.platform(), "cpus": os.cpu_count()}

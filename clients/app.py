@@ -29,7 +29,7 @@ from flwr.clientapp import ClientApp
 from clients.guard import fault_mod, update_guard_mod
 from clients.local_round import train_round
 from clients.node import NodeData, NodeRefused, load_node, model_skeleton
-from clients.node_policy import policy_secagg_mod, refuse, resolve_policy
+from clients.node_policy import demo_identity, policy_secagg_mod, refuse, resolve_identity, resolve_policy
 from clients.trainer import evaluate, seed_everything
 from conf.settings import NodeSettings, RunSettings
 from federation import wire
@@ -37,7 +37,8 @@ from federation.device import select_device
 from federation.globalmodel import set_weights
 from federation.runconfig import unflatten
 from privacy.policy import NodePolicy, TrainingRequest
-from privacy.secagg import secagg_mod
+from privacy.secagg import make_secagg_mod
+from privacy.secagg.identity import NodeIdentity
 
 __all__ = ["app", "build_client_app", "arrays_to_numpy", "numpy_to_arrays", "round_seed"]
 
@@ -179,25 +180,42 @@ def _guarded(handler, fixed: dict[str, Any] | None, policy_of):
 
 
 def build_client_app(
-    fixed_run_config: dict[str, Any] | None = None, node_policy: dict[str, Any] | None = None
+    fixed_run_config: dict[str, Any] | None = None,
+    node_policy: dict[str, Any] | None = None,
+    node_identity: dict[str, Any] | None = None,
 ) -> ClientApp:
     """The ClientApp.
 
     ``fixed_run_config`` replaces ``context.run_config`` (in-process simulation).
     ``node_policy`` is the simulated nodes' own policy (``conf/node/``): it stands in for the
     policy file a deployed node reads (``fedmart node --policy``), and never comes from the
-    coordinator.
+    coordinator. ``node_identity`` is the simulated nodes' roster and where their own roster
+    keys are (``{"roster": path, "nodes-dir": dir}``, made per run by ``fedmart simulate``): it
+    stands in for ``fedmart node --roster --roster-key``.
     """
 
     def policy_of(context: Context) -> NodePolicy:
         return resolve_policy(NodeSettings.from_node_config(dict(context.node_config)), node_policy)
 
+    def identity_of(context: Context) -> NodeIdentity | None:
+        node = NodeSettings.from_node_config(dict(context.node_config))
+        policy = policy_of(context)
+        identity = resolve_identity(node, policy, node_identity)
+        if identity is None and node_identity is None and not node.data_dir:
+            settings = RunSettings.from_dict(unflatten(fixed_run_config or dict(context.run_config)))
+            if not settings.sim.nodes_dir:  # `flwr run .` on the built-in synthetic data (clients/node.py)
+                return demo_identity(settings.seed, node.num_partitions, node.partition_id, policy.secagg_threat_model)
+        return identity
+
     # policy_secagg_mod refuses a plain TRAIN message when the node's policy requires secure
-    # aggregation. secagg_mod answers the secure-aggregation stages and masks the training
+    # aggregation, and a semi-honest session when it demands the active mode. The secagg mod
+    # (with the node's own roster identity) answers the secure-aggregation stages and masks the training
     # reply. update_guard_mod refuses to send a malformed update (NaN/Inf, shape, dtype,
     # range): under secure aggregation only the node can still check the values. fault_mod is
     # test-only and a no-op unless the node's own config sets `fault` (clients/guard.py).
-    client_app = ClientApp(mods=[policy_secagg_mod(policy_of), secagg_mod, update_guard_mod, fault_mod])
+    client_app = ClientApp(
+        mods=[policy_secagg_mod(policy_of), make_secagg_mod(identity_of), update_guard_mod, fault_mod]
+    )
     client_app.train()(_guarded(local_train, fixed_run_config, policy_of))
     client_app.evaluate()(_guarded(local_evaluate, fixed_run_config, policy_of))
     client_app.query("hello")(_guarded(hello, fixed_run_config, policy_of))

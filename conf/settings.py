@@ -463,6 +463,8 @@ class NodeSettings:
     name: str | None = None
     max_quarantine_fraction: float = 0.0
     policy: str | None = None  # deployment: the node's policy file (YAML/JSON); None = the default policy
+    roster: str | None = None  # deployment: the federation's roster (privacy/secagg/roster.py), held out of band
+    roster_key: str | None = None  # deployment: this node's own roster key (Ed25519 PEM, 0600)
     max_epsilon: float | None = None  # overrides the policy's budget (`fedmart node --max-epsilon`)
     fault: str | None = None  # test-only fault injection (clients/guard.py)
 

@@ -63,7 +63,30 @@ def certs_cmd(args: argparse.Namespace) -> int:
     console.print(t)
     for note in report.notes:
         console.print(f"[yellow]{note}[/]")
+    _roster_keys(args.out, names, with_roster=not args.nodes_only)
     return 0
+
+
+def _roster_keys(out: Path, names: list[str], *, with_roster: bool) -> None:
+    """Each node's secure-aggregation roster key beside its auth key, and (with the CA) the roster of all of them.
+
+    A department that makes its own keys (``--nodes-only``) sends ``nodes/NAME.roster.key.pub``
+    along with ``NAME.pub``; ``fedmart roster make`` then writes the roster (docs/secagg.md).
+    """
+    from fedmart.console import console
+    from privacy.secagg.roster import make_roster
+    from privacy.signing import key_fingerprint, load_or_create_keypair
+
+    for name in names:
+        _, public = load_or_create_keypair(out / "nodes" / f"{name}.roster.key")
+        console.print(f"nodes/{name}.roster.key: secure-aggregation roster key {key_fingerprint(public)}")
+    pubs = sorted((out / "nodes").glob("*.roster.key.pub"))
+    if with_roster and len(pubs) >= 2:
+        from privacy.signing import load_public_key
+
+        roster = make_roster((p.name.removesuffix(".roster.key.pub"), load_public_key(p)) for p in pubs)
+        roster.save(out / "roster.json")
+        console.print(f"roster.json: {len(roster)} members, digest {roster.digest}: give to every node (--roster)")
 
 
 certs_cmd.add_arguments = _certs_args  # type: ignore[attr-defined]

@@ -34,6 +34,7 @@ COMMAND_MODULES = (
     "fedmart.certs",
     "fedmart.node_cmd",
     "fedmart.nodes_admin",
+    "fedmart.roster_cmd",
 )
 
 

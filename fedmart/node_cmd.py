@@ -99,6 +99,19 @@ def _node_args(p: argparse.ArgumentParser) -> None:
         "accountants, evaluation; docs/privacy.md). Default: the recommended private policy",
     )
     p.add_argument("--max-epsilon", type=float, default=None, help="override the policy's budget (default 10)")
+    p.add_argument(
+        "--roster",
+        type=Path,
+        default=None,
+        help="the federation's secure-aggregation roster (fedmart roster; received out of band, like ca.pem). "
+        "Default: roster.json beside --root-cert, if there",
+    )
+    p.add_argument(
+        "--roster-key",
+        type=Path,
+        default=None,
+        help="this node's own roster key (fedmart roster key). Default: the --auth-key's NAME.roster.key, if there",
+    )
     p.add_argument("--name", default=None, help="node name (default: node.json's, else the directory's name)")
     p.add_argument("--catalog", type=Path, default=None, help="catalog.parquet (default: DATA/catalog.parquet)")
     p.add_argument("--max-quarantine-fraction", type=float, default=0.0, help="share of bad rows tolerated")
@@ -139,6 +152,35 @@ def _check_policy(args: argparse.Namespace):
             )
         log.warning("--isolation subprocess: the coordinator's code runs on this node's data; it is trusted entirely")
     return policy
+
+
+def _check_roster(args: argparse.Namespace, policy, data_dir: Path) -> dict[str, str | None]:
+    """The node's roster and roster key, checked at join (its key must be a member), as node-config entries."""
+    from privacy.secagg.identity import NodeIdentity
+    from privacy.secagg.roster import RosterError
+
+    roster = args.roster or args.root_cert.with_name("roster.json")
+    key = args.roster_key or args.auth_key.with_name(args.auth_key.stem + ".roster.key")
+    if not (roster.is_file() and key.is_file()):
+        if args.roster or args.roster_key:
+            raise UserError(f"--roster {roster} and --roster-key {key} must both exist")
+        if policy.require_secagg and policy.secagg_threat_model == "active":
+            raise UserError(
+                "this node's policy takes part in secure aggregation only in the active-adversary mode "
+                "(secagg_threat_model: active), which needs the federation's roster: pass --roster and --roster-key "
+                "(fedmart roster; docs/secagg.md)"
+            )
+        log.warning("no secure-aggregation roster: this node can take part in semi-honest sessions only")
+        return {"roster": None, "roster-key": None}
+    try:
+        identity = NodeIdentity.load(
+            roster, key, state_dir=data_dir / ".fedmart", threat_model=policy.secagg_threat_model
+        )
+    except (RosterError, ValueError) as exc:
+        raise UserError(f"secure-aggregation roster: {exc}") from exc
+    log.info("roster %s: %d members, digest %s; this node is %s", roster, len(identity.roster), identity.roster.digest,
+             identity.fingerprint)  # fmt: skip
+    return {"roster": str(roster.resolve()), "roster-key": str(key.resolve())}
 
 
 def _refuse_with_report(data_dir: Path, exc: Exception) -> None:
@@ -195,6 +237,7 @@ def node_cmd(args: argparse.Namespace) -> int:
         "max-epsilon": args.max_epsilon,
         "max-quarantine-fraction": args.max_quarantine_fraction,
         "fault": args.fault or None,
+        **_check_roster(args, policy, data_dir),
     }
     # 1. The node's own data, validated before it joins: bad data never reaches training.
     from clients.interactions import DataError

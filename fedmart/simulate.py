@@ -5,6 +5,12 @@ Steps: compose the config (Hydra), load and validate the data, cut it into silos
 config into Flower's run config (the one crossing, :mod:`federation.runconfig`),
 and run the ServerApp and ClientApp in Flower's simulation engine (Ray).
 ``resume=outputs/<run>`` continues a run after its last completed round.
+
+Secure aggregation's trust anchor is made here, per run, before the coordinator starts: each
+simulated node's own Ed25519 roster key (``nodes/node-XXXX/.fedmart/roster.key``, from the
+operating system's randomness) and the roster of their public keys (``roster.json``). The
+nodes get both through their own side (``build_client_app(node_identity=...)``), as a deployed
+node reads ``--roster`` and ``--roster-key``; neither is in the run config.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from federation.runconfig import flatten
 from fedmart.errors import UserError
 from fedmart.hydra_runs import hydra_entry, run_job
 
-__all__ = ["check_mechanisms", "check_settings", "check_signing_key", "main", "prepare", "simulate"]
+__all__ = ["check_mechanisms", "check_settings", "check_signing_key", "main", "make_roster_for_run", "prepare", "simulate"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +71,28 @@ def prepare(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         "max-nodes-per-user": int(spread.max()),
         "mean-nodes-per-user": float(spread.mean()),
     }
+
+
+def make_roster_for_run(run_dir: Path, nodes_dir: str | Path, num_nodes: int) -> Path:
+    """Each simulated node's roster key in its own state directory, and the run's roster (kept on resume)."""
+    from clients.node import node_dir_for
+    from clients.node_policy import ROSTER_KEY_FILE
+    from privacy.secagg.roster import make_roster
+    from privacy.signing import load_or_create_keypair
+
+    path = run_dir / "roster.json"
+    if path.is_file():
+        return path
+    members = []
+    for pid in range(num_nodes):
+        node_dir = node_dir_for(nodes_dir, pid)
+        meta = json.loads((node_dir / "node.json").read_text()) if (node_dir / "node.json").is_file() else {}
+        _, public = load_or_create_keypair(node_dir / ".fedmart" / ROSTER_KEY_FILE)
+        members.append((str(meta.get("name", node_dir.name)), public))
+    roster = make_roster(members)
+    roster.save(path)
+    log.info("secure-aggregation roster of %d members written to %s (digest %s)", num_nodes, path, roster.digest[:16])
+    return path
 
 
 def check_mechanisms(settings: Settings) -> None:
@@ -129,10 +157,15 @@ def simulate(cfg: dict[str, Any], run_dir: Path) -> Path:
         "init_args": {"num_cpus": simulation.num_cpus or os.cpu_count() or 1, "log_to_driver": True},
     }
     (run_dir / "refused.txt").unlink(missing_ok=True)
+    roster = make_roster_for_run(run_dir, sim["nodes-dir"], int(sim["num-nodes"])) if sim["num-nodes"] > 1 else None
     run_simulation(
         server_app=build_server_app(run_config),
-        # The simulated nodes' own policy goes to the nodes, never into the run config.
-        client_app=build_client_app(run_config, node_policy=asdict(settings.node)),
+        # The simulated nodes' own policy and roster identity go to the nodes, never into the run config.
+        client_app=build_client_app(
+            run_config,
+            node_policy=asdict(settings.node),
+            node_identity={"roster": str(roster), "nodes-dir": sim["nodes-dir"]} if roster else None,
+        ),
         num_supernodes=int(sim["num-nodes"]),
         backend_config=backend_config,
     )

@@ -36,7 +36,7 @@ ACCOUNTANTS = ("rdp", "prv")
 # (only where the policy says so: exact per-node metrics on held-out users are an
 # unlimited query oracle for a dishonest coordinator).
 EVALUATION_MODES = ("decline", "plain")
-THREAT_MODELS = ("semi-honest",)
+THREAT_MODELS = ("active", "semi-honest")
 REQUEST_PREFIX = "request."  # the TRAIN config keys of a TrainingRequest: request.<field>
 
 
@@ -64,8 +64,11 @@ class NodePolicy:
         A floor on σ, whatever ε the accountant would project.
     require_secagg : bool
         Refuse TRAIN messages that are not under secure aggregation.
-    secagg_threat_model : str
-        The secure-aggregation mode the node takes part in (``semi-honest``).
+    secagg_threat_model : {"active", "semi-honest"}
+        The coordinator the node's secure aggregation must withstand. ``active`` (the
+        default): the node takes part only in the active-adversary mode (signed keys against
+        its roster, a consistency check, t > 2n/3) and refuses a semi-honest session;
+        ``semi-honest`` also takes part in a semi-honest one.
     evaluation : {"decline", "plain"}
         How the node answers federated evaluation.
     """
@@ -77,7 +80,7 @@ class NodePolicy:
     require_poisson: bool = True
     min_noise_multiplier: float = 0.0
     require_secagg: bool = True
-    secagg_threat_model: str = "semi-honest"
+    secagg_threat_model: str = "active"
     evaluation: str = "decline"
 
     def __post_init__(self) -> None:

@@ -10,7 +10,10 @@ The protocol
 ------------
 Bonawitz et al., "Practical Secure Aggregation for Privacy-Preserving Machine Learning"
 (CCS 2017), with the sparse neighbour graph of Bell et al., "Secure Single-Server Aggregation
-with (Poly)Logarithmic Overhead" (CCS 2020). Honest-but-curious coordinator.
+with (Poly)Logarithmic Overhead" (CCS 2020). Two modes (``SecAggConfig.adversary``): ``active``
+(the default) withstands a coordinator that lies, with Bonawitz et al.'s signed keys and
+consistency check against a roster of the members' keys (``roster``, ``statements``,
+``active_checks``, ``identity``, ``seen_sessions``); ``semi-honest`` an honest-but-curious one.
 
 Every node has a long-lived X25519 *channel* key pair (advertised once, used only to encrypt
 shares) and, per session (one federated round), a fresh *mask* key pair ``(s_sk, s_pk)`` and a
@@ -50,7 +53,8 @@ benchmarks).
 
 Modules: ``crypto``, ``shamir`` and ``encoding`` (primitives); ``key_agreement``, ``graph``,
 ``stage_messages``, ``node_session``, ``server_session``, ``unmask_cover`` and
-``local_round`` (the protocol with no Flower); ``mod`` (node), ``strategy``,
+``local_round`` (the protocol with no Flower); ``roster``, ``statements``, ``identity``,
+``seen_sessions`` and ``active_checks`` (the active mode's trust anchor and checks); ``mod`` (node), ``strategy``,
 ``stage_exchange``, ``stage_records`` and ``synthetic_reply`` (coordinator); ``config`` and
 ``wire``.
 """
@@ -58,7 +62,7 @@ Modules: ``crypto``, ``shamir`` and ``encoding`` (primitives); ``key_agreement``
 from privacy.secagg.config import SecAggConfig
 from privacy.secagg.encoding import EncodingParams, quantisation_error_bound
 from privacy.secagg.graph import SecAggAbort
-from privacy.secagg.mod import secagg_mod, strict_secagg_mod
+from privacy.secagg.mod import make_secagg_mod, secagg_mod, strict_secagg_mod
 from privacy.secagg.strategy import RoundReport, SecAggStrategy, wrap_strategy
 
 __all__ = [
@@ -67,6 +71,7 @@ __all__ = [
     "quantisation_error_bound",
     "secagg_mod",
     "strict_secagg_mod",
+    "make_secagg_mod",
     "SecAggAbort",
     "SecAggStrategy",
     "RoundReport",

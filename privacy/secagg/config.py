@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from privacy.secagg.encoding import EncodingParams
+from privacy.secagg.wire import ACTIVE, ADVERSARIES
 
 __all__ = ["SecAggConfig"]
 
@@ -20,12 +21,20 @@ class SecAggConfig:
     ----------
     enabled : bool
         Whether the coordinator wraps its strategy in :class:`~privacy.secagg.SecAggStrategy`.
+    adversary : {"active", "semi-honest"}
+        The coordinator the nodes defend against. ``active`` (the default): nodes sign their
+        keys with their roster keys, check a consistency signature set before revealing
+        shares, refuse seen sessions, and demand a threshold and degree of at least
+        ``floor(2n/3) + 1`` of the ``n`` roster members (docs/secagg.md). ``semi-honest``:
+        an honest-but-curious coordinator only.
     threshold : int | float
         Shares needed to rebuild a node's secrets, and the fewest survivors a round accepts.
         A float in ``(0, 1]`` is a fraction of each secret's holders (the node and its
-        neighbours), rounded up, at least 2; an int >= 2 is a count.
+        neighbours), rounded up, at least 2; an int >= 2 is a count. In the active mode the
+        coordinator raises it to ``floor(2n/3) + 1`` of the roster, which the nodes enforce.
     neighbours : int
-        Degree ``k`` of the SecAgg+ neighbour graph (even), or 0 for the complete graph.
+        Degree ``k`` of the SecAgg+ neighbour graph (even), or 0 for the complete graph. In the
+        active mode a degree below ``floor(2n/3)`` is raised to it (the nodes refuse less).
     clip_range : float
         Update coordinates are clipped to ``[-clip_range, clip_range]`` before quantisation.
     bits : int
@@ -46,6 +55,7 @@ class SecAggConfig:
     """
 
     enabled: bool = False
+    adversary: str = ACTIVE
     threshold: int | float = 0.5
     neighbours: int = 0
     clip_range: float = 1.0
@@ -56,6 +66,8 @@ class SecAggConfig:
     unmask_spare: int = 1
 
     def __post_init__(self) -> None:
+        if self.adversary not in ADVERSARIES:
+            raise ValueError(f"adversary must be one of {list(ADVERSARIES)}, got {self.adversary!r}")
         t = self.threshold
         if isinstance(t, bool) or not isinstance(t, int | float):
             raise ValueError(f"threshold must be an int count or a float fraction, got {t!r}")

@@ -13,7 +13,7 @@ import random
 import secrets
 from collections.abc import Sequence
 
-__all__ = ["SecAggAbort", "resolve_threshold", "neighbour_graph"]
+__all__ = ["SecAggAbort", "resolve_threshold", "active_threshold", "minimum_degree", "neighbour_graph"]
 
 
 class SecAggAbort(RuntimeError):
@@ -40,6 +40,32 @@ def resolve_threshold(spec: int | float, share_count: int) -> int:
     if t > share_count:
         raise SecAggAbort(f"threshold {t} exceeds the {share_count} holders of each secret")
     return t
+
+
+def active_threshold(members: int) -> int:
+    """The least threshold a node accepts in the active mode: ``floor(2n / 3) + 1`` for ``n`` roster members.
+
+    Assumption: fewer than ``n / 3`` members collude with the coordinator. Then two sets of
+    ``t`` signers among the ``n`` members share more than ``n / 3`` members, so at least one
+    honest one, who signs one survivor set only: no two survivor sets both get ``t`` signatures
+    (the partition attack), and the ``c < n / 3`` colluders hold fewer than ``t`` shares of
+    anything. The argument is written out in docs/secagg.md.
+    """
+    if members < 2:
+        raise ValueError(f"a roster has at least 2 members, got {members}")
+    return 2 * members // 3 + 1
+
+
+def minimum_degree(members: int) -> int:
+    """The fewest neighbours a node accepts in the active mode: ``active_threshold(n) - 1``.
+
+    Every neighbourhood must hold ``t`` shares, so any two neighbourhoods (``> 2n/3`` members
+    each) share more than ``n / 3`` members: the surviving honest nodes stay connected, and no
+    sum over a small component can be unmasked. Bell et al.'s logarithmic degree assumes a graph
+    the adversary cannot choose; here the coordinator draws the graph, so the node asks for more.
+    For ``n <= 4`` this is the complete graph; at ``n = 50`` it is 33 neighbours.
+    """
+    return active_threshold(members) - 1
 
 
 def neighbour_graph(indices: Sequence[int], k: int, rng: random.Random | None = None) -> dict[int, tuple[int, ...]]:

@@ -8,7 +8,8 @@ AAD that binds a share to its sender and receiver, and the sign of a pairwise ma
 
 Assumptions the protection rests on: X25519 and HKDF-SHA256 are secure, a node draws a fresh
 mask key pair and self-mask seed per session, and the 16-byte session id is never reused
-(it salts every derivation, so keys of two sessions are unrelated).
+(it salts every derivation, so keys of two sessions are unrelated). The round is in the shares'
+associated data too, so ciphertexts of one round do not decrypt in another.
 """
 
 from __future__ import annotations
@@ -58,9 +59,12 @@ def commitment(session: bytes, b: bytes) -> bytes:
     return sha256(INFO_COMMIT + session + b)
 
 
-def share_aad(session: bytes, src: int, dst: int) -> bytes:
-    """AES-GCM associated data of the shares ``src`` sends ``dst``: a share cannot be replayed to another node."""
-    return session + src.to_bytes(4, "big") + dst.to_bytes(4, "big")
+def share_aad(session: bytes, server_round: int, src: int, dst: int) -> bytes:
+    """AES-GCM associated data of the shares ``src`` sends ``dst`` in ``server_round``.
+
+    A share cannot be replayed to another node, into another session, or into another round.
+    """
+    return session + server_round.to_bytes(8, "big") + src.to_bytes(4, "big") + dst.to_bytes(4, "big")
 
 
 def mask_sign(u: int, v: int) -> int:

@@ -4,6 +4,10 @@
 next round's session whose share-keys stage rode on this round's TRAIN messages. It learns
 public keys and encrypted shares only. A node that fails a share-keys stage (it may have
 restarted and lost its channel key) is forgotten and asked to advertise again next time.
+
+In the active mode a node's advertise reply also carries its roster fingerprint, its signature
+on its channel key (forwarded to its neighbours, who check it against their own roster) and
+the size of its roster, which sets the threshold the nodes will demand.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from privacy.secagg.graph import SecAggAbort
 from privacy.secagg.round_state import KeySession, RoundReport
 from privacy.secagg.server_session import ServerSession
 from privacy.secagg.stage_exchange import exchange_stage
+from privacy.secagg.stage_messages import ChannelCert
 from privacy.secagg.stage_records import parse_share_keys_reply, share_keys_record
 
 __all__ = ["KeyStages"]
@@ -44,6 +49,8 @@ class KeyStages:
         self.pipeline = pipeline
         self.timeout = float(config.timeout)
         self.channel_pks: dict[int, bytes] = {}  # node id -> channel public key (long-lived)
+        self.certs: dict[int, ChannelCert] = {}  # node id -> its roster signature on it (active mode)
+        self.roster_sizes: dict[int, int] = {}  # node id -> members in its roster (active mode)
         self.next: KeySession | None = None  # share-keys already done for the next round (pipelining)
 
     def take_next(self) -> KeySession | None:
@@ -78,16 +85,12 @@ class KeyStages:
         report.advertised = len(unknown)
         if unknown:
             t0 = time.perf_counter()
+            request = {wire.STAGE: wire.ADVERTISE, wire.ADVERSARY: self.config.adversary}
             replies = exchange_stage(
-                grid,
-                {n: {wire.RECORD: {wire.STAGE: wire.ADVERTISE}} for n in unknown},
-                server_round,
-                timeout=self.timeout,
+                grid, {n: {wire.RECORD: request} for n in unknown}, server_round, timeout=self.timeout
             )
             for n, recs in replies.items():
-                pk = recs[wire.RECORD].get(wire.CHANNEL_PK)
-                if isinstance(pk, bytes) and len(pk) == 32:
-                    self.channel_pks[n] = pk
+                self._learn(n, recs[wire.RECORD])
             report.seconds[wire.ADVERTISE] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -96,20 +99,50 @@ class KeyStages:
         failed: set[int] = set()
         replies = exchange_stage(grid, payloads, server_round, timeout=self.timeout, errors_out=failed)
         for n in failed:  # the node may have restarted and lost its channel key: ask it again next time
-            self.channel_pks.pop(n, None)
+            self.forget(n)
         self.receive_share_keys(keys, {n: recs[wire.RECORD] for n, recs in replies.items()})
         report.seconds[wire.SHARE_KEYS] = time.perf_counter() - t0
         return keys
 
+    def _learn(self, n: int, record: ConfigRecord) -> None:
+        """Keep a node's advertised channel key (and, active, its member fingerprint, signature, roster size)."""
+        pk = record.get(wire.CHANNEL_PK)
+        if not (isinstance(pk, bytes) and len(pk) == 32):
+            return
+        if self.config.adversary == wire.ACTIVE:
+            fp, sig, size = record.get(wire.MEMBER), record.get(wire.SIGNATURE), record.get(wire.ROSTER_SIZE)
+            if not (isinstance(fp, str) and isinstance(sig, bytes) and isinstance(size, int)):
+                log.warning("secagg: node %d advertised no roster signature; it cannot join an active session", n)
+                return
+            self.certs[n], self.roster_sizes[n] = ChannelCert(fp, sig), size
+        self.channel_pks[n] = pk
+
+    def forget(self, n: int) -> None:
+        """Ask node ``n`` to advertise again next time."""
+        for known in (self.channel_pks, self.certs, self.roster_sizes):
+            known.pop(n, None)
+
     def new_session(self, server_round: int, participants: list[int]) -> KeySession:
         """A protocol session over ``participants`` (node ids), indexed 1..n in that order."""
         node_of = {i + 1: n for i, n in enumerate(participants)}
-        session = ServerSession(list(node_of), threshold=self.config.threshold, neighbours=self.config.neighbours)
+        # the nodes enforce floor(2n/3) + 1 of their own roster; an honest coordinator asks for that
+        roster = max((self.roster_sizes.get(n, 0) for n in participants), default=0)
+        session = ServerSession(
+            list(node_of),
+            threshold=self.config.threshold,
+            neighbours=self.config.neighbours,
+            server_round=server_round,
+            adversary=self.config.adversary,
+            roster_size=roster,
+        )
         return KeySession(server_round, session, node_of, {n: i for i, n in node_of.items()})
 
     def share_keys_payloads(self, keys: KeySession) -> dict[int, dict]:
         """Share-keys stage record per node id."""
-        requests = keys.session.share_keys_requests({i: self.channel_pks[n] for i, n in keys.node_of.items()})
+        requests = keys.session.share_keys_requests(
+            {i: self.channel_pks[n] for i, n in keys.node_of.items()},
+            {i: self.certs[n] for i, n in keys.node_of.items() if n in self.certs},
+        )
         return {
             keys.node_of[i]: share_keys_record(
                 req, server_round=keys.server_round, channel_pk=self.channel_pks[keys.node_of[i]]
@@ -125,7 +158,7 @@ class KeyStages:
                 continue
             if wire.ERROR in r:  # a pipelined share-keys stage failed on the node (e.g. a stale channel key)
                 log.info("secagg round %d: node %d could not share keys: %s", keys.server_round, n, r[wire.ERROR])
-                self.channel_pks.pop(n, None)
+                self.forget(n)
                 continue
             try:
                 parsed[keys.index_of[n]] = parse_share_keys_reply(r)

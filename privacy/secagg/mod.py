@@ -23,11 +23,19 @@ if the coordinator did not need this node's shares.
 
 A TRAIN message without a secagg record passes through untouched with :func:`secagg_mod`
 (so the same app runs with ``secagg=off``) and is refused by :func:`strict_secagg_mod`.
+
+The **active-adversary mode** needs the node's own :class:`~privacy.secagg.identity.NodeIdentity`
+(its roster, roster key, seen sessions and policy): build the mod with
+:func:`make_secagg_mod` and a function that returns it from the node's context (never from a
+message). :func:`secagg_mod` has no identity: it takes part in semi-honest sessions only.
+Refusals (:mod:`privacy.secagg.active_checks`) are raised before the node trains, so a
+coordinator that cheats costs the node no privacy budget.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import cast
 
 import numpy as np
@@ -36,11 +44,14 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from privacy.secagg import wire
 from privacy.secagg.encoding import EncodingParams, encode
+from privacy.secagg.identity import NodeIdentity
 from privacy.secagg.key_agreement import new_channel_keypair
 from privacy.secagg.node_session import NodeSession
-from privacy.secagg.stage_messages import MaskRequest, ShareKeysRequest, UnmaskRequest
+from privacy.secagg.stage_messages import ChannelCert, ConsistencyRequest, MaskRequest, ShareKeysRequest, UnmaskRequest
 
-__all__ = ["secagg_mod", "strict_secagg_mod", "flatten_update"]
+__all__ = ["secagg_mod", "strict_secagg_mod", "make_secagg_mod", "flatten_update"]
+
+IdentityOf = Callable[[Context], NodeIdentity | None]
 
 log = logging.getLogger(__name__)
 
@@ -53,18 +64,33 @@ def _is_secagg(msg: Message) -> bool:
     )
 
 
-def secagg_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
-    """Flower mod: run this node's side of secure aggregation; other messages pass through."""
-    if not _is_secagg(msg):
-        return call_next(msg, ctxt)
-    record = msg.content.config_records[wire.RECORD]
-    stage = record.get(wire.STAGE)
-    if stage == wire.MASKED_INPUT:
-        return _masked_input(msg, ctxt, record, call_next)
-    handler = {wire.ADVERTISE: _advertise, wire.SHARE_KEYS: _share_keys, wire.UNMASK: _unmask}.get(str(stage))
-    if handler is None:
-        raise ValueError(f"unknown secure-aggregation stage {stage!r}")
-    return Message(RecordDict({wire.RECORD: ConfigRecord(handler(ctxt, record))}), reply_to=msg)
+def make_secagg_mod(identity_of: IdentityOf) -> Callable[[Message, Context, ClientAppCallable], Message]:
+    """A secure-aggregation mod whose node brings ``identity_of(ctxt)`` (None: semi-honest sessions only)."""
+
+    def mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+        if not _is_secagg(msg):
+            return call_next(msg, ctxt)
+        record = msg.content.config_records[wire.RECORD]
+        stage = record.get(wire.STAGE)
+        identity = identity_of(ctxt)
+        if stage == wire.MASKED_INPUT:
+            return _masked_input(msg, ctxt, record, call_next, identity)
+        handlers = {
+            wire.ADVERTISE: _advertise,
+            wire.SHARE_KEYS: _share_keys,
+            wire.CONSISTENCY: _consistency,
+            wire.UNMASK: _unmask,
+        }
+        handler = handlers.get(str(stage))
+        if handler is None:
+            raise ValueError(f"unknown secure-aggregation stage {stage!r}")
+        return Message(RecordDict({wire.RECORD: ConfigRecord(handler(ctxt, record, identity))}), reply_to=msg)
+
+    return mod
+
+
+secagg_mod = make_secagg_mod(lambda ctxt: None)
+secagg_mod.__doc__ = "Flower mod: this node's side of secure aggregation (semi-honest sessions); others pass through."
 
 
 def strict_secagg_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
@@ -118,16 +144,27 @@ def _wipe(ctxt: Context, *slots: str) -> None:
             del ctxt.state[slot]
 
 
-def _advertise(ctxt: Context, record: ConfigRecord) -> dict:
+def _advertise(ctxt: Context, record: ConfigRecord, identity: NodeIdentity | None) -> dict:
     # The coordinator asks only when it holds no channel key for this node: first contact,
     # after it restarted (resume) or after this node failed a stage. Any session in progress is
     # void then, and would make the node refuse the resumed round's keys as "stale".
+    if record.get(wire.ADVERSARY) == wire.ACTIVE and identity is None:
+        raise ValueError("the active-adversary mode needs this node's roster and roster key (fedmart node --roster)")
     _wipe(ctxt, wire.STATE_SESSION, wire.STATE_SESSION_NEXT)
     _, c_pk = _channel_keys(ctxt)
-    return {wire.STAGE: wire.ADVERTISE, wire.CHANNEL_PK: c_pk}
+    out = {wire.STAGE: wire.ADVERTISE, wire.CHANNEL_PK: c_pk}
+    if identity is not None:  # its roster signature on the channel key, and its roster's size
+        cert = identity.channel_cert(c_pk)
+        out |= {
+            wire.MEMBER: cert.fingerprint,
+            wire.SIGNATURE: cert.signature,
+            wire.ROSTER_SIZE: len(identity.roster),
+            wire.ROSTER_DIGEST: identity.roster.digest,
+        }
+    return out
 
 
-def _share_keys(ctxt: Context, record: ConfigRecord) -> dict:
+def _share_keys(ctxt: Context, record: ConfigRecord, identity: NodeIdentity | None) -> dict:
     c_sk, c_pk = _channel_keys(ctxt)
     if record[wire.CHANNEL_PK] != c_pk:
         raise ValueError("the coordinator holds a stale channel key for this node; it must advertise again")
@@ -138,16 +175,21 @@ def _share_keys(ctxt: Context, record: ConfigRecord) -> dict:
             raise ValueError(f"stale share-keys message of round {server_round}: a later round has begun")
     neighbours = cast(list[int], record[wire.NEIGHBOURS])
     pks = cast(list[bytes], record[wire.CHANNEL_PKS])
+    fps = cast(list[str], record.get(wire.MEMBERS, []))
+    sigs = cast(list[bytes], record.get(wire.CHANNEL_SIGS, []))
     request = ShareKeysRequest(
         session=cast(bytes, record[wire.SESSION]),
         index=cast(int, record[wire.INDEX]),
         threshold=cast(int, record[wire.THRESHOLD]),
         neighbours=dict(zip(neighbours, pks, strict=True)),
+        server_round=server_round,
+        adversary=str(record.get(wire.ADVERSARY, wire.SEMI_HONEST)),
+        certs={v: ChannelCert(fp, sig) for v, fp, sig in zip(neighbours, fps, sigs, strict=True)} if fps else {},
     )
-    node, reply = NodeSession.share_keys(request, c_sk)
+    node, reply = NodeSession.share_keys(request, c_sk, identity)
     _save_session(ctxt, wire.STATE_SESSION_NEXT, node, server_round)
     dsts = sorted(reply.ciphertexts)
-    return {
+    out = {
         wire.STAGE: wire.SHARE_KEYS,
         wire.SESSION: request.session,
         wire.MASK_PK: reply.s_pk,
@@ -155,9 +197,38 @@ def _share_keys(ctxt: Context, record: ConfigRecord) -> dict:
         wire.DESTINATIONS: dsts,
         wire.CIPHERTEXTS: [reply.ciphertexts[v] for v in dsts],
     }
+    if reply.signature:
+        out |= {wire.NONCE: reply.nonce, wire.SIGNATURE: reply.signature}
+    return out
 
 
-def _masked_input(msg: Message, ctxt: Context, record: ConfigRecord, call_next: ClientAppCallable) -> Message:
+def _mask_request(record: ConfigRecord, session: bytes) -> MaskRequest:
+    sources = cast(list[int], record[wire.SOURCES])
+
+    def per_source(key: str) -> dict[int, bytes]:
+        return dict(zip(sources, cast(list[bytes], record.get(key, [])), strict=True)) if key in record else {}
+
+    u2 = cast(list[int], record.get(wire.U2_INDICES, []))
+    members = zip(
+        u2,
+        cast(list[str], record.get(wire.U2_MEMBERS, [])),
+        cast(list[bytes], record.get(wire.U2_NONCES, [])),
+        strict=True,
+    )
+    return MaskRequest(
+        session=session,
+        neighbour_s_pks=per_source(wire.MASK_PKS),
+        ciphertexts=per_source(wire.CIPHERTEXTS),
+        commitments=per_source(wire.COMMITMENTS),
+        nonces=per_source(wire.NONCES),
+        signatures=per_source(wire.SIGNATURES),
+        members={v: (fp, nonce) for v, fp, nonce in members},
+    )
+
+
+def _masked_input(
+    msg: Message, ctxt: Context, record: ConfigRecord, call_next: ClientAppCallable, identity: NodeIdentity | None
+) -> Message:
     session = cast(bytes, record[wire.SESSION])
     node, server_round = _load_session(ctxt, wire.STATE_SESSION_NEXT, session)
     params = EncodingParams(
@@ -168,13 +239,8 @@ def _masked_input(msg: Message, ctxt: Context, record: ConfigRecord, call_next: 
     )
     weight_key = cast(str, record[wire.WEIGHT_KEY])
     global_arrays = msg.content.array_records[cast(str, record[wire.ARRAYS_KEY])]
-    sources = cast(list[int], record[wire.SOURCES])
-    request = MaskRequest(
-        session=session,
-        neighbour_s_pks=dict(zip(sources, cast(list[bytes], record[wire.MASK_PKS]), strict=True)),
-        ciphertexts=dict(zip(sources, cast(list[bytes], record[wire.CIPHERTEXTS]), strict=True)),
-    )
-    node.expect("shared", session)  # fail before training, not after
+    request = _mask_request(record, session)
+    node.prepare_mask(request, identity)  # fail before training (signatures, shares), not after
     pipelined = msg.content.config_records.get(wire.RECORD_NEXT)
     del msg.content[wire.RECORD]  # the handler sees the plain train message
     if pipelined is not None:
@@ -190,7 +256,7 @@ def _masked_input(msg: Message, ctxt: Context, record: ConfigRecord, call_next: 
         raise ValueError(f"the train reply must carry one MetricRecord with {weight_key!r}")
     weight = params.cap_weight(float(cast(float, metrics[0][weight_key])))
     x = encode(flatten_update(new_arrays, global_arrays), weight, params, overwrite=True)
-    y = node.mask(request, x, in_place=True)
+    y = node.mask(request, x, in_place=True, identity=identity)
     # this session now waits for its unmask stage; it replaces any older one (whose unmask
     # stage, if any, did not need this node)
     _save_session(ctxt, wire.STATE_SESSION, node, server_round)
@@ -201,24 +267,38 @@ def _masked_input(msg: Message, ctxt: Context, record: ConfigRecord, call_next: 
     for key, rec in out.content.config_records.items():
         content[key] = ConfigRecord(dict(rec))
     content[wire.MASKED_RECORD] = ArrayRecord({wire.MASKED_ARRAY: Array(y)})
-    content[wire.RECORD] = ConfigRecord({wire.STAGE: wire.MASKED_INPUT, wire.SESSION: session})
+    reply = {wire.STAGE: wire.MASKED_INPUT, wire.SESSION: session}
+    if node.u2_signature:  # active: the consistency check's signature rides on the masked input
+        reply[wire.SIGNATURE] = node.u2_signature
+    content[wire.RECORD] = ConfigRecord(reply)
     if pipelined is not None:  # the next round's share-keys stage, riding on this message
         try:
-            content[wire.RECORD_NEXT] = ConfigRecord(_share_keys(ctxt, pipelined))
+            content[wire.RECORD_NEXT] = ConfigRecord(_share_keys(ctxt, pipelined, identity))
         except ValueError as err:  # must not cost this round's masked input
             log.warning("secagg: cannot start the next round's session: %s", err)
             content[wire.RECORD_NEXT] = ConfigRecord({wire.STAGE: wire.SHARE_KEYS, wire.ERROR: str(err)})
     return Message(content, reply_to=msg)
 
 
-def _unmask(ctxt: Context, record: ConfigRecord) -> dict:
+def _consistency(ctxt: Context, record: ConfigRecord, identity: NodeIdentity | None) -> dict:
+    session = cast(bytes, record[wire.SESSION])
+    node, server_round = _load_session(ctxt, wire.STATE_SESSION, session)
+    signature = node.consistency(ConsistencyRequest(session, cast(list[int], record[wire.U3_INDICES])), identity)
+    _save_session(ctxt, wire.STATE_SESSION, node, server_round)  # the set it signed: it signs no other
+    return {wire.STAGE: wire.CONSISTENCY, wire.SESSION: session, wire.SIGNATURE: signature}
+
+
+def _unmask(ctxt: Context, record: ConfigRecord, identity: NodeIdentity | None) -> dict:
     node, _ = _load_session(ctxt, wire.STATE_SESSION, cast(bytes, record[wire.SESSION]))
+    signers = cast(list[int], record.get(wire.SIGNERS, []))
     request = UnmaskRequest(
         session=cast(bytes, record[wire.SESSION]),
         survivors=cast(list[int], record[wire.SURVIVORS]),
         dropped=cast(list[int], record[wire.DROPPED]),
+        u3=cast(list[int], record.get(wire.U3_INDICES, [])),
+        signatures=dict(zip(signers, cast(list[bytes], record.get(wire.SIGNATURES, [])), strict=True)),
     )
-    reply = node.unmask(request)
+    reply = node.unmask(request, identity)
     _wipe(ctxt, wire.STATE_SESSION)  # the session's secrets are no longer needed
     b_src, sk_src = sorted(reply.b_shares), sorted(reply.sk_shares)
     return {

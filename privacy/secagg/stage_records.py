@@ -15,13 +15,22 @@ from flwr.app import ConfigRecord
 
 from privacy.secagg import wire
 from privacy.secagg.encoding import EncodingParams
-from privacy.secagg.stage_messages import MaskRequest, ShareKeysReply, ShareKeysRequest, UnmaskReply, UnmaskRequest
+from privacy.secagg.stage_messages import (
+    ConsistencyRequest,
+    MaskRequest,
+    ShareKeysReply,
+    ShareKeysRequest,
+    UnmaskReply,
+    UnmaskRequest,
+)
 
 __all__ = [
     "share_keys_record",
     "masked_input_record",
+    "consistency_record",
     "unmask_record",
     "parse_share_keys_reply",
+    "parse_signature",
     "parse_unmask_reply",
 ]
 
@@ -33,8 +42,9 @@ def share_keys_record(request: ShareKeysRequest, *, server_round: int, channel_p
     lost it refuses the stage); ``server_round`` lets the node refuse a stale message.
     """
     peers = sorted(request.neighbours)
-    return {
+    out: dict[str, Any] = {
         wire.STAGE: wire.SHARE_KEYS,
+        wire.ADVERSARY: request.adversary,
         wire.SESSION: request.session,
         wire.ROUND: server_round,
         wire.INDEX: request.index,
@@ -43,6 +53,10 @@ def share_keys_record(request: ShareKeysRequest, *, server_round: int, channel_p
         wire.NEIGHBOURS: peers,
         wire.CHANNEL_PKS: [request.neighbours[v] for v in peers],
     }
+    if request.certs:  # active: who signed each neighbour's channel key
+        out[wire.MEMBERS] = [request.certs[v].fingerprint for v in peers]
+        out[wire.CHANNEL_SIGS] = [request.certs[v].signature for v in peers]
+    return out
 
 
 def masked_input_record(
@@ -50,7 +64,21 @@ def masked_input_record(
 ) -> dict[str, Any]:
     """The masked-input stage, added to a node's TRAIN message: mask keys, its ciphertexts, the encoding."""
     sources = sorted(request.neighbour_s_pks)
+    u2 = sorted(request.members)
+    active = (
+        {
+            wire.COMMITMENTS: [request.commitments[v] for v in sources],
+            wire.NONCES: [request.nonces[v] for v in sources],
+            wire.SIGNATURES: [request.signatures[v] for v in sources],
+            wire.U2_INDICES: u2,
+            wire.U2_MEMBERS: [request.members[v][0] for v in u2],
+            wire.U2_NONCES: [request.members[v][1] for v in u2],
+        }
+        if request.members
+        else {}
+    )
     return {
+        **active,
         wire.STAGE: wire.MASKED_INPUT,
         wire.SESSION: request.session,
         wire.SOURCES: sources,
@@ -65,9 +93,24 @@ def masked_input_record(
     }
 
 
+def consistency_record(request: ConsistencyRequest) -> dict[str, Any]:
+    """The consistency stage (active mode, after a masked-input dropout): the survivor set to sign."""
+    return {wire.STAGE: wire.CONSISTENCY, wire.SESSION: request.session, wire.U3_INDICES: list(request.survivors)}
+
+
 def unmask_record(request: UnmaskRequest) -> dict[str, Any]:
-    """The unmask stage for one survivor: which of its neighbours survived and which dropped."""
+    """The unmask stage for one survivor: which of its neighbours survived and which dropped.
+
+    In the active mode also the survivor set U3 and the members' signatures on it.
+    """
+    signers = sorted(request.signatures)
+    active = {
+        wire.U3_INDICES: list(request.u3),
+        wire.SIGNERS: signers,
+        wire.SIGNATURES: [request.signatures[v] for v in signers],
+    }
     return {
+        **(active if request.u3 else {}),
         wire.STAGE: wire.UNMASK,
         wire.SESSION: request.session,
         wire.SURVIVORS: list(request.survivors),
@@ -83,7 +126,17 @@ def parse_share_keys_reply(record: ConfigRecord) -> ShareKeysReply:
         ciphertexts=dict(
             zip(cast(list[int], record[wire.DESTINATIONS]), cast(list[bytes], record[wire.CIPHERTEXTS]), strict=True)
         ),
+        nonce=cast(bytes, record.get(wire.NONCE, b"")),
+        signature=cast(bytes, record.get(wire.SIGNATURE, b"")),
     )
+
+
+def parse_signature(record: ConfigRecord) -> bytes:
+    """A node's roster signature on the survivor set (masked-input or consistency reply); b"" if none."""
+    sig = record.get(wire.SIGNATURE, b"")
+    if not isinstance(sig, bytes):
+        raise TypeError("a signature must be bytes")
+    return sig
 
 
 def parse_unmask_reply(record: ConfigRecord) -> UnmaskReply:

@@ -25,6 +25,12 @@ speculation is dropped and the stage runs as usual. In steady state a secure rou
 one message exchange more than a plain one (the unmask stage, which then carries nothing but
 the unmasking and so need not reach every node); ``pipeline=False`` turns this off.
 
+**The active-adversary mode** (``config.adversary == "active"``, the default) also forwards the
+nodes' roster signatures, raises the threshold and a sparse degree to what the nodes demand
+(``floor(2n/3) + 1`` of their roster), and, only when a node dropped between the share-keys
+stage and its masked input, runs a ``consistency`` exchange (survivors sign U3) before the
+unmask stage; otherwise the signatures on U2 that rode on the masked inputs serve.
+
 A round that cannot complete (fewer survivors than the threshold at some stage, a secret
 without enough shares, too many nodes for the modulus) aborts: ``aggregate_train`` returns
 ``(None, None)``, the global model stays as it was, and the reason is logged and kept in
@@ -115,8 +121,9 @@ class SecAggStrategy(StrategyWrapper):
         """Log the secure-aggregation settings, then the inner strategy's summary."""
         c = self.config
         log.info(
-            "secure aggregation: threshold=%s neighbours=%s clip_range=%g bits=%d (error <= %.3g) "
+            "secure aggregation (%s coordinator): threshold=%s neighbours=%s clip_range=%g bits=%d (error <= %.3g) "
             "max_weight=%d max_nodes=%d modulus=2**%d timeout=%gs",
+            c.adversary,
             c.threshold,
             c.neighbours or "all",
             c.clip_range,
@@ -263,6 +270,9 @@ class SecAggStrategy(StrategyWrapper):
             return "the reply carries no masked input (is secagg_mod the outermost mod on the node?)"
         if rec.get(wire.SESSION) != rnd.keys.session.session:
             return "the masked input belongs to another secure-aggregation session"
+        signature = rec.get(wire.SIGNATURE)
+        if rnd.keys.session.active and not (isinstance(signature, bytes) and len(signature) == 64):
+            return "the masked input carries no signature on U2 (the active mode's consistency check)"
         y = masked[wire.MASKED_ARRAY]
         d = sum(int(np.prod(a.shape)) for a in rnd.arrays.values())
         if y.dtype != str(self._params.dtype) or tuple(y.shape) != (d + 1,):

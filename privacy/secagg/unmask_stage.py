@@ -5,6 +5,11 @@ every secret (:func:`privacy.secagg.unmask_cover.unmask_cover`, in a random orde
 spreads the work) and stops as soon as ``t`` shares of each are in; the other survivors are
 asked only if that falls short. It learns the sum of the masked inputs and nothing else
 about any single one (see :mod:`privacy.secagg.server_session` for the assumptions).
+
+In the active mode each masked input comes with its node's signature on U2; while nobody
+dropped between the share-keys stage and the masked input, those signatures are the
+consistency check and the unmask stage carries them (no extra exchange). After such a dropout
+the survivors are first asked to sign U3 (the ``consistency`` stage, one exchange more).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from privacy.secagg.graph import SecAggAbort
 from privacy.secagg.round_state import KeySession, PendingRound
 from privacy.secagg.stage_exchange import exchange_stage
 from privacy.secagg.stage_messages import UnmaskReply
-from privacy.secagg.stage_records import parse_unmask_reply, unmask_record
+from privacy.secagg.stage_records import consistency_record, parse_signature, parse_unmask_reply, unmask_record
 from privacy.secagg.synthetic_reply import synthetic_reply
 
 __all__ = ["unmask_round"]
@@ -55,6 +60,7 @@ def unmask_round(
     session = keys.session
     d = sum(int(np.prod(a.shape)) for a in rnd.arrays.values())
     vectors: dict[int, np.ndarray] = {}
+    signatures: dict[int, bytes] = {}
     metrics: dict[int, dict[str, MetricRecord]] = {}
     for r in replies:
         n = r.metadata.src_node_id
@@ -67,8 +73,27 @@ def unmask_round(
             continue
         vectors[keys.index_of[n]] = masked[wire.MASKED_ARRAY].numpy()
         metrics[keys.index_of[n]] = dict(r.content.metric_records.items())
-    u3 = session.receive_masked(vectors, d + 1, params.dtype)
+        try:
+            signatures[keys.index_of[n]] = parse_signature(rec)
+        except TypeError:
+            log.warning("secagg round %d: node %d sent a malformed signature", rnd.server_round, n)
+    u3 = session.receive_masked(vectors, d + 1, params.dtype, signatures)
     report.masked = len(u3)
+
+    if session.needs_consistency:
+        t0 = time.perf_counter()
+        asked = {
+            keys.node_of[i]: {wire.RECORD: consistency_record(q)} for i, q in session.consistency_requests().items()
+        }
+        answers = exchange_stage(rnd.grid, asked, rnd.server_round, timeout=timeout)
+        signed = {}
+        for n, recs in answers.items():
+            try:
+                signed[keys.index_of[n]] = parse_signature(recs[wire.RECORD])
+            except TypeError:
+                log.warning("secagg round %d: node %d sent a malformed signature", rnd.server_round, n)
+        session.receive_consistency(signed)
+        report.seconds[wire.CONSISTENCY] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     requests = session.unmask_requests()

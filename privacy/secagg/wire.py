@@ -22,7 +22,15 @@ __all__ = [
     "SHARE_KEYS",
     "MASKED_INPUT",
     "UNMASK",
+    "CONSISTENCY",
+    "ACTIVE",
+    "SEMI_HONEST",
+    "ADVERSARIES",
 ]
+
+ACTIVE = "active"  # secagg.adversary: signed keys, a consistency check, a threshold above 2n/3
+SEMI_HONEST = "semi-honest"  # secagg.adversary: an honest-but-curious coordinator
+ADVERSARIES = (ACTIVE, SEMI_HONEST)
 
 RECORD = "secagg"  # ConfigRecord of every stage message and reply
 RECORD_NEXT = "secagg.next"  # ConfigRecord of the next round's share-keys stage, riding on a TRAIN message
@@ -37,6 +45,7 @@ ADVERTISE = "advertise"
 SHARE_KEYS = "share-keys"
 MASKED_INPUT = "masked-input"
 UNMASK = "unmask"
+CONSISTENCY = "consistency"  # active mode, only after a masked-input dropout: sign the survivor set
 
 # Keys inside the RECORD ConfigRecord.
 SESSION = "session"
@@ -64,4 +73,20 @@ B_SOURCES = "b-sources"
 B_SHARES = "b-shares"
 SK_SOURCES = "sk-sources"
 SK_SHARES = "sk-shares"
+ADVERSARY = "adversary"  # in a share-keys record: the mode the coordinator runs
+MEMBER = "member"  # roster fingerprint (advertise reply)
+ROSTER_SIZE = "roster-size"  # members in the node's roster (advertise reply): sizes the active threshold
+ROSTER_DIGEST = "roster-digest"
+SIGNATURE = "signature"  # a roster signature: on a channel key (advertise), keys (share-keys), U3 (masked input)
+MEMBERS = "members"  # share-keys: the neighbours' roster fingerprints, in NEIGHBOURS' order
+CHANNEL_SIGS = "channel-sigs"
+NONCE = "nonce"
+NONCES = "nonces"
+COMMITMENTS = "commitments"
+SIGNATURES = "signatures"
+U2_INDICES = "u2"  # masked input: every node of U2, with its member fingerprint and nonce
+U2_MEMBERS = "u2-members"
+U2_NONCES = "u2-nonces"
+U3_INDICES = "u3"  # consistency and unmask: the survivor set
+SIGNERS = "signers"
 ERROR = "error"  # in a pipelined share-keys reply: why the node could not start the next session

@@ -262,10 +262,14 @@ def _simulate(root: Path, policy: dict[str, Any], script, world: dict[str, Any])
     from flwr.simulation import run_simulation
 
     from clients.app import build_client_app
-    from fedmart.simulate import prepare
+    from fedmart.simulate import make_roster_for_run, prepare
 
     settings = SimulateSettings.from_dict(world)
     box: dict[str, Any] = {"sim": prepare(settings.to_dict(), root)}
+    # the nodes' own secure-aggregation roster and keys, made before the coordinator starts, as
+    # `fedmart simulate` makes them (the active mode, the default, needs them)
+    nodes_dir = box["sim"]["nodes-dir"]
+    identity = {"roster": str(make_roster_for_run(root, nodes_dir, NUM_NODES)), "nodes-dir": nodes_dir}
     run_config = flatten(settings.request().with_sim(build(SimSettings, box["sim"])).to_dict())
     server = ServerApp()
 
@@ -276,7 +280,7 @@ def _simulate(root: Path, policy: dict[str, Any], script, world: dict[str, Any])
     t0 = time.perf_counter()
     run_simulation(
         server_app=server,
-        client_app=build_client_app(run_config, node_policy=policy),
+        client_app=build_client_app(run_config, node_policy=policy, node_identity=identity),
         num_supernodes=NUM_NODES,
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},

@@ -22,7 +22,9 @@ from privacy.secagg.local_round import run_round_locally
 D = 20_000
 N = 8
 ALPHA = 1e-6  # false alarm rate per test; a non-uniform vector gives p ~ 0
-CFG = SecAggConfig(enabled=True, threshold=0.5, clip_range=0.5, bits=16, max_weight=1000, timeout=0.2)
+CFG = SecAggConfig(
+    enabled=True, adversary="semi-honest", threshold=0.5, clip_range=0.5, bits=16, max_weight=1000, timeout=0.2
+)
 
 
 def _update(pid: int) -> np.ndarray:

@@ -1,8 +1,11 @@
-"""Secure aggregation through Flower's real simulation engine (Ray): one run, several checks.
+"""Secure aggregation through Flower's real simulation engine (Ray): one run per mode, several checks.
 
-A tiny numpy ClientApp with ``secagg_mod``; a ServerApp with ``SecAggStrategy(FedAvg(...))``;
+A tiny numpy ClientApp with the secagg mod; a ServerApp with ``SecAggStrategy(FedAvg(...))``;
 4 supernodes, 3 rounds; in round 2 one node's training fails after the key stages (a dropout
-at the masked-input stage). Slow: Ray takes seconds to start.
+at the masked-input stage: in the active mode, t = 3 of 4, the one dropout it tolerates, and a
+consistency stage). The active nodes take a demo roster derived in each Ray worker from their
+partition id (``clients.node_policy.demo_identity``: keys that cross no process boundary).
+Slow: Ray takes seconds to start.
 """
 
 from __future__ import annotations
@@ -16,12 +19,15 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from privacy.secagg import RoundReport, SecAggConfig, SecAggStrategy, secagg_mod
+from clients.node_policy import demo_identity
+from privacy.secagg import RoundReport, SecAggConfig, SecAggStrategy, make_secagg_mod, secagg_mod, wire
 
 pytestmark = pytest.mark.slow
 
 NODES, ROUNDS, D = 4, 3, 1000
-CFG = SecAggConfig(enabled=True, threshold=0.5, clip_range=0.5, bits=16, max_weight=1000, timeout=300)
+CFG = SecAggConfig(
+    enabled=True, adversary="semi-honest", threshold=0.5, clip_range=0.5, bits=16, max_weight=1000, timeout=300
+)
 
 
 def _delta(pid: int, server_round: int) -> np.ndarray:
@@ -36,10 +42,13 @@ def _fails(pid: int, server_round: int) -> bool:
     return pid == 3 and server_round == 2
 
 
-client = ClientApp(mods=[secagg_mod])
+def _identity(context: Context):
+    return demo_identity(0, NODES, int(context.node_config["partition-id"]), "active")
 
 
-@client.train()
+CLIENTS = {"semi-honest": ClientApp(mods=[secagg_mod]), "active": ClientApp(mods=[make_secagg_mod(_identity)])}
+
+
 def train(msg: Message, context: Context) -> Message:
     pid = int(context.node_config["partition-id"])
     server_round = int(msg.content["config"]["server-round"])
@@ -53,6 +62,10 @@ def train(msg: Message, context: Context) -> Message:
     )
 
 
+for _app in CLIENTS.values():
+    _app.train()(train)
+
+
 class _Recording(SecAggStrategy):
     reports: list[RoundReport]
 
@@ -62,22 +75,25 @@ class _Recording(SecAggStrategy):
         return out
 
 
-@pytest.fixture(scope="module")
-def simulation() -> dict:
+@pytest.fixture(scope="module", params=list(CLIENTS))
+def simulation(request) -> dict:
     from flwr.simulation import run_simulation
 
-    box: dict = {}
+    mode = request.param
+    box: dict = {"mode": mode}
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         while len(list(grid.get_node_ids())) < NODES:
             time.sleep(0.1)
-        strategy = _Recording(FedAvg(fraction_evaluate=0.0, min_available_nodes=NODES), config=CFG)
+        config = SecAggConfig(**{**vars(CFG), "adversary": mode})
+        strategy = _Recording(FedAvg(fraction_evaluate=0.0, min_available_nodes=NODES), config=config)
         strategy.reports = []
         box["result"] = strategy.start(grid, ArrayRecord({"w": Array(np.zeros(D, np.float32))}), num_rounds=ROUNDS)
         box["reports"] = strategy.reports
 
+    client = CLIENTS[mode]
     run_simulation(server, client, num_supernodes=NODES, backend_config={"client_resources": {"num_cpus": 1}})
     return box
 
@@ -88,6 +104,9 @@ def test_every_round_completes_with_the_expected_members(simulation: dict) -> No
     assert [r.abort_reason for r in reports] == [None] * ROUNDS
     assert [r.masked for r in reports] == [4, 3, 4]
     assert [r.advertised for r in reports] == [4, 0, 0]  # channel keys persist in ctxt.state
+    # the active mode's consistency exchange runs only in the round with a masked-input dropout
+    want = [False, True, False] if simulation["mode"] == "active" else [False] * ROUNDS
+    assert [wire.CONSISTENCY in r.seconds for r in reports] == want
 
 
 def test_final_model_is_the_sum_of_the_weighted_means(simulation: dict) -> None:

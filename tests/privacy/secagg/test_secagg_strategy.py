@@ -15,7 +15,17 @@ from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, 
 
 from privacy.secagg import SecAggConfig, SecAggStrategy, secagg_mod, strict_secagg_mod, wire, wrap_strategy
 
-CFG = SecAggConfig(enabled=True, threshold=0.5, clip_range=0.5, bits=16, max_weight=1000, max_nodes=50, timeout=0.2)
+# The semi-honest mode's mechanics (the active mode's: test_secagg_active_strategy.py)
+CFG = SecAggConfig(
+    enabled=True,
+    adversary="semi-honest",
+    threshold=0.5,
+    clip_range=0.5,
+    bits=16,
+    max_weight=1000,
+    max_nodes=50,
+    timeout=0.2,
+)
 SHAPES = {"emb": (6, 4), "bias": (5,)}
 
 
@@ -205,7 +215,8 @@ def test_below_threshold_aborts_and_the_model_stays(grid_factory: type) -> None:
 
     grid = grid_factory(make_app(), 6, drop=drop)
     strategy = SecAggStrategy(
-        FedAvg(min_available_nodes=6), config=SecAggConfig(enabled=True, threshold=4, timeout=0.2)
+        FedAvg(min_available_nodes=6),
+        config=SecAggConfig(enabled=True, adversary="semi-honest", threshold=4, timeout=0.2),
     )
     reasons = []
     original = strategy.aggregate_train
@@ -237,7 +248,7 @@ def test_abort_in_key_stage_sends_no_train_message(grid_factory: type) -> None:
 
 def test_too_many_nodes_for_the_modulus_abort(grid_factory: type) -> None:
     grid = grid_factory(make_app(), 3)
-    cfg = SecAggConfig(enabled=True, threshold=2, max_nodes=2)
+    cfg = SecAggConfig(enabled=True, adversary="semi-honest", threshold=2, max_nodes=2)
     strategy = SecAggStrategy(FedAvg(min_available_nodes=3, min_train_nodes=3), config=cfg)
 
     (arrays, _), msgs = run_round(grid, strategy)
