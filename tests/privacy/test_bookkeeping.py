@@ -90,7 +90,10 @@ def test_norms_and_clipped_sum_equal_brute_force(batch, clip, scale, seed):
     want_norms, want = _brute_force(copy.deepcopy(model), x, y, clip)
     bk = BookKeeping(model, max_grad_norm=clip)
     norms = bk.clip_and_sum(model(x, y))
-    torch.testing.assert_close(norms, want_norms.float(), rtol=1e-4, atol=1e-6)
+    # bk takes each norm from float32 Gram products of activations and output gradients, whose
+    # terms cancel: at weight scales near 20 that costs up to ~2e-4 of relative precision against
+    # the per-example brute force (seen: 1.8e-4). An algorithmic error would be O(1).
+    torch.testing.assert_close(norms, want_norms.float(), rtol=1e-3, atol=1e-6)
     # A coordinate of the clipped sum adds `batch` float32 terms of size up to `clip`: where they
     # cancel, float32 rounding alone leaves an absolute error of a few eps * clip * batch (a fixed
     # 1e-6 failed at clip 3, batch 7 by 1.3e-6: rounding, not a clipping error).
