@@ -134,7 +134,9 @@ def _check_certs(deploy: Deployment) -> list[Path]:
             f"{layout.server_cert} does not name {CONTROL_HOST} (the SuperLink's own loopback address); "
             f"re-issue it: `fedmart certs --out {deploy.certs} --hosts ...` (it adds {CONTROL_HOST})"
         )
-    pubs = sorted(deploy.node_keys.glob("*.pub"))
+    # The nodes' Flower authentication keys; their secure-aggregation roster keys
+    # (NAME.roster.key.pub, beside them) go into the roster, not to the SuperLink.
+    pubs = sorted(p for p in deploy.node_keys.glob("*.pub") if not p.name.endswith(".roster.key.pub"))
     if not pubs:
         raise UserError(f"{deploy.node_keys}: no node public keys (*.pub) to register")
     return pubs

@@ -31,7 +31,15 @@ from federation.runconfig import flatten
 from fedmart.errors import UserError
 from fedmart.hydra_runs import hydra_entry, run_job
 
-__all__ = ["check_mechanisms", "check_settings", "check_signing_key", "main", "make_roster_for_run", "prepare", "simulate"]
+__all__ = [
+    "check_mechanisms",
+    "check_settings",
+    "check_signing_key",
+    "main",
+    "make_roster_for_run",
+    "prepare",
+    "simulate",
+]
 
 log = logging.getLogger(__name__)
 

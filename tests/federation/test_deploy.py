@@ -187,6 +187,10 @@ def federation(tmp_path_factory):
         [*CLI, "certs", "--out", "rogue-keys", "--node-names", "rogue", "--nodes-only"], cwd=base, capture_output=True
     )
     assert rogue_keys.returncode == 0
+    # The rogue is outside the federation: no roster membership either (a semi-honest node without a
+    # roster still starts), so what refuses it is the SuperLink's node authentication.
+    for stale in (base / "rogue-keys" / "nodes").glob("rogue.roster.key*"):
+        stale.unlink()
     # The coordinator's signing key is made once, at set-up: `fedmart coordinate` never creates it.
     keygen = subprocess.run([*CLI, "registry", "keygen", "keys/coordinator.key"], cwd=base, capture_output=True)
     assert keygen.returncode == 0, keygen.stderr
