@@ -55,7 +55,9 @@ def main() -> None:
     private = [_simulate(args.overrides, args.out / f"private-{i}") for i in range(args.repeats)]
     plain = None
     if not args.skip_plain:
-        plain = _simulate([*args.overrides, "privacy=none", "node.require_dp=false"], args.out / "non-private")
+        # The twin drops the private run's own privacy.* keys (a target epsilon means nothing without DP).
+        shared = [o for o in args.overrides if not o.startswith("privacy.")]
+        plain = _simulate([*shared, "privacy=none", "node.require_dp=false"], args.out / "non-private")
     scores = [r["test_ndcg@10"] for r in private]
     summary = {
         "overrides": args.overrides,
