@@ -108,27 +108,51 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=ROOT / "outputs" / "bench-secagg-real")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    results = []
+    results: list[dict] = []
+    meta = {
+        "date": date.today().isoformat(),
+        "machine": platform.platform(),
+        "cpus": os.cpu_count(),
+        "argv": vars(args),
+    }
+
+    def save() -> None:
+        # Written after every run: an hour of measurements must survive an interrupted session.
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))
+
     for size in args.sizes.split(","):
         for rep in range(args.reps):
             arms = list(ARMS)
             for arm in arms[rep % len(arms) :] + arms[: rep % len(arms)]:  # order rotated per rep
                 r = run(size, arm, args.rounds, args.workdir) | {"rep": rep}
                 results.append(r)
+                save()
                 print(
                     f"{size:<8} {arm:<11} rep {rep}: round {r['round_s']:.2f}s (configure {r['configure_s']:.3f}, "
                     f"train exchange {r['train_exchange_s']:.2f}, aggregate {r['aggregate_s']:.3f}); "
                     f"test NDCG@10 {r['final_test_ndcg@10']}; load {r['load1'][0]:.1f}-{r['load1'][1]:.1f}",
                     flush=True,
                 )
-        med = {a: statistics.median(r["round_s"] for r in results if r["size"] == size and r["arm"] == a) for a in ARMS}
+        per = {a: [r["round_s"] for r in results if r["size"] == size and r["arm"] == a] for a in ARMS}
+        med = {a: statistics.median(v) for a, v in per.items()}
+        for arm in ARMS:
+            print(f"{size:<8} {arm:<11} round median {med[arm]:.2f}s, spread {min(per[arm]):.2f}-{max(per[arm]):.2f}s")
         for arm in ("semi-honest", "active"):
-            print(f"{size:<8} {arm} / plain round: {med[arm] / med['off']:.3f}x ({med[arm]:.2f}s / {med['off']:.2f}s)")
-        print(f"{size:<8} active - semi-honest: {med['active'] - med['semi-honest']:+.3f}s per round")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"date": date.today().isoformat(), "machine": platform.platform(), "cpus": os.cpu_count()}
-        args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+            # Paired by repetition too: the arms of one rep ran back to back, so their ratio is
+            # less exposed to load drifting over the hour than the ratio of medians.
+            paired = [a / b for a, b in zip(per[arm], per["off"], strict=True)]
+            print(
+                f"{size:<8} {arm} / plain round: {med[arm] / med['off']:.3f}x ({med[arm]:.2f}s / {med['off']:.2f}s); "
+                f"paired per rep median {statistics.median(paired):.3f}x, spread {min(paired):.3f}-{max(paired):.3f}x"
+            )
+        diffs = [a - b for a, b in zip(per["active"], per["semi-honest"], strict=True)]
+        print(
+            f"{size:<8} active - semi-honest: {med['active'] - med['semi-honest']:+.3f}s per round; "
+            f"paired per rep median {statistics.median(diffs):+.3f}s, spread {min(diffs):+.3f}-{max(diffs):+.3f}s"
+        )
+    save()
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@
 * ``train``: load the received global weights, fine-tune for ``local_epochs`` on the
   node's own sequences, reply with the new weights and the number of users trained;
 * ``evaluate``: score the global model on the node's held-out items (leave-one-out);
-* ``query.hello``: tell the coordinator the node's name and how much data it has.
+* ``query.hello``: tell the coordinator the node's name and how much data it has;
+* ``query.audit``: after the run, the node's own privacy audit of the final model with its
+  canary users, when its policy has one (:mod:`clients.audit_round`).
 
 Settings enter here and only here: the run config as :class:`conf.settings.RunSettings`
 (model shape, batch, learning rate: nothing the node's privacy rests on), each TRAIN
@@ -26,6 +28,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.audit_round import audit_node
+from clients.canaries import with_canaries
 from clients.guard import fault_mod, update_guard_mod
 from clients.local_round import train_round
 from clients.node import NodeData, NodeRefused, load_node, model_skeleton
@@ -81,6 +85,11 @@ def local_train(msg: Message, node: NodeData, policy: NodePolicy, settings: RunS
     # same update into two secure sums, whose difference would reveal it exactly. Without
     # DP a retraining repeats the same update (the run seed and the incoming weights decide
     # it, whatever the run is called), so a non-private node declines what it already released.
+    try:
+        # The node's canaries (its own policy) train like real users; see clients/canaries.py.
+        node = with_canaries(node, policy.audit, settings.data.max_len)
+    except ValueError as exc:
+        return refuse(msg, f"policy.audit: node {node.name}: {exc}")
     seed = round_seed(settings.seed, server_round, node.name)
     incoming = arrays_to_numpy(msg.content[wire.ARRAYS])
     release = release_key(seed, incoming, request) if not request.is_private else None
@@ -150,13 +159,26 @@ def local_evaluate(msg: Message, node: NodeData, policy: NodePolicy, settings: R
     return Message(RecordDict({wire.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
+def local_audit(msg: Message, node: NodeData, policy: NodePolicy, settings: RunSettings) -> Message:
+    if not policy.audit.enabled:
+        return refuse(msg, f"policy.audit: node {node.name} has no canaries (audit.canaries: 0)")
+    try:
+        result = audit_node(node, policy, settings, arrays_to_numpy(msg.content[wire.ARRAYS]))
+    except ValueError as exc:
+        return refuse(msg, f"policy.audit: node {node.name}: {exc}")
+    metrics = {k: v for k, v in result.items() if isinstance(v, int | float)}
+    return Message(RecordDict({wire.METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+
 def hello(msg: Message, node: NodeData, policy: NodePolicy, settings: RunSettings) -> Message:
     info = ConfigRecord(
         {
             "name": node.name,
             "dataset-id": node.population_id,  # random: a content hash would allow a confirmation attack
             "evaluation": policy.evaluation,
-            "users": int(node.interactions.num_users),
+            # Whether the node audits itself, never how many canaries are in.
+            "audit": bool(policy.audit.enabled),
+            "users": int(node.real_users),
             "events": int(len(node.interactions)),
             "catalog-version": node.catalog.version,
         }
@@ -219,6 +241,7 @@ def build_client_app(
     client_app.train()(_guarded(local_train, fixed_run_config, policy_of))
     client_app.evaluate()(_guarded(local_evaluate, fixed_run_config, policy_of))
     client_app.query("hello")(_guarded(hello, fixed_run_config, policy_of))
+    client_app.query("audit")(_guarded(local_audit, fixed_run_config, policy_of))
     return client_app
 
 

@@ -91,13 +91,12 @@ def train_round(
     epochs, max_steps = request.local_epochs, request.local_steps or None
     planned = epochs * request.planned_rounds
     ledger = PrivacyLedger(node.state_dir / "privacy-ledger.json", population_id=node.population_id)
-    delta = ledger.pinned_delta or policy_delta(policy, node.interactions.num_users)
-    if request.is_private and delta > 1.0 / max(node.interactions.num_users, 1):
+    users = node.real_users  # canaries must not shift δ (clients/canaries.py)
+    delta = ledger.pinned_delta or policy_delta(policy, users)
+    if request.is_private and delta > 1.0 / max(users, 1):
         # (0, 1/n)-DP allows publishing one user's whole history: no delta may be looser.
         return RoundResult(
-            refused=PolicyDecision.refuse(
-                "delta", f"delta {delta:.3g} is looser than 1/users = {1 / node.interactions.num_users:.3g}"
-            )
+            refused=PolicyDecision.refuse("delta", f"delta {delta:.3g} is looser than 1/users = {1 / users:.3g}")
         )
     accountant = ledger.pinned_accountant or request.accountant
     try:
@@ -167,9 +166,11 @@ def train_round(
         metrics["train_loss"] = float(np.mean(losses)) if losses else 0.0
     else:
         log.info("node %s: local training loss %.4f (kept on the node)", node.name, np.mean(losses) if losses else 0.0)
+    # Real users only: how many canaries are in is the node's secret (clients/canaries.py).
+    real_examples = len(dataset) - node.canary_users
     metrics.update(
         {
-            wire.NUM_EXAMPLES: len(dataset),
+            wire.NUM_EXAMPLES: real_examples,
             "steps": steps,
             "train_seconds": time.perf_counter() - t0 - t_setup,
             "setup_seconds": t_setup,
@@ -183,10 +184,10 @@ def train_round(
         # Every node weighs 1 in the sum, so the averaged holder vector is each item's holder
         # *count* over the number of nodes: with distinct weights, the coordinator could
         # decode from the averaged shares which nodes hold which items (subset sums).
-        metrics.update({wire.NUM_EXAMPLES: 1, "users_trained": len(dataset)})
+        metrics.update({wire.NUM_EXAMPLES: 1, "users_trained": real_examples})
     if client_dp is not None:
         # Every node weighs the same: a weight that depended on the node's size would
         # change the sum's sensitivity.
         weights = clip_for_client_dp(weights, incoming, max_norm=client_dp, node_name=node.name)
-        metrics.update({wire.NUM_EXAMPLES: 1, "users_trained": len(dataset)})
+        metrics.update({wire.NUM_EXAMPLES: 1, "users_trained": real_examples})
     return RoundResult(weights=weights, metrics=metrics)

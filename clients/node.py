@@ -61,6 +61,13 @@ class NodeData:
     split: Split
     dataset_id: str  # content hash, for the node's own logs only: it never leaves the node
     report: dict | None = None
+    canary_users: int = 0  # included canaries among the users (clients/canaries.py): the node's secret
+    withheld_users: int = 0  # real users withheld for the membership test (clients/canaries.py)
+
+    @property
+    def real_users(self) -> int:
+        """The node's real users (withheld ones too, not canaries): what δ is computed from and what it reports."""
+        return self.interactions.num_users - self.canary_users + self.withheld_users
 
     def train_dataset(self, max_len: int) -> TrainDataset:
         return TrainDataset(self.split.train, max_len)

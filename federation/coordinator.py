@@ -52,6 +52,7 @@ class NodeInfo:
     users: int = 0
     events: int = 0
     evaluation: str = "decline"  # how the node's policy answers federated evaluation
+    audit: bool = False  # whether the node's policy audits itself with canaries (never how many are in)
 
 
 class RunRefused(RuntimeError):
@@ -125,6 +126,7 @@ def discover_nodes(grid: Grid, *, expected: int, timeout: float, wait: float = 1
             users=int(info["users"]),
             events=int(info["events"]),
             evaluation=str(info.get("evaluation", "decline")),
+            audit=bool(info.get("audit", False)),
         )
     return nodes
 

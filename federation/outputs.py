@@ -3,7 +3,7 @@
 Layout::
 
     config.yaml        the composed Hydra config (the only source of truth)
-    metrics.jsonl      one line per completed round
+    metrics.jsonl      one line per completed round; then the nodes' privacy audit, if any
     state/             checkpoint of the last completed round (resume reads it)
     registry/          the global model of every round: signed versions (federation/registry.py)
     audit.jsonl        the hash-chained audit log
@@ -27,7 +27,7 @@ from flwr.serverapp.strategy import Strategy
 from federation.coordinator import RoundRecord, load_strategy_state, strategy_state
 from federation.globalmodel import load_weights, save_weights
 
-__all__ = ["RunDir", "MetricsWriter", "Checkpointer", "write_report", "plot_metrics", "read_metrics"]
+__all__ = ["RunDir", "MetricsWriter", "Checkpointer", "write_report", "plot_metrics", "read_metrics", "read_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +73,17 @@ class RunDir:
         return self.root / "refused.txt"
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Every line of ``metrics.jsonl``: the rounds, and after them e.g. the nodes' privacy audit."""
     path = Path(path)
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The round rows of ``metrics.jsonl``."""
+    return [row for row in read_rows(path) if "round" in row]
 
 
 def to_arrays(weights: dict[str, np.ndarray]) -> ArrayRecord:

@@ -23,6 +23,7 @@ from federation.aggregation import HolderFedAdam, HolderFedAvg, with_holders
 from federation.catalog import Catalog
 from federation.coordinator import Coordinator, RoundRecord, RunRefused, discover_nodes
 from federation.device import select_device
+from federation.empirical_audit import audit_section, collect_audits, read_audits, write_audits
 from federation.globalmodel import build_model, get_weights, set_weights
 from federation.outputs import (
     Checkpointer,
@@ -253,6 +254,11 @@ def run_server(grid: Grid, settings: RunSettings, *, listeners_extra=()) -> Arra
             run.refused.write_text(str(exc) + "\n")
             log.error("run refused by the nodes: %s", exc)
             return arrays
+    # The nodes' own privacy audits of the final model (those whose policy has canaries).
+    audits = collect_audits(grid, nodes, arrays, timeout=fed.round_timeout)
+    if audits:
+        write_audits(run.metrics, audits, run=run_name)
+        audit.append("privacy_audit", run=run_name, nodes=_audit_log(audits))
     audit.append("run_end", run=run_name, rounds=num_rounds, last_version=publisher.last_version)
     popularity = central.popularity if central is not None else None
     finish_run(run, settings, nodes_count=len(nodes), seconds=time.time() - t_start, popularity=popularity)
@@ -322,10 +328,17 @@ def finish_run(
         summary["popularity baseline (central test)"] = (
             f"NDCG@10 {popularity['ndcg@10']:.4f}, HR@10 {popularity['hr@10']:.4f}"
         )
-    from federation.outputs import read_metrics
+    from federation.outputs import read_metrics, read_rows
     from federation.privacy_report import privacy_section
 
-    write_report(run, "fedmart federated run", summary, privacy_section(settings, read_metrics(run.metrics)))
+    section = privacy_section(settings, read_metrics(run.metrics)) + audit_section(read_audits(read_rows(run.metrics)))
+    write_report(run, "fedmart federated run", summary, section)
+
+
+def _audit_log(audits: dict[str, dict]) -> dict[str, dict]:
+    """The audit results as the signed audit log takes them (JSON: no infinity)."""
+    return {n: {k: (None if isinstance(v, float) and v == float("inf") else v) for k, v in r.items()}
+            for n, r in audits.items()}  # fmt: skip
 
 
 def _catalog(settings: RunSettings) -> Catalog:

@@ -10,6 +10,7 @@ __all__ = [
     "SERVER_ROUND",
     "RUN",
     "QUERY_HELLO",
+    "QUERY_AUDIT",
     "ERR_DECLINED",
     "ERR_BAD_DATA",
     "ERR_BAD_UPDATE",
@@ -26,6 +27,7 @@ NUM_EXAMPLES = "num-examples"  # aggregation weight: users trained (train) or ev
 SERVER_ROUND = "server-round"  # injected by Flower's strategies
 RUN = "fedmart-run"  # the run's name: a node's ledger entries are keyed by (run, round)
 QUERY_HELLO = "query.hello"  # coordinator asks a node for its name and data summary
+QUERY_AUDIT = "query.audit"  # after the run: the final model, for a node's own privacy audit (clients/canaries.py)
 # Holder-normalised item rows (federation/aggregation.py): an extra array in the global
 # ArrayRecord, zeros from the coordinator; a node returns 1.0 for every item row its update
 # touches, so the (securely) averaged array is each row's share of the round's weight.

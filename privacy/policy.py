@@ -22,6 +22,8 @@ from typing import Any
 
 __all__ = [
     "ACCOUNTANTS",
+    "AUDIT_SCORES",
+    "AuditPolicy",
     "EVALUATION_MODES",
     "NodePolicy",
     "PolicyDecision",
@@ -38,6 +40,73 @@ ACCOUNTANTS = ("rdp", "prv")
 EVALUATION_MODES = ("decline", "plain")
 THREAT_MODELS = ("active", "semi-honest")
 REQUEST_PREFIX = "request."  # the TRAIN config keys of a TrainingRequest: request.<field>
+AUDIT_SCORES = ("loglik", "rank")
+
+
+@dataclass(frozen=True)
+class AuditPolicy:
+    """The node's empirical privacy audit (docs/privacy.md, "Empirical privacy audit").
+
+    The node adds ``canaries`` synthetic users, each included with probability ½ by its own
+    CSPRNG; after the run it scores them with the final global model, guesses "in" for the
+    ``guesses`` highest scores and "out" for the ``guesses`` lowest, and turns the number of
+    correct guesses into a lower bound on ε at ``confidence`` (Steinke, Nasr and Jagielski
+    2023; :mod:`privacy.empirical_bound`). ``score`` and ``guesses`` are fixed before the run
+    (chosen on other seeds, BENCHMARKS.md): choosing them on the audited run voids the
+    confidence level. ``canaries: 0`` turns the audit off.
+
+    Parameters
+    ----------
+    canaries : int
+        m, the number of canary users (each in with probability ½).
+    confidence : float
+        The confidence of the lower bound, e.g. 0.95.
+    score : {"loglik", "rank"}
+        How a canary is scored: the mean log-likelihood of its sequence under the final model,
+        or minus the mean log-rank of each next item.
+    guesses : int
+        k, the guesses on each side (2k in all, 2k <= canaries); 0 = canaries // 4.
+    holdout : int
+        Real users the node withholds from training (drawn once by its CSPRNG), so that it can
+        measure a loss-based membership-inference attack on its real users as context: the
+        AUC of telling ``holdout`` trained users from the ``holdout`` withheld ones. 0 = off.
+    """
+
+    canaries: int = 0
+    confidence: float = 0.95
+    score: str = "loglik"
+    guesses: int = 0
+    holdout: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.canaries, bool) or not isinstance(self.canaries, int) or self.canaries < 0:
+            raise ValueError(f"policy audit.canaries must be an integer >= 0, not {self.canaries!r}")
+        if not (0 < self.confidence < 1):
+            raise ValueError(f"policy audit.confidence must be in (0, 1), e.g. 0.95, not {self.confidence}")
+        if self.score not in AUDIT_SCORES:
+            raise ValueError(f"policy audit.score must be one of {AUDIT_SCORES}, not {self.score!r}")
+        if isinstance(self.guesses, bool) or not isinstance(self.guesses, int) or self.guesses < 0:
+            raise ValueError(f"policy audit.guesses must be an integer >= 0 (0 = canaries // 4), not {self.guesses!r}")
+        if self.canaries and 2 * self.guesses > self.canaries:
+            raise ValueError(
+                f"policy audit.guesses {self.guesses} is more than half of audit.canaries {self.canaries}; "
+                "lower it (the guesses are the k highest and the k lowest scores)"
+            )
+        if isinstance(self.holdout, bool) or not isinstance(self.holdout, int) or self.holdout < 0:
+            raise ValueError(
+                f"policy audit.holdout must be an integer >= 0 (0 = no membership test), not {self.holdout!r}"
+            )
+        if self.canaries == 1:
+            raise ValueError("policy audit.canaries must be 0 (off) or at least 2")
+
+    @property
+    def enabled(self) -> bool:
+        return self.canaries > 0 or self.holdout > 0
+
+    @property
+    def k(self) -> int:
+        """Guesses on each side."""
+        return self.guesses or max(1, self.canaries // 4)
 
 
 @dataclass(frozen=True)
@@ -71,6 +140,8 @@ class NodePolicy:
         ``semi-honest`` also takes part in a semi-honest one.
     evaluation : {"decline", "plain"}
         How the node answers federated evaluation.
+    audit : AuditPolicy
+        The node's empirical privacy audit with canary users (off by default).
     """
 
     require_dp: bool = True
@@ -82,8 +153,13 @@ class NodePolicy:
     require_secagg: bool = True
     secagg_threat_model: str = "active"
     evaluation: str = "decline"
+    audit: AuditPolicy = field(default_factory=AuditPolicy)
 
     def __post_init__(self) -> None:
+        if isinstance(self.audit, Mapping):  # from a policy file or an OmegaConf node
+            object.__setattr__(self, "audit", _audit_from_mapping(self.audit))
+        if not isinstance(self.audit, AuditPolicy):
+            raise ValueError(f"policy audit must be a mapping of {[f.name for f in fields(AuditPolicy)]}")
         if not (self.max_epsilon > 0):
             raise ValueError(f"policy max_epsilon must be > 0, not {self.max_epsilon}")
         if self.delta is not None and not (0 < self.delta < 1):
@@ -112,6 +188,17 @@ class NodePolicy:
             return cls(**kwargs)
         except TypeError as exc:  # a value of the wrong type, e.g. max_epsilon: ten
             raise ValueError(f"node policy: a value has the wrong type ({exc})") from exc
+
+
+def _audit_from_mapping(values: Mapping[str, Any]) -> AuditPolicy:
+    names = {f.name for f in fields(AuditPolicy)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown node policy keys audit.{unknown}; known: {sorted(names)}")
+    try:
+        return AuditPolicy(**dict(values))
+    except TypeError as exc:
+        raise ValueError(f"node policy audit: a value has the wrong type ({exc})") from exc
 
 
 def policy_delta(policy: NodePolicy, num_users: int) -> float:

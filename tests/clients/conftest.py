@@ -54,3 +54,22 @@ def node_context() -> Callable[..., Context]:
         return Context(run_id=1, node_id=NODE_ID, node_config=node_config, state=RecordDict(), run_config={})
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """``tiny_world(name, world)``: one department node of a tiny synthetic world on disk.
+
+    Written by ``fedmart.simulate.prepare``; returns ``(node_dir, run_settings)``. Tests copy
+    ``node_dir`` so each starts with no ledger, no population id and no canaries.
+    """
+    from conf.settings import RunSettings, SimulateSettings
+    from fedmart.simulate import prepare
+
+    def make(name: str, world: dict):
+        root = tmp_path_factory.mktemp(name)
+        settings = SimulateSettings.from_dict(world)
+        prepare(settings.to_dict(), root)
+        return root / "nodes" / "node-0000", RunSettings.from_dict(settings.request().to_dict())
+
+    return make

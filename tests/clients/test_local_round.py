@@ -17,7 +17,7 @@ import pytest
 from clients.local_round import train_round
 from clients.node import NodeData, load_node
 from clients.trainer import seed_everything
-from conf.settings import NodeSettings, RunSettings, SimulateSettings
+from conf.settings import NodeSettings, RunSettings
 from federation import wire
 from federation.globalmodel import build_model, get_weights
 from privacy.ledger import PrivacyLedger
@@ -35,13 +35,8 @@ OPEN = NodePolicy(require_dp=False, require_secagg=False, evaluation="plain")
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> tuple[Path, RunSettings]:
-    from fedmart.simulate import prepare
-
-    root = tmp_path_factory.mktemp("local-round")
-    settings = SimulateSettings.from_dict(WORLD)
-    prepare(settings.to_dict(), root)
-    return root / "nodes" / "node-0000", RunSettings.from_dict(settings.request().to_dict())
+def world(tiny_world) -> tuple[Path, RunSettings]:
+    return tiny_world("local-round", WORLD)
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 PRIVATE = ("privacy=dp", "federation=fedadam", "node.max_epsilon=1000")
 OPEN = ("privacy=none", "federation=fedadam", "node=open")
+AUDIT = ("privacy_audit=on", "node.audit.canaries=40")
 
 
 def _simulate(small: tuple[str, ...], run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -50,7 +51,8 @@ def _resume(run_dir: Path, rounds: int) -> None:
 
 
 def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """The round rows (after them, ``metrics.jsonl`` may hold the nodes' privacy audit)."""
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "round" in r]
 
 
 def _weights(run_dir: Path, version: str) -> dict[str, np.ndarray]:
@@ -61,8 +63,10 @@ def _weights(run_dir: Path, version: str) -> dict[str, np.ndarray]:
 def runs(tmp_path_factory, small_federation):
     base = tmp_path_factory.mktemp("sim")
     out = {name: base / name for name in ("full", "resumed", "budget", "open", "open_resumed", "open_plain")}
-    _simulate(small_federation, out["full"], *PRIVATE, "federation.num_rounds=2")
-    _simulate(small_federation, out["resumed"], *PRIVATE, "federation.num_rounds=1")
+    # The private runs audit themselves (40 canaries a node): about 20 more users of ~200 leave
+    # each node's sampling rate (1 / ceil(users / 128)) and so its epsilon unchanged.
+    _simulate(small_federation, out["full"], *PRIVATE, *AUDIT, "federation.num_rounds=2")
+    _simulate(small_federation, out["resumed"], *PRIVATE, *AUDIT, "federation.num_rounds=1")
     out["first_rounds"] = _metrics(out["resumed"])
     _resume(out["resumed"], 2)
     # The nodes' spend is deterministic (the same request, plan and accountant): a budget just below
@@ -238,3 +242,22 @@ def test_client_level_dp_composes_with_dp_sgd_and_secure_aggregation(tmp_path, s
     assert rows[1]["train_metrics"]["client_dp_epsilon"] > rows[0]["train_metrics"]["client_dp_epsilon"]
     report = (run / "report.md").read_text()
     assert "### Client-level DP (second layer)" in report and "one whole node" in report
+
+
+def test_every_node_audits_itself_and_the_report_shows_it(runs):
+    run = runs["full"]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    audits = rows[-1]["privacy_audit"]
+    spent = {n: m["epsilon"] for n, m in _metrics(run)[-1]["node_metrics"].items()}
+    assert set(audits) == set(spent)  # every node answered, under secure aggregation and DP
+    for name, a in audits.items():
+        assert a["canaries"] == 40 and a["guesses"] == 20 and 0 <= a["correct"] <= 20
+        assert a["epsilon"] == pytest.approx(spent[name])  # the accountant's epsilon beside the bound
+        assert 0.0 <= a["epsilon_lower_bound"] <= a["epsilon"]
+    report = (run / "report.md").read_text()
+    assert "## Empirical privacy audit" in report and "WARNING" not in report
+    for name in audits:
+        assert f"| {name} | 40 | 20 |" in report
+    events = [json.loads(line)["event"] for line in (run / "audit.jsonl").read_text().splitlines()]
+    assert events[-2:] == ["privacy_audit", "run_end"]
+    assert "## Empirical privacy audit" not in (runs["open"] / "report.md").read_text()  # no canaries, no section

@@ -227,3 +227,30 @@ def test_a_node_without_users_still_has_a_delta_below_one():
 
 def test_a_policy_delta_wins_whatever_the_users():
     assert policy_delta(NodePolicy(delta=1e-7), 10) == policy_delta(NodePolicy(delta=1e-7), 10**6) == 1e-7
+
+
+# ---- the node's audit policy (issue 15) ------------------------------------------------------------
+
+
+def test_the_audit_is_the_nodes_policy_and_off_by_default():
+    from privacy.policy import AuditPolicy
+
+    assert not NodePolicy().audit.enabled
+    policy = NodePolicy.from_mapping({"audit": {"canaries": 1000, "confidence": 0.99}})
+    assert policy.audit == AuditPolicy(canaries=1000, confidence=0.99) and policy.audit.k == 250
+    assert NodePolicy.from_mapping({"audit": {"canaries": 100, "guesses": 10}}).audit.k == 10
+
+
+@pytest.mark.parametrize(
+    "audit,match",
+    [
+        ({"canaries": -1}, "audit.canaries must be an integer >= 0"),
+        ({"canaries": 100, "confidence": 1.0}, "audit.confidence must be in"),
+        ({"canaries": 100, "score": "auc"}, "audit.score must be one of"),
+        ({"canaries": 100, "guesses": 51}, "more than half of audit.canaries"),
+        ({"canaries": 100, "canary": 3}, r"unknown node policy keys audit.\['canary'\]"),
+    ],
+)
+def test_a_bad_audit_policy_is_refused_naming_the_key(audit, match):
+    with pytest.raises(ValueError, match=match):
+        NodePolicy.from_mapping({"audit": audit})
