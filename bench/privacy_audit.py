@@ -45,9 +45,13 @@ def _run(args: list[str], run_dir: Path) -> float:
     return time.perf_counter() - t0
 
 
-def _audits(run_dir: Path) -> dict[str, dict]:
+def _audit_row(run_dir: Path) -> dict:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return next((r["privacy_audit"] for r in reversed(rows) if "privacy_audit" in r), {})
+    return next((r for r in reversed(rows) if "privacy_audit" in r), {})
+
+
+def _audits(run_dir: Path) -> dict[str, dict]:
+    return _audit_row(run_dir).get("privacy_audit", {})
 
 
 def summarise(run_dir: Path, confidence: float = 0.95) -> dict:
@@ -72,6 +76,7 @@ def summarise(run_dir: Path, confidence: float = 0.95) -> dict:
         if audits
         else None,
         "test_ndcg@10": row.get("test_ndcg@10"),
+        "audit_seconds": _audit_row(run_dir).get("seconds"),  # the query.audit exchange after the last round
         "per_node": audits,
     }
 

@@ -9,7 +9,10 @@ vectorised add, so the numbers are the cost of the round's protocol, not of lear
 ``flower-legacy``    Flower's legacy path without secure aggregation (``DefaultWorkflow`` +
                      ``NumPyClient``): the baseline of the next arm's own machinery;
 ``flower-secagg+``   Flower's SecAgg+ (``SecAggPlusWorkflow`` + ``secaggplus_mod``) on that path;
-``fedmart``          ``SecAggStrategy(FedAvg)`` + ``secagg_mod`` (``privacy/secagg``);
+``fedmart``          ``SecAggStrategy(FedAvg)`` + ``secagg_mod`` (``privacy/secagg``), semi-honest mode;
+``fedmart-active``   the same in the active-adversary mode (the default of ``fedmart simulate``):
+                     each node holds an in-memory roster identity (``in_memory_identities``),
+                     signs its keys, checks its peers', a threshold above 2n/3;
 ``fedmart-nopipe``   the same with ``pipeline=False`` (a separate share-keys exchange every round);
 ``none-echo``        ``none`` plus one exchange of empty messages with every node after the
                      aggregation (polled like fedmart's unmask stage): the engine's price of
@@ -49,7 +52,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ARMS = ("none", "none-echo", "flower-legacy", "flower-secagg+", "fedmart", "fedmart-nopipe")
+ARMS = ("none", "none-echo", "flower-legacy", "flower-secagg+", "fedmart", "fedmart-active", "fedmart-nopipe")
 THRESHOLD = 0.5
 CLIP, BITS, MAX_WEIGHT = 0.5, 16, 1000
 
@@ -176,12 +179,18 @@ def run_arm(
 
     init = np.zeros(params, np.float32)
 
-    if arm in ("none", "none-echo", "fedmart", "fedmart-nopipe"):
+    if arm in ("none", "none-echo", "fedmart", "fedmart-active", "fedmart-nopipe"):
         from flwr.serverapp.strategy import FedAvg
 
         from privacy.secagg import SecAggConfig, SecAggStrategy, secagg_mod
+        from privacy.secagg.identity import in_memory_identities
+        from privacy.secagg.mod import make_secagg_mod
 
-        client = ClientApp(mods=[secagg_mod] if arm.startswith("fedmart") else [])
+        mod = secagg_mod
+        if arm == "fedmart-active":  # each node's own roster identity (on disk in a real node)
+            identities = in_memory_identities(list(range(nodes)))
+            mod = make_secagg_mod(lambda ctxt: identities[int(ctxt.node_config["partition-id"])])
+        client = ClientApp(mods=[mod] if arm.startswith("fedmart") else [])
 
         @client.train()
         def train(msg: Message, context: Context) -> Message:
@@ -246,7 +255,7 @@ def run_arm(
             if arm.startswith("fedmart"):
                 cfg = SecAggConfig(
                     enabled=True,
-                    adversary="semi-honest",  # secagg_mod here has no roster (the active arm: issue 14)
+                    adversary="active" if arm == "fedmart-active" else "semi-honest",
                     threshold=THRESHOLD,
                     clip_range=CLIP,
                     bits=BITS,
@@ -255,7 +264,7 @@ def run_arm(
                     neighbours=neighbours,
                     timeout=600,
                 )
-                strategy = timed(SecAggStrategy)(fedavg, config=cfg, pipeline=arm == "fedmart")
+                strategy = timed(SecAggStrategy)(fedavg, config=cfg, pipeline=arm in ("fedmart", "fedmart-active"))
             else:
                 strategy = timed(FedAvg)(fraction_evaluate=0.0, min_available_nodes=nodes, min_train_nodes=nodes)
             result = strategy.start(grid, ArrayRecord({"w": Array(init)}), num_rounds=rounds, timeout=3600)

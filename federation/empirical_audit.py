@@ -78,10 +78,17 @@ def _jsonable(results: dict[str, dict]) -> dict[str, dict]:
             for n, r in results.items()}  # fmt: skip
 
 
-def write_audits(metrics_path: Path, results: dict[str, dict], *, run: str) -> None:
-    """Append the results to ``metrics.jsonl`` as one ``{"privacy_audit": ...}`` line."""
+def write_audits(metrics_path: Path, results: dict[str, dict], *, run: str, seconds: float | None = None) -> None:
+    """Append the results to ``metrics.jsonl`` as one ``{"privacy_audit": ...}`` line.
+
+    ``seconds``: the audit's wall time on the coordinator (sending the model, the nodes'
+    scoring, the replies), which is what the audit adds to a run.
+    """
+    row: dict[str, Any] = {AUDIT_KEY: _jsonable(results), "run": run}
+    if seconds is not None:
+        row["seconds"] = seconds
     with metrics_path.open("a") as f:
-        f.write(json.dumps({AUDIT_KEY: _jsonable(results), "run": run}) + "\n")
+        f.write(json.dumps(row) + "\n")
 
 
 def read_audits(rows: list[dict[str, Any]]) -> dict[str, dict]:

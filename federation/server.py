@@ -255,9 +255,10 @@ def run_server(grid: Grid, settings: RunSettings, *, listeners_extra=()) -> Arra
             log.error("run refused by the nodes: %s", exc)
             return arrays
     # The nodes' own privacy audits of the final model (those whose policy has canaries).
+    t_audit = time.perf_counter()
     audits = collect_audits(grid, nodes, arrays, timeout=fed.round_timeout)
     if audits:
-        write_audits(run.metrics, audits, run=run_name)
+        write_audits(run.metrics, audits, run=run_name, seconds=time.perf_counter() - t_audit)
         audit.append("privacy_audit", run=run_name, nodes=_audit_log(audits))
     audit.append("run_end", run=run_name, rounds=num_rounds, last_version=publisher.last_version)
     popularity = central.popularity if central is not None else None
