@@ -30,6 +30,7 @@ from flwr.clientapp import ClientApp
 
 from clients.audit_round import audit_node
 from clients.canaries import with_canaries
+from clients.canary_node import CanaryNode, canary_dir, is_canary_node
 from clients.guard import fault_mod, update_guard_mod
 from clients.local_round import train_round
 from clients.node import NodeData, NodeRefused, load_node, model_skeleton
@@ -186,12 +187,33 @@ def hello(msg: Message, node: NodeData, policy: NodePolicy, settings: RunSetting
     return Message(RecordDict({"node": info}), reply_to=msg)
 
 
+def _canary(kind: str, msg: Message, node_cfg: NodeSettings, settings: RunSettings) -> Message:
+    """A simulated canary node's answer (clients/canary_node.py): it holds no data."""
+    canary = CanaryNode(canary_dir(node_cfg, settings))
+    if kind == "train":
+        incoming = arrays_to_numpy(msg.content[wire.ARRAYS])
+        weights = canary.train(incoming, settings.federation.client_dp.clipping_norm)
+        return _train_reply(msg, weights, {wire.NUM_EXAMPLES: 1, "canary_node": 1})
+    if kind == "audit":
+        score = canary.score(arrays_to_numpy(msg.content[wire.ARRAYS]))
+        metrics = {"canary_node": 1, "canary_in": int(canary.included), "canary_score": score}
+        return Message(RecordDict({wire.METRICS: MetricRecord(metrics)}), reply_to=msg)
+    if kind == "hello":
+        info = {"name": canary.name, "dataset-id": canary.population_id, "evaluation": "decline", "audit": True,
+                "canary-node": True, "users": 0, "events": 0, "catalog-version": ""}  # fmt: skip
+        return Message(RecordDict({"node": ConfigRecord(info)}), reply_to=msg)
+    return refuse(msg, f"policy.evaluation: {canary.name} is a canary node and holds no data to evaluate")
+
+
 def _guarded(handler, fixed: dict[str, Any] | None, policy_of):
     """Validate the settings, load the node, and turn a refusal (bad data) into an error reply."""
+    kind = {local_train: "train", local_evaluate: "evaluate", hello: "hello", local_audit: "audit"}[handler]
 
     def run(msg: Message, context: Context) -> Message:
         settings = RunSettings.from_dict(unflatten(fixed if fixed is not None else dict(context.run_config)))
         node_cfg = NodeSettings.from_node_config(dict(context.node_config))
+        if is_canary_node(node_cfg, settings):
+            return _canary(kind, msg, node_cfg, settings)
         try:
             return handler(msg, load_node(node_cfg, settings), policy_of(context), settings)
         except NodeRefused as exc:

@@ -296,6 +296,13 @@ class SimulationSettings:
     num_cpus: int = 2
     cpus_per_node: float = 1.0
     gpus_per_node: float = 0.0
+    # Client-level audit (Andrew et al. 2024): canary nodes whose update is a random direction,
+    # each included with probability 1/2; only with federation.client_dp.enabled (clients/canary_node.py).
+    canary_nodes: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.canary_nodes, bool) or self.canary_nodes < 0 or self.canary_nodes == 1:
+            raise ValueError(f"simulation.canary_nodes must be 0 (off) or at least 2, not {self.canary_nodes}")
 
 
 @dataclass(frozen=True)
@@ -311,6 +318,7 @@ class SimSettings:
     catalog: str | None = None
     central_data: str | None = None
     num_nodes: int = 0
+    canary_nodes: int = 0  # the last canary_nodes of num_nodes are canary nodes (clients/canary_node.py)
     max_nodes_per_user: int | None = None
     mean_nodes_per_user: float | None = None
 

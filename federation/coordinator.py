@@ -53,6 +53,7 @@ class NodeInfo:
     events: int = 0
     evaluation: str = "decline"  # how the node's policy answers federated evaluation
     audit: bool = False  # whether the node's policy audits itself with canaries (never how many are in)
+    canary: bool = False  # a simulated canary node of the client-level audit (clients/canary_node.py): no data
 
 
 class RunRefused(RuntimeError):
@@ -127,6 +128,7 @@ def discover_nodes(grid: Grid, *, expected: int, timeout: float, wait: float = 1
             events=int(info["events"]),
             evaluation=str(info.get("evaluation", "decline")),
             audit=bool(info.get("audit", False)),
+            canary=bool(info.get("canary-node", False)),
         )
     return nodes
 
@@ -245,6 +247,7 @@ class Coordinator:
         # A node's policy may refuse federated evaluation (exact metrics are a query oracle);
         # when none answers it, the exchange is not worth a round trip.
         self._federated_eval = any(n.evaluation == "plain" for n in nodes.values())
+        self._canaries = {n.name for n in nodes.values() if n.canary}
 
     def _name(self, node_id: int) -> str:
         info = self.nodes.get(node_id)
@@ -355,7 +358,10 @@ class Coordinator:
                 if hasattr(listener, "on_round_start"):
                     listener.on_round_start(server_round)
             arrays, record = self.run_round(server_round, arrays)
-            if record.sampled and not record.aggregated and set(record.declined) == set(record.sampled):
+            # Canary nodes (simulation's client-level audit) hold no data: a round that only they
+            # answer is a refused round too.
+            real = {n for n in record.sampled if n not in self._canaries}
+            if real and set(record.declined) >= real:
                 # Every node said no (its policy, or its budget): no round can ever succeed,
                 # and nothing of this round is published.
                 reasons = sorted(set(record.declined.values()))

@@ -22,11 +22,20 @@ from flwr.serverapp import Grid
 from federation import wire
 from federation.coordinator import NodeInfo, exchange
 
-__all__ = ["collect_audits", "write_audits", "audit_section", "read_audits", "violations"]
+__all__ = [
+    "audit_section",
+    "client_level_audit",
+    "collect_audits",
+    "log_violations",
+    "read_audits",
+    "violations",
+    "write_audits",
+]
 
 log = logging.getLogger(__name__)
 
 AUDIT_KEY = "privacy_audit"  # the metrics.jsonl line that holds the nodes' results
+CLIENT_LEVEL = "client-level (canary nodes)"  # the pooled canary-node audit's row in the results
 
 
 def collect_audits(grid: Grid, nodes: dict[int, NodeInfo], arrays: ArrayRecord, *, timeout: float) -> dict[str, dict]:
@@ -52,7 +61,12 @@ def collect_audits(grid: Grid, nodes: dict[int, NodeInfo], arrays: ArrayRecord, 
     for name, r in sorted(out.items()):
         if "error" in r:
             log.warning("privacy audit: node %s gave no result: %s", name, r["error"])
-    for name, r in violations(out).items():
+    return out
+
+
+def log_violations(results: dict[str, dict]) -> None:
+    """An error in the log for every bound above its accountant's ε: the mechanism is broken there."""
+    for name, r in violations(results).items():
         log.error(
             "PRIVACY AUDIT FAILED at node %s: empirical epsilon >= %.3f exceeds the accountant's %.3f: the DP "
             "mechanism is broken; do not publish this model",
@@ -60,6 +74,38 @@ def collect_audits(grid: Grid, nodes: dict[int, NodeInfo], arrays: ArrayRecord, 
             r["epsilon_lower_bound"],
             r["epsilon"],
         )
+
+
+def client_level_audit(
+    results: dict[str, dict], *, epsilon: float, delta: float, confidence: float = 0.95
+) -> dict[str, dict]:
+    """``results`` with the canary nodes' replies pooled into one client-level audit row.
+
+    Each canary node replied with its score (the cosine of the run's change with its secret
+    direction) and its bit (clients/canary_node.py). The guesses are the k = max(1, c // 4)
+    highest and lowest scores of the c canary nodes; the bound is at the client-level δ, and
+    ``epsilon`` is the client-level accountant's, beside it.
+    """
+    from privacy.empirical_bound import audit
+
+    canaries = {n: r for n, r in results.items() if "canary_node" in r}
+    out = {n: r for n, r in results.items() if n not in canaries}
+    if len(canaries) < 2:
+        return out
+    names = sorted(canaries)
+    scores = [canaries[n]["canary_score"] for n in names]
+    bits = [bool(canaries[n]["canary_in"]) for n in names]
+    result = audit(scores, bits, max(1, len(names) // 4), delta=delta, confidence=confidence)
+    out[CLIENT_LEVEL] = {
+        "canaries": result.canaries,
+        "guesses": result.guesses,
+        "correct": result.correct,
+        "confidence": result.confidence,
+        "delta": result.delta,
+        "epsilon_lower_bound": result.epsilon_lower_bound,
+        "epsilon": epsilon,
+        "client_level": 1,
+    }
     return out
 
 
@@ -139,6 +185,14 @@ def audit_section(results: dict[str, dict]) -> str:
             f"| {name} | {canary} | {'∞ (no DP)' if not math.isfinite(eps) else f'{eps:.3f}'} | "
             f"{r['delta']:.2g} | {mia} |"
         )
+    if CLIENT_LEVEL in results:
+        lines += [
+            "",
+            f"*{CLIENT_LEVEL}*: {int(results[CLIENT_LEVEL].get('canaries', 0))} simulated nodes without data, each "
+            "included with probability ½, whose update is a step of the clipping norm along a secret random "
+            "direction (Andrew et al. 2024); scored by the cosine of the run's change with it. Its ε is the "
+            "client-level accountant's (unit: one node), at the client-level δ.",
+        ]
     if any("mia_auc" in r for r in results.values()):
         lines += [
             "",

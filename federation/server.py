@@ -23,7 +23,14 @@ from federation.aggregation import HolderFedAdam, HolderFedAvg, with_holders
 from federation.catalog import Catalog
 from federation.coordinator import Coordinator, RoundRecord, RunRefused, discover_nodes
 from federation.device import select_device
-from federation.empirical_audit import audit_section, collect_audits, read_audits, write_audits
+from federation.empirical_audit import (
+    audit_section,
+    client_level_audit,
+    collect_audits,
+    log_violations,
+    read_audits,
+    write_audits,
+)
 from federation.globalmodel import build_model, get_weights, set_weights
 from federation.outputs import (
     Checkpointer,
@@ -219,6 +226,8 @@ def run_server(grid: Grid, settings: RunSettings, *, listeners_extra=()) -> Arra
         privacy=privacy_summary(settings),
         audit=audit,
     )
+    cdp = client_dp_config(fed.client_dp)
+    client_dp = ClientDPAccountant(cdp, released_before=start) if cdp is not None else None
     central = None
     if fed.central_eval and sim.central_data:
         central = CentralEvaluator(catalog, Path(sim.central_data), settings)
@@ -235,7 +244,7 @@ def run_server(grid: Grid, settings: RunSettings, *, listeners_extra=()) -> Arra
         listeners=[
             publisher,
             AuditRecorder(audit, run_name),
-            *([ClientDPAccountant(cdp, released_before=start)] if (cdp := client_dp_config(fed.client_dp)) else []),
+            *([client_dp] if client_dp is not None else []),
             MetricsWriter(run),
             *listeners_extra,
             Checkpointer(run, keep_models=False),
@@ -257,6 +266,10 @@ def run_server(grid: Grid, settings: RunSettings, *, listeners_extra=()) -> Arra
     # The nodes' own privacy audits of the final model (those whose policy has canaries).
     t_audit = time.perf_counter()
     audits = collect_audits(grid, nodes, arrays, timeout=fed.round_timeout)
+    if client_dp is not None:  # the simulation's canary nodes, pooled into the client-level audit
+        eps = client_dp.config.epsilon(client_dp.released)
+        audits = client_level_audit(audits, epsilon=eps, delta=client_dp.config.delta)
+    log_violations(audits)
     if audits:
         write_audits(run.metrics, audits, run=run_name, seconds=time.perf_counter() - t_audit)
         audit.append("privacy_audit", run=run_name, nodes=_audit_log(audits))

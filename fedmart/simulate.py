@@ -70,12 +70,20 @@ def prepare(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     spread = np.bincount(pairs[0], minlength=data.interactions.num_users)
     (run_dir / "nodes.json").write_text(json.dumps(sizes, indent=1) + "\n")
     log.info("%d %s silos written to %s", len(part), cfg["partition"]["scheme"], nodes_dir)
+    canaries = settings.simulation.canary_nodes if settings.federation.client_dp.enabled else 0
+    if canaries:  # the client-level audit's canary nodes (clients/canary_node.py): no data
+        from clients.canary_node import write_canary_node_dir
+
+        for i in range(canaries):
+            write_canary_node_dir(node_dir_for(nodes_dir, len(part) + i), i)
+        log.info("%d canary nodes for the client-level audit", canaries)
     return {
         "run-dir": str(run_dir),
         "nodes-dir": str(nodes_dir),
         "catalog": str(catalog_path),
         "central-data": str(central),
-        "num-nodes": len(part),
+        "num-nodes": len(part) + canaries,
+        "canary-nodes": canaries,
         "max-nodes-per-user": int(spread.max()),
         "mean-nodes-per-user": float(spread.mean()),
     }

@@ -55,3 +55,20 @@ def test_the_audit_line_follows_the_rounds_and_round_readers_skip_it(tmp_path):
     rows = read_rows(path)
     assert rows[-1]["privacy_audit"]["Books"]["epsilon"] is None  # JSON has no infinity
     assert read_audits(rows)["Books"]["epsilon"] == math.inf
+
+
+def test_canary_nodes_are_pooled_into_one_client_level_audit():
+    from federation.empirical_audit import CLIENT_LEVEL, client_level_audit
+
+    # 8 canary nodes: the 4 included score highest, so k = 2 a side guesses all 4 right
+    nodes = {f"canary-node-{i:02d}": {"canary_node": 1.0, "canary_in": float(i < 4), "canary_score": 1.0 - i / 10}
+             for i in range(8)}  # fmt: skip
+    out = client_level_audit({**nodes, "Books": OK}, epsilon=2.0, delta=0.01)
+
+    assert set(out) == {"Books", CLIENT_LEVEL}
+    pooled = out[CLIENT_LEVEL]
+    assert (pooled["canaries"], pooled["guesses"], pooled["correct"]) == (8, 4, 4)
+    assert pooled["epsilon"] == 2.0 and pooled["delta"] == 0.01
+    # 4 of 4 right: p^4 <= 0.05 needs p >= 0.473, below 1/2: no epsilon >= 0 is rejected
+    assert pooled["epsilon_lower_bound"] == 0.0
+    assert "*client-level (canary nodes)*: 8 simulated nodes" in audit_section(out)

@@ -230,18 +230,33 @@ def test_client_level_dp_composes_with_dp_sgd_and_secure_aggregation(tmp_path, s
         "federation.client_dp.clipping_norm=0.05",
         "federation.client_dp.noise_multiplier=0.8",
         "federation.client_dp.delta=0.01",
+        # the client-level audit: 4 canary nodes (no data), through secure aggregation like the others
+        "privacy_audit=on",
+        "node.audit.canaries=0",
+        "simulation.canary_nodes=4",
     )
     rows = _metrics(run)
     assert [r["aggregated"] for r in rows] == [True, True]
     config = ClientDPConfig(noise_multiplier=0.8, clipping_norm=0.05, delta=0.01)
+    canaries = {f"canary-node-{i:02d}" for i in range(4)}
     for i, r in enumerate(rows, start=1):
         assert r["train_metrics"]["client_dp_epsilon"] == pytest.approx(config.epsilon(i))
-        for m in r["node_metrics"].values():
-            assert m["num-examples"] == 1 and m["users_trained"] > 1  # every node weighs the same
-            assert m["epsilon"] > 0  # the users' DP-SGD guarantee is still there, reported apart
+        assert set(r["replied"]) >= canaries and len(r["replied"]) == 7
+        for name, m in r["node_metrics"].items():
+            assert m["num-examples"] == 1  # every node weighs the same, canary nodes too
+            if name not in canaries:
+                assert m["users_trained"] > 1
+                assert m["epsilon"] > 0  # the users' DP-SGD guarantee is still there, reported apart
     assert rows[1]["train_metrics"]["client_dp_epsilon"] > rows[0]["train_metrics"]["client_dp_epsilon"]
     report = (run / "report.md").read_text()
     assert "### Client-level DP (second layer)" in report and "one whole node" in report
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["privacy_audit"]
+    pooled = last["client-level (canary nodes)"]
+    assert set(last) == {"client-level (canary nodes)"}  # the real nodes do not audit themselves here
+    assert pooled["canaries"] == 4 and pooled["guesses"] == 2
+    assert pooled["epsilon"] == pytest.approx(config.epsilon(2)) and pooled["delta"] == 0.01
+    assert 0.0 <= pooled["epsilon_lower_bound"] <= pooled["epsilon"]
+    assert "*client-level (canary nodes)*: 4 simulated nodes without data" in report
 
 
 def test_every_node_audits_itself_and_the_report_shows_it(runs):
