@@ -178,14 +178,15 @@ def csprng_sample(population: list[int], n: int) -> list[int]:
     return pool[:n]
 
 
-_WITH: dict[tuple[int, int, int, int], NodeData] = {}
+_WITH: dict[tuple, NodeData] = {}
 
 
 def with_canaries(node: NodeData, policy: AuditPolicy, max_len: int) -> NodeData:
     """``node`` with its included canaries added as users (cached per process); ``node`` itself is unchanged."""
     if not policy.enabled:
         return node
-    key = (id(node), policy.canaries, policy.holdout, max_len)
+    # The node's identity, not id(node): a collected NodeData's id can be reused by another.
+    key = (str(node.directory), node.name, node.dataset_id, policy.canaries, policy.holdout, max_len)
     if key in _WITH:
         return _WITH[key]
     inter = node.interactions
