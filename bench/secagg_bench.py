@@ -11,7 +11,7 @@ vectorised add, so the numbers are the cost of the round's protocol, not of lear
 ``flower-secagg+``   Flower's SecAgg+ (``SecAggPlusWorkflow`` + ``secaggplus_mod``) on that path;
 ``fedmart``          ``SecAggStrategy(FedAvg)`` + ``secagg_mod`` (``privacy/secagg``), semi-honest mode;
 ``fedmart-active``   the same in the active-adversary mode (the default of ``fedmart simulate``):
-                     each node holds an in-memory roster identity (``in_memory_identities``),
+                     each node holds a roster identity (the seed-derived demo roster of ``flwr run .``),
                      signs its keys, checks its peers', a threshold above 2n/3;
 ``fedmart-nopipe``   the same with ``pipeline=False`` (a separate share-keys exchange every round);
 ``none-echo``        ``none`` plus one exchange of empty messages with every node after the
@@ -183,13 +183,23 @@ def run_arm(
         from flwr.serverapp.strategy import FedAvg
 
         from privacy.secagg import SecAggConfig, SecAggStrategy, secagg_mod
-        from privacy.secagg.identity import in_memory_identities
         from privacy.secagg.mod import make_secagg_mod
 
         mod = secagg_mod
-        if arm == "fedmart-active":  # each node's own roster identity (on disk in a real node)
-            identities = in_memory_identities(list(range(nodes)))
-            mod = make_secagg_mod(lambda ctxt: identities[int(ctxt.node_config["partition-id"])])
+        if arm == "fedmart-active":
+            # Each node's roster identity, made in the node's own process (keys do not pickle to
+            # Ray's actors): `flwr run .`'s demo roster, derived from a seed, cached per actor.
+            from clients.node_policy import demo_identity
+
+            cache: dict = {}
+
+            def identity_of(ctxt: Context):
+                pid = int(ctxt.node_config["partition-id"])
+                if pid not in cache:
+                    cache[pid] = demo_identity(0, nodes, pid, "active")
+                return cache[pid]
+
+            mod = make_secagg_mod(identity_of)
         client = ClientApp(mods=[mod] if arm.startswith("fedmart") else [])
 
         @client.train()
