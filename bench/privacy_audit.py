@@ -32,7 +32,9 @@ from fedmart.sweep import job_row
 from privacy.empirical_bound import epsilon_lower_bound
 
 ROOT = Path(__file__).resolve().parents[1]
-AUDIT = ["privacy_audit=on", "node.audit.canaries=1000", "node.audit.holdout=500"]
+# The membership AUC leaves a node only where its policy answers exact metrics (evaluation: plain);
+# the experiment asks for no federated evaluation (fraction_evaluate 0), so nothing else changes.
+AUDIT = ["privacy_audit=on", "node.audit.canaries=1000", "node.audit.holdout=500", "node.evaluation=plain"]
 
 
 def _run(args: list[str], run_dir: Path) -> float:
@@ -55,9 +57,11 @@ def _audits(run_dir: Path) -> dict[str, dict]:
 
 
 def summarise(run_dir: Path, confidence: float = 0.95) -> dict:
-    audits = {n: a for n, a in _audits(run_dir).items() if "error" not in a}
+    # user-level rows only: a client-level (canary nodes) row has another unit of privacy
+    audits = {n: a for n, a in _audits(run_dir).items() if "error" not in a and "client_level" not in a}
     row = job_row(run_dir) or {}
     bounds = [a["epsilon_lower_bound"] for a in audits.values()]
+    aucs = [a["mia_auc"] for a in audits.values() if "mia_auc" in a]
     m = sum(int(a["canaries"]) for a in audits.values())
     r = sum(int(a["guesses"]) for a in audits.values())
     v = sum(int(a["correct"]) for a in audits.values())
@@ -71,10 +75,8 @@ def summarise(run_dir: Path, confidence: float = 0.95) -> dict:
         "correct": v,
         "guesses": r,
         "pooled_bound": epsilon_lower_bound(m, r, v, delta, confidence) if r else None,
-        "mia_auc_median": statistics.median(a["mia_auc"] for a in audits.values()) if audits else None,
-        "mia_auc_range": [min(a["mia_auc"] for a in audits.values()), max(a["mia_auc"] for a in audits.values())]
-        if audits
-        else None,
+        "mia_auc_median": statistics.median(aucs) if aucs else None,
+        "mia_auc_range": [min(aucs), max(aucs)] if aucs else None,
         "test_ndcg@10": row.get("test_ndcg@10"),
         "audit_seconds": _audit_row(run_dir).get("seconds"),  # the query.audit exchange after the last round
         "per_node": audits,
@@ -128,7 +130,7 @@ def _plot(table: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     xs = [float(t["target_epsilon"]) for t in private]
     ax.plot(xs, xs, color="grey", linestyle="--", label="accountant ε (upper bound)")
-    ax.plot(xs, [t["bound_max"] for t in private], marker="o", label="empirical lower bound (max node, 95%)")
+    ax.plot(xs, [t["bound_max"] for t in private], marker="o", label="empirical lower bound (max node, 95% per node)")
     ax.plot(xs, [t["pooled_bound"] for t in private], marker="s", label="pooled over nodes (95%)")
     for t in table:
         if t["target_epsilon"] == "inf":

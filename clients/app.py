@@ -167,6 +167,12 @@ def local_audit(msg: Message, node: NodeData, policy: NodePolicy, settings: RunS
         result = audit_node(node, policy, settings, arrays_to_numpy(msg.content[wire.ARRAYS]))
     except ValueError as exc:
         return refuse(msg, f"policy.audit: node {node.name}: {exc}")
+    if "mia_auc" in result and policy.evaluation != "plain":
+        # An exact statistic of real users' losses, for weights the coordinator picks: the same
+        # query oracle as plain evaluation, so it leaves the node only where its policy allows that.
+        log.info("node %s: membership AUC %.4f (kept on the node: evaluation %s)", node.name,
+                 result.pop("mia_auc"), policy.evaluation)  # fmt: skip
+        result.pop("mia_users", None)
     metrics = {k: v for k, v in result.items() if isinstance(v, int | float)}
     return Message(RecordDict({wire.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
@@ -195,6 +201,8 @@ def _canary(kind: str, msg: Message, node_cfg: NodeSettings, settings: RunSettin
         weights = canary.train(incoming, settings.federation.client_dp.clipping_norm)
         return _train_reply(msg, weights, {wire.NUM_EXAMPLES: 1, "canary_node": 1})
     if kind == "audit":
+        if not canary.trained:
+            return refuse(msg, f"policy.audit: {canary.name} was never sampled: no reference model to score against")
         score = canary.score(arrays_to_numpy(msg.content[wire.ARRAYS]))
         metrics = {"canary_node": 1, "canary_in": int(canary.included), "canary_score": score}
         return Message(RecordDict({wire.METRICS: MetricRecord(metrics)}), reply_to=msg)

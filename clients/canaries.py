@@ -73,21 +73,18 @@ class CanarySet:
 
 
 def canary_items(node: NodeData) -> np.ndarray:
-    """The items a canary may use: the node's own, inside its DP holder set when it has one.
+    """The items a canary may use: the node's DP holder set, which is public.
 
     Under DP a department node speaks only for its department's catalog items
-    (:func:`clients.release.item_holders`); a canary made of other items would have its rows
-    reset before release and could never be detected. Without a department, the items of the
-    node's own data.
+    (:func:`clients.release.item_holders`): a canary made of other items would have its rows
+    reset before release and could never be detected. Any other node speaks for every item.
+    Never the items its users touched: that set depends on private data, and one user could
+    then change every canary.
     """
-    own = np.unique(node.split.train.items)
-    own = own[own > 0]
     dept = np.asarray(node.catalog.department).astype(str) == node.name
     if dept.any():
-        in_dept = own[dept[own - 1]]
-        if len(in_dept):
-            return in_dept
-    return own
+        return np.flatnonzero(dept).astype(np.int64) + 1  # 1-based model indices
+    return np.arange(1, len(node.catalog.item_id) + 1, dtype=np.int64)
 
 
 def _draw(pool: np.ndarray, m: int, length: int) -> CanarySet:
@@ -119,6 +116,12 @@ def load_canaries(node: NodeData, policy: AuditPolicy, max_len: int) -> CanarySe
     if path.is_file():
         with np.load(path, allow_pickle=False) as z:
             found = CanarySet(sequences=z["sequences"], included=z["included"].astype(bool))
+        if found.sequences.shape[1] != max_len + 3:
+            raise ValueError(
+                f"{path} holds canaries of {found.sequences.shape[1]} items but data.max_len {max_len} needs "
+                f"{max_len + 3}; run with data.max_len={found.sequences.shape[1] - 3}, or delete the file to draw "
+                "new ones (only for a new population)"
+            )
         if found.m != policy.canaries:
             raise ValueError(
                 f"{path} holds {found.m} canaries but the node's policy asks for {policy.canaries}; keep "

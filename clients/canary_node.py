@@ -110,6 +110,11 @@ class CanaryNode:
             out[wire.ITEM_HOLDERS] = np.ones_like(incoming[wire.ITEM_HOLDERS])
         return out
 
+    @property
+    def trained(self) -> bool:
+        """Whether it has seen a global model (a canary node never sampled has nothing to score)."""
+        return (self.state_dir / _INITIAL).is_file()
+
     def score(self, final: dict[str, np.ndarray]) -> float:
         """Cosine between the run's total change ``final − initial`` and this node's direction."""
         with np.load(self.state_dir / _INITIAL, allow_pickle=False) as z:

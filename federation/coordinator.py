@@ -312,6 +312,9 @@ class Coordinator:
         replies = exchange(self.grid, messages, timeout=self.round_timeout) if messages else []
         t2 = time.perf_counter()
         valid = self._triage(record, messages, replies, arrays)
+        if self._canaries and all(self._name(m.metadata.src_node_id) in self._canaries for m in valid):
+            # Only the client-level audit's canary nodes (no data) answered: nothing to publish.
+            valid = []
         new_arrays, train_metrics = (None, None)
         if valid:
             new_arrays, train_metrics = self.strategy.aggregate_train(server_round, valid)

@@ -71,6 +71,10 @@ def prepare(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     (run_dir / "nodes.json").write_text(json.dumps(sizes, indent=1) + "\n")
     log.info("%d %s silos written to %s", len(part), cfg["partition"]["scheme"], nodes_dir)
     canaries = settings.simulation.canary_nodes if settings.federation.client_dp.enabled else 0
+    if canaries and not settings.secagg.enabled:
+        # A canary node's reply must look like any node's to the coordinator: only the secure sum does that.
+        log.warning("no canary nodes: the client-level audit needs secure aggregation (secagg=on)")
+        canaries = 0
     if canaries:  # the client-level audit's canary nodes (clients/canary_node.py): no data
         from clients.canary_node import write_canary_node_dir
 

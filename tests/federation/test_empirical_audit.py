@@ -69,6 +69,7 @@ def test_canary_nodes_are_pooled_into_one_client_level_audit():
     pooled = out[CLIENT_LEVEL]
     assert (pooled["canaries"], pooled["guesses"], pooled["correct"]) == (8, 4, 4)
     assert pooled["epsilon"] == 2.0 and pooled["delta"] == 0.01
-    # 4 of 4 right: p^4 <= 0.05 needs p >= 0.473, below 1/2: no epsilon >= 0 is rejected
+    # 4 of 4 right: rejecting needs p^4 <= 0.05, i.e. p <= 0.473, but p = e^eps/(1+e^eps) >= 1/2 for
+    # every eps >= 0: nothing is rejected
     assert pooled["epsilon_lower_bound"] == 0.0
     assert "*client-level (canary nodes)*: 8 simulated nodes" in audit_section(out)

@@ -268,6 +268,8 @@ def test_every_node_audits_itself_and_the_report_shows_it(runs):
     for name, a in audits.items():
         assert a["canaries"] == 40 and a["guesses"] == 20 and 0 <= a["correct"] <= 20
         assert a["epsilon"] == pytest.approx(spent[name])  # the accountant's epsilon beside the bound
+        # (20 guesses cannot give more than 1.8 against an epsilon of ~8: this checks the plumbing;
+        # whether a bound can catch a broken mechanism is tests/clients/test_canary_audit.py)
         assert 0.0 <= a["epsilon_lower_bound"] <= a["epsilon"]
     report = (run / "report.md").read_text()
     assert "## Empirical privacy audit" in report and "WARNING" not in report
