@@ -26,6 +26,7 @@ __all__ = [
     "audit_section",
     "client_level_audit",
     "collect_audits",
+    "jsonable",
     "log_violations",
     "read_audits",
     "violations",
@@ -118,7 +119,7 @@ def violations(results: dict[str, dict]) -> dict[str, dict]:
     }
 
 
-def _jsonable(results: dict[str, dict]) -> dict[str, dict]:
+def jsonable(results: dict[str, dict]) -> dict[str, dict]:
     # JSON has no infinity: a node without a DP spend reports epsilon = inf, written as null.
     return {n: {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
             for n, r in results.items()}  # fmt: skip
@@ -130,7 +131,7 @@ def write_audits(metrics_path: Path, results: dict[str, dict], *, run: str, seco
     ``seconds``: the audit's wall time on the coordinator (sending the model, the nodes'
     scoring, the replies), which is what the audit adds to a run.
     """
-    row: dict[str, Any] = {AUDIT_KEY: _jsonable(results), "run": run}
+    row: dict[str, Any] = {AUDIT_KEY: jsonable(results), "run": run}
     if seconds is not None:
         row["seconds"] = seconds
     with metrics_path.open("a") as f:

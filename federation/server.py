@@ -27,6 +27,7 @@ from federation.empirical_audit import (
     audit_section,
     client_level_audit,
     collect_audits,
+    jsonable,
     log_violations,
     read_audits,
     write_audits,
@@ -272,7 +273,7 @@ def run_server(grid: Grid, settings: RunSettings, *, listeners_extra=()) -> Arra
     log_violations(audits)
     if audits:
         write_audits(run.metrics, audits, run=run_name, seconds=time.perf_counter() - t_audit)
-        audit.append("privacy_audit", run=run_name, nodes=_audit_log(audits))
+        audit.append("privacy_audit", run=run_name, nodes=jsonable(audits))
     audit.append("run_end", run=run_name, rounds=num_rounds, last_version=publisher.last_version)
     popularity = central.popularity if central is not None else None
     finish_run(run, settings, nodes_count=len(nodes), seconds=time.time() - t_start, popularity=popularity)
@@ -347,12 +348,6 @@ def finish_run(
 
     section = privacy_section(settings, read_metrics(run.metrics)) + audit_section(read_audits(read_rows(run.metrics)))
     write_report(run, "fedmart federated run", summary, section)
-
-
-def _audit_log(audits: dict[str, dict]) -> dict[str, dict]:
-    """The audit results as the signed audit log takes them (JSON: no infinity)."""
-    return {n: {k: (None if isinstance(v, float) and v == float("inf") else v) for k, v in r.items()}
-            for n, r in audits.items()}  # fmt: skip
 
 
 def _catalog(settings: RunSettings) -> Catalog:

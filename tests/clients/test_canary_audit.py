@@ -178,3 +178,23 @@ def test_included_canaries_train_but_do_not_shift_delta_or_the_reported_users(no
     assert result.metrics is not None and result.metrics["users_trained"] == len(node.train_dataset(20))
     ledger = PrivacyLedger(node.state_dir / "privacy-ledger.json", population_id=node.population_id)
     assert ledger.pinned_delta == pytest.approx(policy_delta(PRIVATE, node.real_users))
+
+
+# ---- what a coordinator can ask through query.audit ---------------------------------------------
+
+
+def test_a_coordinators_audit_query_gets_no_real_user_statistic_unless_the_policy_allows_it(
+    node, settings, train_message
+):
+    from clients.app import local_audit
+
+    model = build_model(node.catalog, settings.model, settings.data.max_len, seed=0)
+    msg = train_message(get_weights(model), message_type="query.audit")  # any weights the coordinator picks
+    holdout = dataclasses.replace(AUDIT, holdout=40)
+
+    declined = local_audit(msg, node, NodePolicy(), settings)  # no canaries: nothing to audit
+    assert declined.has_error() and "policy.audit" in declined.error.reason
+    kept = local_audit(msg, node, dataclasses.replace(PRIVATE, audit=holdout), settings).content[wire.METRICS]
+    assert "mia_auc" not in kept and kept["guesses"] == 100  # evaluation: decline keeps the AUC on the node
+    shown = local_audit(msg, node, dataclasses.replace(OPEN, audit=holdout), settings).content[wire.METRICS]
+    assert 0.0 <= shown["mia_auc"] <= 1.0 and shown["mia_users"] == 40  # evaluation: plain answers it
