@@ -12,7 +12,7 @@ vectorised add, so the numbers are the cost of the round's protocol, not of lear
 ``fedmart``          ``SecAggStrategy(FedAvg)`` + ``secagg_mod`` (``privacy/secagg``), semi-honest mode;
 ``fedmart-active``   the same in the active-adversary mode (the default of ``fedmart simulate``):
                      each node holds a roster identity (the seed-derived demo roster of ``flwr run .``),
-                     signs its keys, checks its peers', a threshold above 2n/3;
+                     authenticates its keys to its peers, checks theirs, a threshold above 2n/3;
 ``fedmart-nopipe``   the same with ``pipeline=False`` (a separate share-keys exchange every round);
 ``none-echo``        ``none`` plus one exchange of empty messages with every node after the
                      aggregation (polled like fedmart's unmask stage): the engine's price of

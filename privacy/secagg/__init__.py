@@ -11,7 +11,7 @@ The protocol
 Bonawitz et al., "Practical Secure Aggregation for Privacy-Preserving Machine Learning"
 (CCS 2017), with the sparse neighbour graph of Bell et al., "Secure Single-Server Aggregation
 with (Poly)Logarithmic Overhead" (CCS 2020). Two modes (``SecAggConfig.adversary``): ``active``
-(the default) withstands a coordinator that lies, with Bonawitz et al.'s signed keys and
+(the default) withstands a coordinator that lies, with Bonawitz et al.'s authenticated keys and
 consistency check against a roster of the members' keys (``roster``, ``statements``,
 ``active_checks``, ``identity``, ``seen_sessions``); ``semi-honest`` an honest-but-curious one.
 

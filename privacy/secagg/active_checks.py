@@ -8,8 +8,10 @@ of its members collude with the coordinator (docs/secagg.md states the argument)
   this node; its neighbourhood and the threshold reach ``floor(2n/3) + 1`` of the roster's
   ``n`` members whatever the coordinator asked; every neighbour's channel key is signed by a
   distinct roster member;
-* before masking: every neighbour's session keys are signed by that member for this session,
-  round and index, and the U2 the node is shown lists its own nonce and its neighbours' as signed;
+* before masking: every neighbour's session keys (mask key, commitment, nonce) are the ones that
+  member sent this node for this session, round and index (its shares authenticate them:
+  :func:`~privacy.secagg.key_agreement.keys_aad`), and the U2 the node is shown lists its own
+  nonce and its neighbours' as authenticated;
 * before revealing: at least ``t`` members signed the survivor set it is shown (members of that
   set, bound to their indices by the session id), and the node itself signed that set (it signs
   at most one set besides U2).
@@ -25,7 +27,7 @@ from privacy.secagg.stage_messages import ShareKeysRequest
 from privacy.secagg.statements import NONCE_BYTES, keys_statement, session_id, survivors_statement
 from privacy.secagg.wire import ACTIVE
 
-__all__ = ["check_session_start", "check_signed_keys", "count_signatures"]
+__all__ = ["check_session_keys", "check_session_start", "count_signatures"]
 
 
 def check_session_start(request: ShareKeysRequest, identity: NodeIdentity | None) -> dict[int, str]:
@@ -69,7 +71,7 @@ def check_session_start(request: ShareKeysRequest, identity: NodeIdentity | None
     return fps
 
 
-def check_signed_keys(
+def check_session_keys(
     *,
     identity: NodeIdentity,
     session: bytes,
@@ -81,25 +83,23 @@ def check_signed_keys(
     s_pks: Mapping[int, bytes],
     commitments: Mapping[int, bytes],
     nonces: Mapping[int, bytes],
-    signatures: Mapping[int, bytes],
     members: Mapping[int, tuple[str, bytes]],
-) -> bytes:
-    """Before a node masks: each neighbour's signed session keys, and the U2 it is shown; returns the session id.
+) -> tuple[bytes, dict[int, bytes]]:
+    """Before a node masks: the U2 it is shown; returns the session id and each neighbour's keys statement.
 
     ``peers`` maps a neighbour to (roster fingerprint, channel key) as checked at share-keys;
-    ``members`` is U2 as index -> (fingerprint, nonce).
+    ``members`` is U2 as index -> (fingerprint, nonce). The statements are what each neighbour's
+    shares must authenticate (:func:`privacy.secagg.key_agreement.keys_aad`): the caller refuses
+    the stage if a neighbour's shares do not decrypt under them, so a substituted mask key,
+    commitment or nonce is refused before the node trains.
     """
+    statements = {}
     for v, s_pk in s_pks.items():
         fp, c_pk = peers[v]
-        nonce_v, commit_v, sig_v = nonces.get(v, b""), commitments.get(v, b""), signatures.get(v, b"")
+        nonce_v, commit_v = nonces.get(v, b""), commitments.get(v, b"")
         if len(nonce_v) != NONCE_BYTES or len(commit_v) != 32:
             raise ValueError(f"neighbour {v}'s session keys come without their nonce or commitment")
-        statement = keys_statement(session, server_round, v, fp, c_pk, s_pk, commit_v, nonce_v)
-        if not identity.roster.verify(fp, statement, sig_v):
-            raise ValueError(
-                f"neighbour {v}'s mask key is not signed by roster member {fp} for this session and round "
-                "(substituted or replayed keys)"
-            )
+        statements[v] = keys_statement(session, server_round, v, fp, c_pk, s_pk, commit_v, nonce_v)
     if members.get(index) != (identity.fingerprint, nonce):
         raise ValueError("the U2 this node is shown does not hold its own nonce: not this session")
     if {v for v in members if v in neighbours} != set(s_pks):
@@ -110,7 +110,7 @@ def check_signed_keys(
     fps = [fp for fp, _ in members.values()]
     if len(set(fps)) != len(fps) or not all(fp in identity.roster for fp in fps):
         raise ValueError("the U2 this node is shown lists a non-member, or a member twice")
-    return session_id(session, server_round, members)
+    return session_id(session, server_round, members), statements
 
 
 def count_signatures(

@@ -26,6 +26,7 @@ __all__ = [
     "channel_keys",
     "pair_seeds",
     "commitment",
+    "keys_aad",
     "share_aad",
     "mask_sign",
 ]
@@ -65,6 +66,18 @@ def share_aad(session: bytes, server_round: int, src: int, dst: int) -> bytes:
     A share cannot be replayed to another node, into another session, or into another round.
     """
     return session + server_round.to_bytes(8, "big") + src.to_bytes(4, "big") + dst.to_bytes(4, "big")
+
+
+def keys_aad(session: bytes, server_round: int, src: int, dst: int, keys: bytes) -> bytes:
+    """Associated data of the shares ``src`` sends ``dst`` in the active mode: :func:`share_aad` + H(keys).
+
+    ``keys`` is ``src``'s keys statement (:func:`privacy.secagg.statements.keys_statement`: its
+    member fingerprint, channel key, mask key, commitment and nonce for this session and round).
+    Only ``src`` and ``dst`` hold the channel key (both channel keys are roster-certified), so a
+    share that decrypts at ``dst`` proves that ``src`` sent exactly these keys to ``dst``: the
+    coordinator cannot substitute them, and no roster signature is needed for it.
+    """
+    return share_aad(session, server_round, src, dst) + sha256(keys)
 
 
 def mask_sign(u: int, v: int) -> int:

@@ -197,8 +197,8 @@ def _share_keys(ctxt: Context, record: ConfigRecord, identity: NodeIdentity | No
         wire.DESTINATIONS: dsts,
         wire.CIPHERTEXTS: [reply.ciphertexts[v] for v in dsts],
     }
-    if reply.signature:
-        out |= {wire.NONCE: reply.nonce, wire.SIGNATURE: reply.signature}
+    if reply.nonce:  # active mode
+        out[wire.NONCE] = reply.nonce
     return out
 
 
@@ -221,7 +221,6 @@ def _mask_request(record: ConfigRecord, session: bytes) -> MaskRequest:
         ciphertexts=per_source(wire.CIPHERTEXTS),
         commitments=per_source(wire.COMMITMENTS),
         nonces=per_source(wire.NONCES),
-        signatures=per_source(wire.SIGNATURES),
         members={v: (fp, nonce) for v, fp, nonce in members},
     )
 

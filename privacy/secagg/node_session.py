@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from privacy.secagg.active_checks import check_session_start, check_signed_keys, count_signatures
+from privacy.secagg.active_checks import check_session_keys, check_session_start, count_signatures
 from privacy.secagg.crypto import SEED_BYTES, add_masks, aead_decrypt, aead_encrypt, x25519_keypair, x25519_public_key
 from privacy.secagg.identity import NodeIdentity
 from privacy.secagg.key_agreement import (
@@ -32,6 +32,7 @@ from privacy.secagg.key_agreement import (
     SHARE_BYTES,
     channel_keys,
     commitment,
+    keys_aad,
     mask_sign,
     pair_seeds,
     share_aad,
@@ -112,8 +113,18 @@ class NodeSession:
         sk_shares = split_secret(s_sk, t, xs)
         keys = channel_keys(c_sk, [request.neighbours[v] for v in holders], request.session)
         r = request.server_round
+        commit = commitment(request.session, b)
+        nonce, statement = b"", b""
+        if request.adversary == ACTIVE:
+            assert identity is not None  # check_session_start refused otherwise
+            nonce = os.urandom(NONCE_BYTES)
+            statement = keys_statement(request.session, r, me, identity.fingerprint, c_pk, s_pk, commit, nonce)
+
+        def aad(v: int) -> bytes:  # active: the shares to v also authenticate this node's keys to v
+            return keys_aad(request.session, r, me, v, statement) if statement else share_aad(request.session, r, me, v)
+
         ciphertexts = {
-            v: aead_encrypt(key, b_share + sk_share, share_aad(request.session, r, me, v))
+            v: aead_encrypt(key, b_share + sk_share, aad(v))
             for v, key, b_share, sk_share in zip(holders, keys, b_shares[1:], sk_shares[1:], strict=True)
         }
         node = cls(
@@ -130,15 +141,11 @@ class NodeSession:
             server_round=r,
             adversary=request.adversary,
         )
-        reply = ShareKeysReply(s_pk=s_pk, commitment=commitment(request.session, b), ciphertexts=ciphertexts)
+        reply = ShareKeysReply(s_pk=s_pk, commitment=commit, ciphertexts=ciphertexts, nonce=nonce)
         if node.active:
-            assert identity is not None  # check_session_start refused otherwise
-            node.nonce = os.urandom(NONCE_BYTES)
+            assert identity is not None
+            node.nonce = nonce
             node.peers = {v: (fingerprints[v], request.neighbours[v]) for v in holders}
-            statement = keys_statement(
-                request.session, r, me, identity.fingerprint, c_pk, s_pk, reply.commitment, node.nonce
-            )
-            reply = ShareKeysReply(s_pk, reply.commitment, ciphertexts, node.nonce, identity.key.sign(statement))
             identity.seen.add(request.session)  # from now on this session id is refused here
         return node, reply
 
@@ -159,8 +166,9 @@ class NodeSession:
         s_pks = [request.neighbour_s_pks[v] for v in peers]
         if len(set(s_pks)) != len(s_pks) or self.s_pk in s_pks:
             raise ValueError("neighbours' mask keys are not distinct")
+        statements: dict[int, bytes] = {}
         if self.active:
-            self.sid = check_signed_keys(
+            self.sid, statements = check_session_keys(
                 identity=self._identity(identity),
                 session=self.session,
                 server_round=self.server_round,
@@ -171,16 +179,27 @@ class NodeSession:
                 s_pks=request.neighbour_s_pks,
                 commitments=request.commitments,
                 nonces=request.nonces,
-                signatures=request.signatures,
                 members=request.members,
             )
         for v in peers:
-            aad = share_aad(self.session, self.server_round, v, self.index)
-            plain = aead_decrypt(self.channel_keys[v], request.ciphertexts[v], aad)
+            plain = self._decrypt_shares(v, request.ciphertexts[v], statements.get(v, b""))
             if len(plain) != 2 * SHARE_BYTES:
                 raise ValueError(f"malformed share pair from node {v}")
             self.held_b[v], self.held_sk[v] = plain[:SHARE_BYTES], plain[SHARE_BYTES:]
         self._prepared = request
+
+    def _decrypt_shares(self, v: int, blob: bytes, statement: bytes) -> bytes:
+        """Neighbour ``v``'s shares for this node; in the active mode they must authenticate ``statement``."""
+        key, r = self.channel_keys[v], self.server_round
+        if not statement:
+            return aead_decrypt(key, blob, share_aad(self.session, r, v, self.index))
+        try:
+            return aead_decrypt(key, blob, keys_aad(self.session, r, v, self.index, statement))
+        except ValueError as err:
+            raise ValueError(
+                f"neighbour {v}'s shares do not authenticate the mask key, commitment and nonce this node was "
+                "sent for it (substituted or replayed keys or shares)"
+            ) from err
 
     def mask(
         self, request: MaskRequest, x: np.ndarray, *, in_place: bool = False, identity: NodeIdentity | None = None

@@ -55,7 +55,7 @@ class ServerSession:
     rng : random.Random, optional
         Source for the graph's permutation; a CSPRNG by default.
     server_round : int
-        The round, bound into the shares' associated data and the signed keys.
+        The round, bound into the shares' associated data (and, active, their keys statement).
     adversary : {"semi-honest", "active"}
         The active mode raises the threshold to ``floor(2n/3) + 1`` of the ``roster_size``
         members and a sparse graph's degree to the matching minimum (what the nodes enforce),
@@ -150,7 +150,7 @@ class ServerSession:
                 and len(r.s_pk) == KEY_BYTES
                 and len(r.commitment) == 32
                 and r.s_pk not in seen
-                and (not self.active or (len(r.nonce) == NONCE_BYTES and len(r.signature) == 64))
+                and (not self.active or len(r.nonce) == NONCE_BYTES)
             ):
                 ok[u] = r
                 seen.add(r.s_pk)
@@ -179,7 +179,6 @@ class ServerSession:
                 ciphertexts={v: r[v].ciphertexts[u] for v in peers},
                 commitments={v: r[v].commitment for v in peers} if self.active else {},
                 nonces={v: r[v].nonce for v in peers} if self.active else {},
-                signatures={v: r[v].signature for v in peers} if self.active else {},
                 members=members,
             )
         return out

@@ -52,22 +52,24 @@ class ShareKeysRequest:
 class ShareKeysReply:
     """Node -> coordinator: mask public key, self-mask commitment, encrypted shares per neighbour.
 
-    In the active mode also the node's nonce and its roster signature on its session keys.
+    In the active mode also the node's nonce. Its session keys are authenticated to each
+    neighbour by the shares it sends that neighbour (their AEAD's associated data is the keys
+    statement, :func:`privacy.secagg.key_agreement.keys_aad`), not by a roster signature.
     """
 
     s_pk: bytes
     commitment: bytes
     ciphertexts: Mapping[int, bytes]
     nonce: bytes = b""
-    signature: bytes = b""
 
 
 @dataclass(frozen=True)
 class MaskRequest:
     """Coordinator -> node: mask keys of the neighbours still in, and their ciphertexts for it.
 
-    In the active mode also each neighbour's commitment and signed session keys, and ``members``:
-    every node of U2 as index -> (roster fingerprint, nonce), which the session id hashes.
+    In the active mode also each neighbour's commitment and nonce (which its ciphertext
+    authenticates), and ``members``: every node of U2 as index -> (roster fingerprint, nonce),
+    which the session id hashes.
     """
 
     session: bytes
@@ -75,7 +77,6 @@ class MaskRequest:
     ciphertexts: Mapping[int, bytes]
     commitments: Mapping[int, bytes] = field(default_factory=dict)
     nonces: Mapping[int, bytes] = field(default_factory=dict)
-    signatures: Mapping[int, bytes] = field(default_factory=dict)
     members: Mapping[int, tuple[str, bytes]] = field(default_factory=dict)
 
 

@@ -69,7 +69,6 @@ def masked_input_record(
         {
             wire.COMMITMENTS: [request.commitments[v] for v in sources],
             wire.NONCES: [request.nonces[v] for v in sources],
-            wire.SIGNATURES: [request.signatures[v] for v in sources],
             wire.U2_INDICES: u2,
             wire.U2_MEMBERS: [request.members[v][0] for v in u2],
             wire.U2_NONCES: [request.members[v][1] for v in u2],
@@ -127,7 +126,6 @@ def parse_share_keys_reply(record: ConfigRecord) -> ShareKeysReply:
             zip(cast(list[int], record[wire.DESTINATIONS]), cast(list[bytes], record[wire.CIPHERTEXTS]), strict=True)
         ),
         nonce=cast(bytes, record.get(wire.NONCE, b"")),
-        signature=cast(bytes, record.get(wire.SIGNATURE, b"")),
     )
 
 

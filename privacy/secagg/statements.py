@@ -1,4 +1,4 @@
-"""What a node signs with its roster key in the active-adversary mode: three statements, as canonical bytes.
+"""What a node vouches for in the active-adversary mode: three statements, as canonical bytes.
 
 * **channel key** (advertise): ``member fingerprint, c_pk``. A long-lived binding, like a
   certificate: a peer encrypts shares to ``c_pk`` only once the roster key of the member the
@@ -6,7 +6,10 @@
 * **session keys** (share-keys reply): ``session, round, index, member, c_pk, s_pk,
   commitment, nonce``. Binds the per-session mask key and the self-mask commitment to one
   member, one index, one session and one round: a key from another session, round or member
-  does not verify. ``nonce`` is 16 random bytes of the node's own.
+  does not verify. ``nonce`` is 16 random bytes of the node's own. Not signed: its hash is
+  the associated data of every share the node encrypts to a neighbour
+  (:func:`privacy.secagg.key_agreement.keys_aad`), which authenticates it to that neighbour
+  alone, the only party that needs it, for an AES-GCM tag instead of an Ed25519 verification.
 * **survivors** (masked-input reply and, after a dropout, the consistency stage):
   ``session id, survivor set``. The session id is :func:`session_id`, a hash of the
   coordinator's session, the round and **every member's nonce** in U2, so a signature on it

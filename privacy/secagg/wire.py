@@ -28,7 +28,7 @@ __all__ = [
     "ADVERSARIES",
 ]
 
-ACTIVE = "active"  # secagg.adversary: signed keys, a consistency check, a threshold above 2n/3
+ACTIVE = "active"  # secagg.adversary: authenticated keys, a consistency check, a threshold above 2n/3
 SEMI_HONEST = "semi-honest"  # secagg.adversary: an honest-but-curious coordinator
 ADVERSARIES = (ACTIVE, SEMI_HONEST)
 
@@ -77,7 +77,7 @@ ADVERSARY = "adversary"  # in a share-keys record: the mode the coordinator runs
 MEMBER = "member"  # roster fingerprint (advertise reply)
 ROSTER_SIZE = "roster-size"  # members in the node's roster (advertise reply): sizes the active threshold
 ROSTER_DIGEST = "roster-digest"
-SIGNATURE = "signature"  # a roster signature: on a channel key (advertise), keys (share-keys), U3 (masked input)
+SIGNATURE = "signature"  # a roster signature: on a channel key (advertise), U2 (masked input), U3 (consistency)
 MEMBERS = "members"  # share-keys: the neighbours' roster fingerprints, in NEIGHBOURS' order
 CHANNEL_SIGS = "channel-sigs"
 NONCE = "nonce"

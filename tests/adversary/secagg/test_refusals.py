@@ -12,8 +12,9 @@ from __future__ import annotations
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from privacy.secagg.crypto import aead_decrypt
 from privacy.secagg.graph import active_threshold, minimum_degree
-from privacy.secagg.key_agreement import new_channel_keypair
+from privacy.secagg.key_agreement import channel_keys, keys_aad, new_channel_keypair
 from privacy.secagg.node_session import NodeSession
 from privacy.secagg.roster import RosterKey
 from privacy.secagg.seen_sessions import SeenSessions
@@ -77,7 +78,7 @@ def test_a_substituted_mask_key_is_refused(attack) -> None:
 
     fed.answer(1, fed.nodes[1].mask, swapped, fed.inputs[1], identity=fed.ids[1])
 
-    assert "neighbour 3's mask key is not signed by roster member" in fed.refusals[1][0]
+    assert "neighbour 3's shares do not authenticate the mask key" in fed.refusals[1][0]
     assert fed.nodes[1].stage == "shared"  # nothing was masked, nothing sent
 
 
@@ -103,15 +104,21 @@ def test_a_replayed_rounds_ciphertexts_and_keys_are_refused(attack) -> None:
     new.receive_share_keys(_share_keys(attack, fed, new))
     request = new.mask_requests()[1]
 
-    # round 1's signed keys, commitments and nonces (and their shares) replayed into round 2
+    # round 1's keys, commitments and nonces (and their shares) replayed into round 2
     fed.answer(1, fed.nodes[1].mask, attack.replace(old_mask, session=new.session), fed.inputs[1], identity=fed.ids[1])
-    # only the ciphertexts replayed: the keys are round 2's, so the signatures hold and the AEAD refuses
+    # only the ciphertexts replayed: the keys are round 2's, but round 1's shares authenticate round 1's
     replayed = attack.replace(request, ciphertexts=old_mask.ciphertexts)
     fed.answer(1, fed.nodes[1].mask, replayed, fed.inputs[1], identity=fed.ids[1])
+    # only the mask keys and commitments replayed (round 1's nonces would contradict U2 first):
+    # round 2's shares do not authenticate them
+    old_keys = {k: getattr(old_mask, k) for k in ("neighbour_s_pks", "commitments")}
+    fed.answer(1, fed.nodes[1].mask, attack.replace(request, **old_keys), fed.inputs[1], identity=fed.ids[1])
 
-    first, second = fed.refusals[1]
-    assert "is not signed by roster member" in first and "(substituted or replayed keys)" in first
-    assert "ciphertext failed authentication" in second
+    whole, shares, keys = fed.refusals[1]
+    assert "the U2 this node is shown does not hold its own nonce: not this session" in whole
+    reason = "do not authenticate the mask key, commitment and nonce this node was sent"
+    assert reason in shares and reason in keys
+    assert fed.nodes[1].stage == "shared"
 
 
 def test_the_round_is_in_the_shares_associated_data(attack) -> None:
@@ -233,23 +240,31 @@ def test_mixing_the_fast_and_the_consistency_survivor_sets_reveals_no_input(atta
     assert attack.recover_inputs(fed, server, replies) == {}
 
 
-def test_keys_are_signed_over_session_round_index_and_member(attack) -> None:
+def test_keys_are_authenticated_over_session_round_index_and_member(attack) -> None:
+    # Node 2's shares to node 3 authenticate its keys statement: any other session, round,
+    # index, member, channel key, mask key, commitment or nonce fails to decrypt at node 3.
     fed = attack.federation(4, "active")
     server = _server(fed, server_round=7)
     replies = _share_keys(attack, fed, server)
     r, me = replies[2], fed.ids[2]
     c_pk = fed.channel[2][1]
+    (key,) = channel_keys(fed.channel[3][0], [c_pk], server.session)
 
     def ok(**kw) -> bool:
-        args = dict(session=server.session, server_round=7, index=2, fingerprint=me.fingerprint, c_pk=c_pk)
-        args.update(kw)
+        a = dict(session=server.session, server_round=7, index=2, fingerprint=me.fingerprint, c_pk=c_pk)
+        a |= dict(s_pk=r.s_pk, commitment=r.commitment, nonce=r.nonce) | kw
         statement = keys_statement(
-            args["session"], args["server_round"], args["index"], args["fingerprint"], args["c_pk"],
-            r.s_pk, r.commitment, r.nonce,
+            a["session"], a["server_round"], a["index"], a["fingerprint"], a["c_pk"], a["s_pk"], a["commitment"],
+            a["nonce"],
         )  # fmt: skip
-        return me.roster.verify(me.fingerprint, statement, r.signature)
+        try:
+            aead_decrypt(key, r.ciphertexts[3], keys_aad(server.session, 7, 2, 3, statement))
+        except ValueError:
+            return False
+        return True
 
     assert ok()
     assert not ok(server_round=8) and not ok(index=3) and not ok(session=b"x" * 16)
     assert not ok(fingerprint=fed.ids[3].fingerprint) and not ok(c_pk=fed.channel[3][1])
+    assert not ok(s_pk=replies[3].s_pk) and not ok(commitment=replies[3].commitment) and not ok(nonce=replies[3].nonce)
     assert all(len(r.nonce) == 16 for r in replies.values())

@@ -158,7 +158,7 @@ def test_a_node_refuses_substituted_keys_before_it_trains(grid_factory: type) ->
     replies = fed.grid.send_and_receive(msgs)
 
     refused = [r for r in replies if r.has_error()]
-    assert len(refused) == 1 and "is not signed by roster member" in refused[0].error.reason
+    assert len(refused) == 1 and "shares do not authenticate the mask key" in refused[0].error.reason
     assert sorted(fed.trained.values()) == [0, 1, 1, 1], "the node that refused did not train"
 
 
