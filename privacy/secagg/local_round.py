@@ -34,6 +34,7 @@ def run_round_locally(
     adversary: str = SEMI_HONEST,
     identities: Mapping[int, NodeIdentity] | None = None,
     server_round: int = 1,
+    channel: Mapping[int, tuple[bytes, bytes]] | None = None,
 ) -> tuple[np.ndarray, frozenset[int]]:
     """Run one session in memory: ``inputs`` maps node index -> encoded unsigned vector.
 
@@ -44,6 +45,8 @@ def run_round_locally(
     first and the rest only if the first wave's answers cannot rebuild every secret (as the
     strategy does). ``adversary="active"`` runs the active-adversary mode with ``identities``
     (node index -> its roster identity; a fresh in-memory roster of the inputs' nodes if None).
+    ``channel`` maps a node to its long-lived channel key pair ``(c_sk, c_pk)``, as a running node
+    keeps it across rounds (fresh pairs if None).
 
     Returns
     -------
@@ -63,7 +66,7 @@ def run_round_locally(
         if active
         else dict.fromkeys(inputs)
     )
-    channel = {u: new_channel_keypair() for u in inputs}
+    channel = channel if channel is not None else {u: new_channel_keypair() for u in inputs}
     known = [u for u in inputs if u not in drop.get("advertise", ())]
     certs = {}
     for u in known:
