@@ -12,6 +12,10 @@ So a sequence model can learn transitions that popularity cannot see, while the
 jumps and session starts keep the task far from trivial. Generation is vectorised
 over all sessions at once (a loop over position-in-session, not over events), so
 10^7 interactions take seconds.
+
+Titles name the department's noun and, drawn from a random stream of their own
+(``clients/synthetic_titles.py``), a product line and a brand found in the successor
+graph, so text tells related items apart within a department.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from clients.interactions import Interactions
+from clients.synthetic_titles import graph_words
 from conf.settings import SyntheticSettings
 from federation.catalog import Catalog
 
@@ -54,6 +59,7 @@ _ADJECTIVES = [
     "Compact", "Wireless", "Classic", "Premium", "Eco", "Smart", "Vintage", "Portable", "Deluxe",
     "Mini", "Ultra", "Organic", "Rugged", "Silent", "Bright", "Soft",
 ]  # fmt: skip
+_TITLE_STREAM = 0x7469746C  # spawn key of the title words' stream ("titl"), clear of .spawn() children
 
 
 def _dept_name(d: int) -> tuple[str, list[str]]:
@@ -61,7 +67,8 @@ def _dept_name(d: int) -> tuple[str, list[str]]:
     return (name if d < len(_DEPARTMENTS) else f"{name}-{d // len(_DEPARTMENTS)}"), nouns
 
 
-def _catalog(cfg: SyntheticSettings, rng: np.random.Generator) -> tuple[Catalog, np.ndarray]:
+def _catalog(cfg: SyntheticSettings, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Catalog columns but the title, and each item's department index, adjective and noun."""
     n, D, M = cfg.num_items, cfg.num_departments, cfg.num_merchants
     dept = np.sort(rng.integers(0, D, size=n))
     dept[:D] = np.arange(D)  # every department has at least one item
@@ -73,22 +80,20 @@ def _catalog(cfg: SyntheticSettings, rng: np.random.Generator) -> tuple[Catalog,
         home = np.arange(d, M, D)
         rows = np.flatnonzero(dept == d)
         merchant[rows] = rng.choice(home, size=len(rows)) if len(home) else rng.integers(0, M, len(rows))
-    names, titles = [], []
     adj = rng.integers(0, len(_ADJECTIVES), n)
     noun = rng.integers(0, 8, n)
-    for i in range(n):
-        dname, nouns = _dept_name(int(dept[i]))
-        names.append(dname)
-        titles.append(f"{_ADJECTIVES[adj[i]]} {nouns[noun[i]]} {i:05d}")
     price = np.round(np.exp(rng.normal(3.0, 0.8, n)), 2)
-    catalog = Catalog(
-        item_id=np.array([f"SKU-{i:07d}" for i in range(n)]),
-        title=np.array(titles),
-        department=np.array(names),
-        merchant=np.array([f"merchant-{m:04d}" for m in merchant]),
-        price=price,
-    )
-    return catalog, dept
+    return {"dept": dept, "merchant": merchant, "adj": adj, "noun": noun, "price": price}
+
+
+def _titles(parts: dict[str, np.ndarray], line: np.ndarray, brand: np.ndarray) -> np.ndarray:
+    """Titles "<Adjective> <Noun> by <Brand>, <Line> line <index>": the noun says the department,
+    brand and line the item's place in the successor graph (``clients/synthetic_titles.py``)."""
+    titles = []
+    for i, (d, a, k) in enumerate(zip(parts["dept"], parts["adj"], parts["noun"], strict=True)):
+        nouns = _dept_name(int(d))[1]
+        titles.append(f"{_ADJECTIVES[a]} {nouns[k]} by {brand[i]}, {line[i]} line {i:05d}")
+    return np.array(titles)
 
 
 def generate(cfg: SyntheticSettings | None = None) -> tuple[Catalog, Interactions]:
@@ -97,7 +102,8 @@ def generate(cfg: SyntheticSettings | None = None) -> tuple[Catalog, Interaction
     if cfg.num_departments > len(_DEPARTMENTS) * 100:
         raise ValueError(f"data.synthetic.num_departments must be at most {len(_DEPARTMENTS) * 100}")
     rng = np.random.default_rng(cfg.seed)
-    catalog, dept = _catalog(cfg, rng)
+    parts = _catalog(cfg, rng)
+    dept = parts["dept"]
     n, D, U = cfg.num_items, cfg.num_departments, cfg.num_users
 
     # Popularity: Zipf over a random order of the items within each department.
@@ -122,6 +128,15 @@ def generate(cfg: SyntheticSettings | None = None) -> tuple[Catalog, Interaction
     succ = popular_in(np.repeat(dept, cfg.num_successors)).reshape(n, cfg.num_successors)
     succ_w = cfg.successor_decay ** np.arange(cfg.num_successors)
     succ_cdf = np.cumsum(succ_w) / succ_w.sum()
+    # Title words from their own stream, so that adding them moved no draw of ``rng``.
+    line, brand = graph_words(dept, succ, succ_w, weight, np.random.default_rng(_title_seed(cfg.seed)))
+    catalog = Catalog(
+        item_id=np.array([f"SKU-{i:07d}" for i in range(n)]),
+        title=_titles(parts, line, brand),
+        department=np.array([_dept_name(int(d))[0] for d in dept]),
+        merchant=np.array([f"merchant-{m:04d}" for m in parts["merchant"]]),
+        price=parts["price"],
+    )
 
     # Users: sparse department tastes, history lengths around events_per_user.
     taste = rng.dirichlet(np.full(D, cfg.dept_concentration), size=U)
@@ -171,6 +186,11 @@ def generate(cfg: SyntheticSettings | None = None) -> tuple[Catalog, Interaction
         event=event,
     )
     return catalog, interactions
+
+
+def _title_seed(seed: int) -> np.random.SeedSequence:
+    """The title words' stream: a child of ``seed`` keyed on a constant, apart from the world's."""
+    return np.random.SeedSequence(seed, spawn_key=(_TITLE_STREAM,))
 
 
 def _segmented_cumsum(x: np.ndarray, segment_start: np.ndarray) -> np.ndarray:
