@@ -33,7 +33,7 @@ from clients.canaries import with_canaries
 from clients.canary_node import CanaryNode, canary_dir, is_canary_node
 from clients.guard import fault_mod, update_guard_mod
 from clients.local_round import train_round
-from clients.node import NodeData, NodeRefused, load_node, model_skeleton
+from clients.node import NodeData, NodeRefused, check_catalog, load_node, model_skeleton
 from clients.node_policy import demo_identity, policy_secagg_mod, refuse, resolve_identity, resolve_policy
 from clients.trainer import evaluate, seed_everything
 from conf.settings import NodeSettings, RunSettings
@@ -223,7 +223,9 @@ def _guarded(handler, fixed: dict[str, Any] | None, policy_of):
         if is_canary_node(node_cfg, settings):
             return _canary(kind, msg, node_cfg, settings)
         try:
-            return handler(msg, load_node(node_cfg, settings), policy_of(context), settings)
+            node = load_node(node_cfg, settings)
+            check_catalog(node, settings.sim.catalog_version)  # at join (hello) and on every message after
+            return handler(msg, node, policy_of(context), settings)
         except NodeRefused as exc:
             log.error("node refuses to take part: %s", exc)
             return Message(Error(code=wire.ERR_BAD_DATA, reason=str(exc)), reply_to=msg)

@@ -11,7 +11,7 @@ import numpy as np
 from clients import movielens
 from clients.interactions import DataError, Interactions, read_table
 from clients.synthetic import generate
-from clients.validation import validate, write_report
+from clients.validation import summary, validate, write_report
 from conf.settings import DataSettings
 from federation.catalog import Catalog
 
@@ -59,12 +59,7 @@ def load_dataset(cfg: DataSettings, report_dir: str | Path | None = None) -> Loa
         result = validate(read_table(cfg.path), catalog, min_history=cfg.min_history, source=str(cfg.path))
     if report_dir is not None:
         write_report(result, report_dir)
-    if result.report["rows_quarantined"]:
-        log.warning(
-            "%s: %d of %d rows quarantined (%s)",
-            result.report["source"],
-            result.report["rows_quarantined"],
-            result.report["rows_in"],
-            ", ".join(f"{k}={v['count']}" for k, v in result.report["problems"].items()),
-        )
+    # Every count, every time: corruption as a warning, short histories (the data's nature) as information.
+    level = logging.WARNING if result.report["rows_quarantined"] else logging.INFO
+    log.log(level, "%s: %s", result.report["source"], summary(result.report))
     return LoadedData(catalog, result.interactions, result.report)

@@ -9,6 +9,7 @@ Everything downstream (validation, sequences, partitioning, training) works on
 
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,8 +126,9 @@ def read_table(path: str | Path) -> pa.Table:
         if suffix in (".csv", ".tsv"):
             # Read the header first so every column can be forced to string.
             delimiter = "\t" if suffix == ".tsv" else ","
-            with path.open("r", encoding="utf-8", errors="replace") as f:
-                header = f.readline().strip().split(delimiter)
+            # csv.reader, not str.split: exporters (pyarrow, Excel) quote header names.
+            with path.open("r", encoding="utf-8", errors="replace", newline="") as f:
+                header = next(csv.reader(f, delimiter=delimiter), [])
             return pacsv.read_csv(
                 path,
                 parse_options=pacsv.ParseOptions(delimiter=delimiter),

@@ -27,7 +27,7 @@ import numpy as np
 
 from clients.interactions import DataError, Interactions, read_table
 from clients.sequences import Split, TrainDataset, build_sequences, leave_one_out
-from clients.validation import validate, write_report
+from clients.validation import quarantine_refusal, validate, write_report
 from conf.settings import DataSettings, ModelSettings, NodeSettings, PartitionSettings, RunSettings
 from federation.catalog import Catalog
 from federation.globalmodel import build_model
@@ -36,6 +36,7 @@ from federation.model import SASRec
 __all__ = [
     "NodeData",
     "NODE_DIR_NAME",
+    "check_catalog",
     "load_node",
     "node_dir_for",
     "write_node_dir",
@@ -130,7 +131,9 @@ def write_node_dir(directory: Path, name: str, catalog_path: Path, inter: Intera
     """Simulation: write one node's (already validated) partition."""
     directory.mkdir(parents=True, exist_ok=True)
     inter.save(directory / "interactions.npz")
-    (directory / "node.json").write_text(json.dumps({"name": name, "catalog": str(catalog_path)}) + "\n")
+    # Absolute: a relative catalog path in node.json is read relative to the directory.
+    meta = {"name": name, "catalog": str(Path(catalog_path).resolve())}
+    (directory / "node.json").write_text(json.dumps(meta) + "\n")
     return directory
 
 
@@ -138,28 +141,59 @@ def node_dir_for(nodes_dir: str | Path, partition_id: int) -> Path:
     return Path(nodes_dir) / NODE_DIR_NAME.format(pid=int(partition_id))
 
 
+def _catalog_file(d: Path, meta: dict, override: str | None) -> Path:
+    """The node's catalog: ``--catalog``, else node.json's (relative to the directory), else DIR/catalog.parquet."""
+    if override:
+        return Path(override)
+    if meta.get("catalog"):
+        return d / meta["catalog"]  # an absolute path stays absolute
+    return d / "catalog.parquet"
+
+
 @lru_cache(maxsize=8)
 def _load_dir(directory: str, catalog_path: str | None, name: str | None, max_quarantine: float) -> NodeData:
     d = Path(directory)
     meta = json.loads((d / "node.json").read_text()) if (d / "node.json").is_file() else {}
-    catalog_file = catalog_path or meta.get("catalog") or str(d / "catalog.parquet")
+    catalog_file = _catalog_file(d, meta, catalog_path)
     catalog = Catalog.load(catalog_file)
+    prepared_with = meta.get("catalog_version")
+    if prepared_with and prepared_with != catalog.version:
+        raise NodeRefused(
+            f"{d}: the data was prepared against catalog {prepared_with}, but {catalog_file} is catalog "
+            f"{catalog.version}; re-run `fedmart data prepare --catalog {catalog_file} ...` or pass the catalog "
+            "it was prepared with"
+        )
     node_name = name or meta.get("name") or d.name
     if (d / "interactions.npz").is_file():  # written by `fedmart simulate`, validated there
         return _make(node_name, d, catalog, Interactions.load(d / "interactions.npz"))
     raw = next((d / f for f in _INTERACTIONS_FILES if (d / f).is_file()), None)
     if raw is None:
-        raise DataError(f"{d}: no interactions file; put interactions.parquet or interactions.csv there")
-    result = validate(read_table(raw), catalog, source=str(raw))
-    write_report(result, d / ".fedmart" / "validation")
-    bad = result.report["rows_quarantined"] / max(result.report["rows_in"], 1)
-    if bad > max_quarantine or result.report["rows_clean"] == 0:
-        problems = ", ".join(f"{k}={v['count']}" for k, v in result.report["problems"].items())
-        raise NodeRefused(
-            f"{raw}: {result.report['rows_quarantined']} of {result.report['rows_in']} rows failed validation "
-            f"({problems}); see {d / '.fedmart' / 'validation' / 'report.json'} and fix the data"
+        raise DataError(
+            f"{d}: no interactions file; write the node's data there with `fedmart data prepare --out {d} ...` "
+            "(or put interactions.parquet or interactions.csv there)"
         )
+    result = validate(read_table(raw), catalog, source=str(raw))
+    report_path, _ = write_report(result, d / ".fedmart" / "validation")
+    refusal = quarantine_refusal(result.report, max_quarantine, where=report_path)
+    if refusal:
+        raise NodeRefused(refusal)
     return _make(node_name, d, catalog, result.interactions, result.report)
+
+
+def check_catalog(node: NodeData, announced: str | None) -> None:
+    """Refuse to take part when the coordinator trains on another catalog than the node's data was prepared on.
+
+    ``announced`` is the coordinator's catalog version (``sim.catalog_version`` of the run
+    config); None (a simulation, an older coordinator) skips the check. Item indices are
+    positions in the catalog, so a node on another catalog would train the wrong item rows.
+    """
+    if announced and announced != node.catalog.version:
+        where = f" {node.directory}" if node.directory else ""
+        raise NodeRefused(
+            f"catalog mismatch: this node's data{where} uses catalog {node.catalog.version}, the coordinator "
+            f"trains on catalog {announced}; get the coordinator's catalog.parquet and re-run "
+            "`fedmart data prepare --catalog CATALOG ...`, then restart `fedmart node`"
+        )
 
 
 @lru_cache(maxsize=4)

@@ -309,13 +309,17 @@ class SimulationSettings:
 class SimSettings:
     """What the launching command adds for the ServerApp (``sim.*`` in the run config): not Hydra's.
 
-    In a deployment only ``run_dir``, ``catalog`` and ``num_nodes`` are set; the rest exist
-    only in simulation (the pooled data for the central evaluation, the silos on disk).
+    In a deployment only ``run_dir``, ``catalog``, ``catalog_version`` and ``num_nodes`` are
+    set; the rest exist only in simulation (the pooled data for the central evaluation, the
+    silos on disk).
     """
 
     run_dir: str | None = None
     nodes_dir: str | None = None
     catalog: str | None = None
+    # The coordinator's catalog version, announced to the nodes: a node whose prepared data
+    # uses another catalog refuses to take part (clients/node.check_catalog).
+    catalog_version: str | None = None
     central_data: str | None = None
     num_nodes: int = 0
     canary_nodes: int = 0  # the last canary_nodes of num_nodes are canary nodes (clients/canary_node.py)

@@ -43,6 +43,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from conf.settings import CoordinateSettings, DeploySettings, SimSettings
+from federation.catalog import Catalog
 from federation.runconfig import flatten
 from fedmart.errors import UserError
 from fedmart.fleet_gate import gate_argv
@@ -174,6 +175,8 @@ def coordinate(cfg: dict[str, Any], run_dir: Path) -> Path:
     sim = SimSettings(
         run_dir=str(run_dir),
         catalog=str(deploy.catalog) if deploy.catalog else None,
+        # Announced in the run config: each node checks its prepared data's catalog against it.
+        catalog_version=Catalog.load(deploy.catalog).version if deploy.catalog else None,
         num_nodes=deploy.num_nodes or len(pubs),
     )
     # The run config is the request only: no `deploy`, and no `node` (each node reads its own policy file).

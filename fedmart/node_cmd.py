@@ -28,7 +28,14 @@ from fedmart.errors import UserError, exit_on_user_error
 from fedmart.staging import FAB_ID
 from fedmart.supervise import Child, flwr_env, free_port
 
-__all__ = ["MAX_SUPERNODE_RESTARTS", "explain_supernode_exit", "node_cmd", "node_config_toml", "supernode_argv"]
+__all__ = [
+    "MAX_SUPERNODE_RESTARTS",
+    "explain_supernode_exit",
+    "node_cmd",
+    "node_config_toml",
+    "node_data_line",
+    "supernode_argv",
+]
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +121,13 @@ def _node_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--name", default=None, help="node name (default: node.json's, else the directory's name)")
     p.add_argument("--catalog", type=Path, default=None, help="catalog.parquet (default: DATA/catalog.parquet)")
-    p.add_argument("--max-quarantine-fraction", type=float, default=0.0, help="share of bad rows tolerated")
+    p.add_argument(
+        "--max-quarantine-fraction",
+        type=float,
+        default=0.0,
+        help="share of corrupt rows (null ids, unknown items, bad timestamps, duplicates) tolerated in --data; "
+        "short histories never count (default 0: `fedmart data prepare` already quarantined them)",
+    )
     p.add_argument(
         "--isolation",
         choices=["process", "subprocess"],
@@ -252,8 +265,8 @@ def node_cmd(args: argparse.Namespace) -> int:
     except (DataError, CatalogError) as exc:
         _refuse_with_report(data_dir, exc)
     console.print(
-        f"node [bold]{node.name}[/]: data ok ({node.interactions.num_users:,} users, {len(node.interactions):,} "
-        f"events, catalog {node.catalog.version}); policy: DP {'required' if policy.require_dp else 'optional'}, "
+        f"node [bold]{node.name}[/]: data ok: {node_data_line(node)}; catalog {node.catalog.version}; "
+        f"policy: DP {'required' if policy.require_dp else 'optional'}, "
         f"secure aggregation {'required' if policy.require_secagg else 'optional'}, budget ε≤{policy.max_epsilon:g}; "
         f"key {fingerprint}"
     )
@@ -322,6 +335,20 @@ def node_cmd(args: argparse.Namespace) -> int:
             stop.wait(5.0)
             continue
         raise UserError(explain_supernode_exit(text, pub=f"the .pub of {args.auth_key}", superlink=args.superlink))
+
+
+def node_data_line(node) -> str:
+    """The node's one-line data summary, with what `fedmart data prepare` quarantined before."""
+    from clients.validation import summary
+
+    if node.report is None:  # a simulated node's partition, validated by `fedmart simulate`
+        return f"{len(node.interactions):,} events, {node.interactions.num_users:,} users"
+    line = summary(node.report)
+    meta = node.directory / "node.json" if node.directory else None
+    prepared = json.loads(meta.read_text()).get("prepared") if meta and meta.is_file() else None
+    if prepared and prepared.get("quarantined"):
+        line += f" (before that, data prepare {prepared['quarantined']})"
+    return line
 
 
 def _log_message(msg) -> None:

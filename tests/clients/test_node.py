@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from clients.interactions import DataError, Interactions
-from clients.node import NodeRefused, model_skeleton, node_dir_for, write_node_dir
+from clients.node import NodeRefused, check_catalog, model_skeleton, node_dir_for, write_node_dir
 from clients.node import load_node as _load_node
 from conf.settings import ModelSettings, NodeSettings, RunSettings
 
@@ -184,7 +184,8 @@ def test_a_node_refuses_to_take_part_when_a_row_fails_and_no_bad_row_is_allowed(
         load_node({"data-dir": str(d)}, {})
 
     message = str(refused.value)
-    assert "1 of 11 rows failed validation" in message and "unknown_item=1" in message
+    assert "1 of 11 rows quarantined" in message and "unknown_item=1" in message
+    assert "more than --max-quarantine-fraction 0 allows" in message  # the flag that changes it
     assert str(d / ".fedmart" / "validation" / "report.json") in message
     assert (d / ".fedmart" / "validation" / "report.json").is_file()
     assert isinstance(refused.value, DataError)  # commands that report data errors report this one too
@@ -200,10 +201,75 @@ def test_within_its_quarantine_allowance_a_node_trains_on_the_clean_rows_only(ra
 
 
 def test_a_node_with_no_clean_row_refuses_whatever_its_allowance(raw_node):
-    d = raw_node([("ann", "i1", 1), ("ann", "i2", 2)])  # too short a history: every row is quarantined
+    d = raw_node([("ann", "i1", 1), ("ann", "i2", 2)])  # too short a history: nothing to train on
 
-    with pytest.raises(NodeRefused, match="2 of 2 rows failed validation"):
+    with pytest.raises(NodeRefused, match=r"no row to train on \(2 rows: 0 quarantined, 2 in histories shorter"):
         load_node({"data-dir": str(d), "max-quarantine-fraction": 1.0}, {})
+
+
+def test_users_with_short_histories_never_stop_a_node_from_joining(raw_node):
+    short = [(f"new{k}", "i1", 5) for k in range(8)] + [("two", "i2", 1), ("two", "i3", 2)]
+    d = raw_node([*GOOD_ROWS, *short])  # 10 of 20 rows are users with 1-2 events: the node's nature
+
+    node = load_node({"data-dir": str(d)}, {})  # the default tolerance, 0
+
+    assert len(node.interactions) == len(GOOD_ROWS)  # trained on: as before, the users with 3+ events
+    assert (node.report["users_short_history"], node.report["rows_quarantined"]) == (9, 0)
+
+
+# --- the catalog a node's data was prepared with ------------------------------------------------
+
+
+def _prepared_dir(tmp_path, catalog, rows) -> Path:
+    """A data directory as `fedmart data prepare` writes it: relative catalog, its version recorded."""
+    d = tmp_path / "prepared"
+    catalog.save(d / "catalog.parquet")
+    table = pa.table(
+        {k: pa.array([str(r[i]) for r in rows]) for i, k in enumerate(("user_id", "item_id", "timestamp"))}
+    )
+    pq.write_table(table, d / "interactions.parquet")
+    meta = {"name": "books", "catalog": "catalog.parquet", "catalog_version": catalog.version}
+    (d / "node.json").write_text(json.dumps(meta))
+    return d
+
+
+def _other_catalog(catalog):
+    import dataclasses
+
+    return dataclasses.replace(catalog, price=catalog.price + 1.0)
+
+
+def test_a_prepared_directory_reads_its_own_catalog_relative_to_itself(tiny_catalog, tmp_path, monkeypatch):
+    d = _prepared_dir(tmp_path, tiny_catalog, GOOD_ROWS)
+    monkeypatch.chdir(tmp_path.parent)  # not where the directory is
+
+    node = load_node({"data-dir": str(d)}, {})
+
+    assert node.name == "books" and node.catalog.version == tiny_catalog.version
+
+
+def test_a_prepared_directory_refuses_a_catalog_other_than_the_one_it_was_prepared_with(tiny_catalog, tmp_path):
+    d = _prepared_dir(tmp_path, tiny_catalog, GOOD_ROWS)
+    other = _other_catalog(tiny_catalog).save(tmp_path / "other.parquet")
+
+    with pytest.raises(NodeRefused, match=r"prepared against catalog \w+, but .*other.parquet is catalog") as refused:
+        load_node({"data-dir": str(d), "catalog": str(other)}, {})
+
+    assert "fedmart data prepare --catalog" in str(refused.value)
+
+
+def test_a_node_refuses_a_coordinator_that_trains_on_another_catalog(tiny_catalog, tmp_path):
+    node = load_node({"data-dir": str(_prepared_dir(tmp_path, tiny_catalog, GOOD_ROWS))}, {})
+    theirs = _other_catalog(tiny_catalog).version
+
+    check_catalog(node, tiny_catalog.version)  # the same catalog: no refusal
+    check_catalog(node, None)  # a coordinator that announces none (simulation): no check
+    with pytest.raises(NodeRefused) as refused:
+        check_catalog(node, theirs)
+
+    message = str(refused.value)
+    assert "\n" not in message and tiny_catalog.version in message and theirs in message
+    assert "re-run `fedmart data prepare --catalog" in message
 
 
 def test_a_data_dir_without_an_interactions_file_says_what_to_put_there(tiny_catalog, tmp_path):
@@ -349,3 +415,28 @@ def test_a_skeleton_has_the_shape_its_catalog_and_config_ask_for(node):
     assert five.state_dict()["item_emb.weight"].shape == (vocabulary, 8)
     assert wider.state_dict()["item_emb.weight"].shape == (vocabulary, 16)
     assert five.config.max_len == 5 and seven.config.max_len == 7
+
+
+@pytest.mark.parametrize("announced", ["same", "other"])
+def test_the_nodes_app_answers_hello_only_on_the_coordinators_catalog(tiny_catalog, tmp_path, flower_task, announced):
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+    from clients.app import build_client_app
+    from conf.settings import SimSettings
+    from federation import wire
+    from federation.runconfig import flatten
+
+    d = _prepared_dir(tmp_path, tiny_catalog, GOOD_ROWS)
+    version = tiny_catalog.version if announced == "same" else _other_catalog(tiny_catalog).version
+    run_config = flatten(RunSettings().with_sim(SimSettings(catalog_version=version)).to_dict())
+    app = build_client_app(fixed_run_config=run_config)
+    hello = Message(RecordDict({wire.CONFIG: ConfigRecord({"q": "hello"})}), dst_node_id=7, message_type="query.hello")
+    context = Context(run_id=1, node_id=7, node_config={"data-dir": str(d)}, state=RecordDict(), run_config={})
+
+    reply = app(hello, context)
+
+    if announced == "same":
+        assert not reply.has_error() and reply.content["node"]["catalog-version"] == version
+    else:
+        assert reply.has_error() and reply.error.code == wire.ERR_BAD_DATA
+        assert "catalog mismatch" in reply.error.reason and version in reply.error.reason

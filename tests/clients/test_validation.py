@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from clients.interactions import DataError, read_table
-from clients.validation import REASONS, validate, write_report
+from clients.validation import REASONS, quarantine_refusal, summary, validate, write_report
 
 
 def _table(rows: list[tuple], event: bool = True) -> pa.Table:
@@ -58,12 +58,72 @@ def test_each_problem_gets_its_reason_and_no_row_is_lost(tiny_catalog, bad_row, 
     assert reason in REASONS
 
 
-def test_short_history_quarantines_the_whole_user(tiny_catalog):
+def test_a_short_history_is_set_aside_and_counted_not_quarantined(tiny_catalog):
     table = _table([*GOOD, ("u3", "i1", "100"), ("u3", "i2", "200")])
+
     result = validate(table, tiny_catalog, min_history=3)
-    assert result.report["problems"]["short_history"]["count"] == 2
-    assert sorted(result.quarantine.column("_row").to_pylist()) == [6, 7]
-    assert "u3" not in set(result.interactions.user_ids)
+
+    report = result.report
+    assert result.ok and report["rows_quarantined"] == 0 and result.quarantine.num_rows == 0
+    assert (report["users_short_history"], report["rows_short_history"]) == (1, 2)
+    assert "short_history" not in report["problems"]
+    # the rows trained on are what they were when short histories were quarantined
+    assert "u3" not in set(result.interactions.user_ids) and report["rows_clean"] == len(GOOD)
+    assert report["rows_clean"] + report["rows_quarantined"] + report["rows_short_history"] == table.num_rows
+
+
+def test_short_histories_never_refuse_whatever_the_tolerance(tiny_catalog):
+    table = _table([*GOOD, *[(f"s{k}", "i1", "100") for k in range(20)]])  # 20 users with one event each
+
+    report = validate(table, tiny_catalog, min_history=3).report
+
+    assert report["rows_short_history"] == 20 and report["rows_short_history"] > report["rows_clean"]
+    assert quarantine_refusal(report, 0.0) is None
+
+
+def test_corruption_above_the_tolerance_is_refused_naming_the_flag(tiny_catalog):
+    table = _table([*GOOD, (None, "i1", "400"), ("u1", "i1", "100")])  # a null id and a duplicate
+
+    report = validate(table, tiny_catalog, min_history=3).report
+
+    refusal = quarantine_refusal(report, 0.1, where="q.csv")
+    assert refusal is not None and "\n" not in refusal
+    assert "2 of 8 rows quarantined" in refusal and "null_id=1" in refusal and "duplicate=1" in refusal
+    assert "--max-quarantine-fraction 0.1" in refusal and "raise --max-quarantine-fraction" in refusal
+    assert "q.csv" in refusal
+    assert quarantine_refusal(report, 0.25) is None  # 2 of 8 is within a quarter
+    assert "raise --max-corrupt" in quarantine_refusal(report, 0.0, flag="--max-corrupt")  # the caller's flag
+
+
+def test_no_row_to_train_on_is_refused_whatever_the_tolerance(tiny_catalog):
+    report = validate(_table([("u1", "i1", "1"), ("u1", "i2", "2")]), tiny_catalog, min_history=3).report
+
+    refusal = quarantine_refusal(report, 1.0)
+
+    assert refusal is not None and "no row to train on" in refusal and "at least 3 events" in refusal
+
+
+def test_the_summary_always_counts_corruption_and_short_histories(tiny_catalog):
+    table = _table([*GOOD, ("u3", "i1", "100"), (None, "i1", "400"), ("u1", "i1", "100")])
+
+    line = summary(validate(table, tiny_catalog, min_history=3).report)
+
+    assert line == (
+        "6 events, 2 users; 1 users with <3 events set aside (1 events: too short to train on, not an error); "
+        "quarantined 2 (1 null id, 1 duplicate)"
+    )
+    assert summary(validate(_table(GOOD), tiny_catalog).report) == "6 events, 2 users; quarantined 0"
+
+
+def test_unmapped_items_are_quarantined_with_their_own_reason(tiny_catalog):
+    table = _table([*GOOD, ("u1", "dept-sku-9", "400")])
+    unmapped = np.zeros(table.num_rows, dtype=bool)
+    unmapped[-1] = True
+
+    result = validate(table, tiny_catalog, unmapped=unmapped)
+
+    assert result.quarantine.column("_reason").to_pylist() == ["unmapped_item"]
+    assert result.report["problems"]["unmapped_item"]["count"] == 1
 
 
 def test_duplicate_keeps_the_first_copy(tiny_catalog):
@@ -94,7 +154,7 @@ def test_mixed_problems_partition_every_row(tiny_catalog):
     result = validate(table, tiny_catalog)
     q_rows = set(result.quarantine.column("_row").to_pylist())
     assert len(q_rows) == result.report["rows_quarantined"]
-    assert result.report["rows_clean"] + len(q_rows) == table.num_rows
+    assert result.report["rows_clean"] + len(q_rows) + result.report["rows_short_history"] == table.num_rows
     assert sum(p["count"] for p in result.report["problems"].values()) == len(q_rows)
 
 
@@ -155,3 +215,13 @@ def test_cli_data_check(tmp_path, tiny_catalog):
     assert fatal.returncode == 2
     assert fatal.stderr.strip().count("\n") == 0 and "item_id" in fatal.stderr
     assert "Traceback" not in fatal.stderr
+
+
+def test_read_table_csv_with_a_quoted_header_still_reads_every_value_as_text(tmp_path, tiny_catalog):
+    path = tmp_path / "quoted.csv"  # how pyarrow and spreadsheet exports write headers
+    path.write_text('"user_id","item_id","timestamp"\n"007","i1","100"\n"007","i2","200"\n"007","i3","300"\n')
+
+    table = read_table(path)
+
+    assert table["user_id"].to_pylist() == ["007"] * 3  # not the number 7: ids are text
+    assert validate(table, tiny_catalog).interactions.user_ids.tolist() == ["007"]
