@@ -262,7 +262,13 @@ def prepare(
     refusal = quarantine_refusal(result.report, max_quarantine_fraction, where=q_path)
     report["refused"] = refusal
     report_path.write_text(json.dumps(report, indent=2) + "\n")
-    if refusal is None:
+    if refusal is not None:
+        # A refused export must not leave an earlier one behind for the node to train on: the
+        # node would start on data that no longer matches this report. The earlier rows are
+        # derived from the department's own export, which prepare never touches.
+        for stale in ("interactions.parquet", "node.json"):
+            (out / stale).unlink(missing_ok=True)
+    else:
         catalog.save(out / "catalog.parquet")
         _atomic_parquet(usable_table(table, result), out / "interactions.parquet")
         meta = {

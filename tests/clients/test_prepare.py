@@ -111,6 +111,10 @@ def test_short_histories_never_refuse_while_corruption_above_the_tolerance_does(
     assert not (tmp_path / "dirty" / "interactions.parquet").exists()  # nothing for the node
     assert refused.quarantine.is_file() and refused.report_path.is_file()  # what to fix, all the same
     assert prepare(export, catalog, tmp_path / "dirty", cmap, max_quarantine_fraction=0.2).refusal is None
+    # refused again: the rows the looser tolerance let through are not left for the node
+    assert prepare(export, catalog, tmp_path / "dirty", cmap, max_quarantine_fraction=0.1).refusal is not None
+    assert not (tmp_path / "dirty" / "interactions.parquet").exists()
+    assert not (tmp_path / "dirty" / "node.json").exists()
 
 
 def test_a_yaml_names_the_columns_and_flags_override_it(dept, tmp_path):
