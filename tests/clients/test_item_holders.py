@@ -35,7 +35,7 @@ def test_rows_outside_the_holder_set_are_reset_to_the_global_rows(private):
     incoming["head.bias"] = np.zeros(5, dtype=np.float32)
     noisy = {k: v + 0.5 for k, v in incoming.items()}
     out = with_item_holders(noisy, incoming, _node("books", [3]), private=private)
-    for key in wire.ITEM_ROW_KEYS:
+    for key in wire.item_row_keys(incoming):
         assert (out[key][3] == 0.5).all()  # the books item keeps its update
         assert (np.delete(out[key], 3, axis=0) == 0).all()  # the rest is the global model again
     np.testing.assert_array_equal(out[wire.ITEM_HOLDERS], [0, 0, 0, 1, 0])
