@@ -186,6 +186,23 @@ def test_a_whole_dp_sgd_step_moves_every_trainable_tensor():
     assert changed == {n for n, p in model.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_clipped_sum_on_cuda_equals_the_cpus():
+    inputs, targets = _batch()
+    grads = {}
+    for device in ("cpu", "cuda"):
+        model = _tower(dropout=0.0, trained=True)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        loader = DataLoader(TensorDataset(inputs, targets), batch_size=3)
+        cfg = DPConfig(mode="dp", max_grad_norm=0.05, grad_sample_mode="bk")
+        with make_private(module=model, optimizer=opt, data_loader=loader, config=cfg, epochs=1, device=device) as pt:
+            pt.optimizer.zero_grad()
+            pt.loss_fn(pt.module.packed_loss(inputs.to(device), targets.to(device))).backward()
+            grads[device] = [p.grad.cpu() for p in pt.optimizer.params]
+    for c, g in zip(grads["cpu"], grads["cuda"], strict=True):
+        torch.testing.assert_close(g, c, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
 def test_opacus_modes_refuse_the_tower_naming_bk(mode):
     model = _tower()
