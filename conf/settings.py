@@ -139,9 +139,6 @@ class PartitionSettings:
         _positive("partition.alpha", self.alpha)
 
 
-MODEL_NAMES = ("sasrec", "sasrec_text")
-
-
 @dataclass(frozen=True)
 class ModelSettings:
     """The recommender's shape (``federation/model.py``); the catalog and ``data.max_len`` size the rest."""
@@ -157,11 +154,9 @@ class ModelSettings:
     item_bias: bool = True  # sasrec_text: a per-item score bias (item-indexed: follows the holder rule)
 
     def __post_init__(self) -> None:
-        _choice("model.name", self.name, MODEL_NAMES)
+        _choice("model.name", self.name, ("sasrec", "sasrec_text"))
         if self.name == "sasrec_text" and self.text:
-            raise SettingsError(
-                "model.text adds title embeddings to model=sasrec; model=sasrec_text always uses them: drop model.text"
-            )
+            raise SettingsError("model.text is model=sasrec's option; model=sasrec_text always uses text: drop it")
         if self.hidden < 1 or self.layers < 1 or self.heads < 1 or self.hidden % self.heads:
             raise SettingsError(f"model.hidden ({self.hidden}) must be a positive multiple of model.heads")
         if not (0 <= self.dropout < 1 and 0 <= self.attn_dropout < 1 and 0 <= self.label_smoothing < 1):
@@ -361,10 +356,8 @@ class Settings:
     def __post_init__(self) -> None:
         _choice("device", self.device, DEVICES)
         if self.model.name == "sasrec_text" and self.privacy.mode != "off" and self.privacy.grad_sample_mode != "bk":
-            raise SettingsError(
-                f"model=sasrec_text cannot train under privacy.grad_sample_mode={self.privacy.grad_sample_mode}: "
-                "its tied text tower is clipped exactly by bk only; use privacy.grad_sample_mode=bk"
-            )
+            raise SettingsError(f"model=sasrec_text's tied tower is clipped exactly by bk only, not by "
+                                f"{self.privacy.grad_sample_mode}: use privacy.grad_sample_mode=bk")  # fmt: skip
 
     @classmethod
     def from_dict(cls: type[S], values: dict[str, Any]) -> S:

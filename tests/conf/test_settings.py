@@ -172,7 +172,7 @@ def test_a_partial_group_keeps_the_trees_defaults_and_secure_aggregation_stays_o
         ({"device": "tpu"}, "device"),
         ({"train": {"batch_size": True}}, "train.batch_size must be an integer"),
         ({"model": {"name": "bert4rec"}}, "model.name"),
-        ({"model": {"name": "sasrec_text", "text": True}}, "drop model.text"),
+        ({"model": {"name": "sasrec_text", "text": True}}, "model=sasrec_text always uses text: drop it"),
         ({"model": {"name": "sasrec_text"}, "privacy": {"grad_sample_mode": "ghost"}}, "privacy.grad_sample_mode=bk"),
     ],
 )
