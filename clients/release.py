@@ -59,10 +59,9 @@ def with_item_holders(weights: Weights, incoming: Weights, node: NodeData, *, pr
     held = item_holders(node, private)
     out = dict(weights)
     outside = held == 0
-    for key in wire.ITEM_ROW_KEYS:
-        if key in out:
-            out[key] = out[key].copy()
-            out[key][outside] = incoming[key][outside]
+    for key in wire.item_row_keys(out):  # the model's own: SASRec's ID rows, or the tower's residual and bias
+        out[key] = out[key].copy()
+        out[key][outside] = incoming[key][outside]
     out[wire.ITEM_HOLDERS] = held
     return out
 

@@ -143,6 +143,7 @@ class PartitionSettings:
 class ModelSettings:
     """The recommender's shape (``federation/model.py``); the catalog and ``data.max_len`` size the rest."""
 
+    name: str = "sasrec"  # sasrec (item IDs) | sasrec_text (tied text tower: conf/model/sasrec_text.yaml)
     hidden: int = 64
     layers: int = 2
     heads: int = 2
@@ -150,8 +151,12 @@ class ModelSettings:
     attn_dropout: float = 0.2
     text: bool = False  # frozen all-MiniLM-L6-v2 title embeddings, projected and added
     label_smoothing: float = 0.0  # of the training cross-entropy; 0 = plain CE
+    item_bias: bool = True  # sasrec_text: a per-item score bias (item-indexed: follows the holder rule)
 
     def __post_init__(self) -> None:
+        _choice("model.name", self.name, ("sasrec", "sasrec_text"))
+        if self.name == "sasrec_text" and self.text:
+            raise SettingsError("model.text is model=sasrec's option; model=sasrec_text always uses text: drop it")
         if self.hidden < 1 or self.layers < 1 or self.heads < 1 or self.hidden % self.heads:
             raise SettingsError(f"model.hidden ({self.hidden}) must be a positive multiple of model.heads")
         if not (0 <= self.dropout < 1 and 0 <= self.attn_dropout < 1 and 0 <= self.label_smoothing < 1):
@@ -354,6 +359,9 @@ class Settings:
 
     def __post_init__(self) -> None:
         _choice("device", self.device, DEVICES)
+        if self.model.name == "sasrec_text" and self.privacy.mode != "off" and self.privacy.grad_sample_mode != "bk":
+            raise SettingsError(f"model=sasrec_text's tied tower is clipped exactly by bk only, not by "
+                                f"{self.privacy.grad_sample_mode}: use privacy.grad_sample_mode=bk")  # fmt: skip
 
     @classmethod
     def from_dict(cls: type[S], values: dict[str, Any]) -> S:

@@ -7,10 +7,12 @@ of silos (ten departments: a tenth of the step). Measured on the synthetic depar
 silos (BENCHMARKS.md, "Department silos"), that dilution kept FedAvg below popularity.
 
 The fix keeps FedAvg for every other parameter and averages each item-indexed row
-(``wire.ITEM_ROW_KEYS``) over the nodes that hold the item only. A node resets the rows of
-items it does not hold to the global rows before it replies (``clients/app.py``), so its
-update there is zero, and the coordinator divides each row's averaged update by the share
-of the round's weight held by the item's holders:
+(``wire.item_row_keys``: SASRec's ID embedding and head, the text tower's ID residual and
+per-item bias; the tower's shared projection is averaged like any dense weight) over the
+nodes that hold the item only. A node resets the rows of items it does not hold to the
+global rows before it replies (``clients/app.py``), so its update there is zero, and the
+coordinator divides each row's averaged update by the share of the round's weight held by
+the item's holders:
 
     new[i] = global[i] + (Σ_k w_k h_k[i] Δ_k[i]) / (Σ_k w_k h_k[i])
 
@@ -44,7 +46,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg
 
-from federation.wire import ITEM_HOLDERS, ITEM_ROW_KEYS
+from federation.wire import ITEM_HOLDERS, item_row_keys
 
 __all__ = [
     "MIN_SHARE",
@@ -60,7 +62,10 @@ MIN_SHARE = 1e-3
 
 def with_holders(arrays: ArrayRecord) -> ArrayRecord:
     """``arrays`` plus a zero ``ITEM_HOLDERS`` array sized by the item rows."""
-    rows = arrays[ITEM_ROW_KEYS[0]].shape[0]
+    keys = item_row_keys(k for k in arrays if k != ITEM_HOLDERS)
+    if not keys:
+        raise ValueError("the model has no item-indexed parameters: federation.item_rows=holders needs them")
+    rows = arrays[keys[0]].shape[0]
     out = ArrayRecord({k: arrays[k] for k in arrays if k != ITEM_HOLDERS})
     out[ITEM_HOLDERS] = Array(np.zeros(rows, dtype=np.float32))
     return out
@@ -79,9 +84,7 @@ def normalise_rows(current: dict[str, np.ndarray], averaged: dict[str, np.ndarra
     share = np.asarray(averaged[ITEM_HOLDERS], dtype=np.float64)
     scale = np.where(share >= MIN_SHARE, 1.0 / np.maximum(share, MIN_SHARE), 1.0)
     out = dict(averaged)
-    for key in ITEM_ROW_KEYS:
-        if key not in averaged:
-            continue
+    for key in item_row_keys(averaged):
         g = np.asarray(current[key], dtype=np.float64)
         s = scale.reshape(-1, *([1] * (g.ndim - 1)))
         out[key] = (g + (np.asarray(averaged[key], dtype=np.float64) - g) * s).astype(averaged[key].dtype)

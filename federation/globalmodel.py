@@ -19,7 +19,7 @@ from safetensors.numpy import load_file, save_file
 from conf.settings import ModelSettings
 from conf.typed import build
 from federation.catalog import Catalog
-from federation.model import SASRec, SASRecConfig
+from federation.model import SASRec, SASRecConfig, create
 from federation.wire import ITEM_HOLDERS
 
 __all__ = [
@@ -40,6 +40,7 @@ def model_config(catalog: Catalog, model: ModelSettings | Mapping[str, Any], max
 
     if not isinstance(model, ModelSettings):  # a registry version's metadata: the group plus max_len
         model = build(ModelSettings, dict(model), prefix="model", ignore_unknown=True)
+    tower = model.name == "sasrec_text"
     return SASRecConfig(
         num_items=catalog.num_items,
         max_len=int(max_len),
@@ -48,8 +49,10 @@ def model_config(catalog: Catalog, model: ModelSettings | Mapping[str, Any], max
         heads=model.heads,
         dropout=model.dropout,
         attn_dropout=model.attn_dropout,
-        text_dim=TEXT_DIM if model.text else 0,
+        text_dim=TEXT_DIM if model.text or tower else 0,
         label_smoothing=model.label_smoothing,
+        tower=tower,
+        item_bias=model.item_bias,
     )
 
 
@@ -61,16 +64,25 @@ def build_model(
     seed: int = 0,
     text_cache: str | Path | None = None,
 ) -> SASRec:
-    """A freshly initialised model (deterministic in ``seed``) sized by the catalog."""
+    """A freshly initialised model (deterministic in ``seed``) sized by the catalog.
+
+    ``text_cache`` is the .npy cache of the title embeddings (``model.text``); the text
+    tower (``model=sasrec_text``) caches its item texts' embeddings beside it, one file per
+    catalog version (``federation.text.item_text_embeddings``).
+    """
     cfg = model_config(catalog, model_cfg, max_len)
     text = None
-    if cfg.text_dim:
+    if cfg.tower:
+        from federation.text import item_text_embeddings
+
+        text = item_text_embeddings(catalog, Path(text_cache).parent if text_cache is not None else None)
+    elif cfg.text_dim:
         from federation.text import title_embeddings
 
         text = title_embeddings(catalog.title, cache=text_cache)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return SASRec(cfg, text_embeddings=text)
+        return create(cfg, text_embeddings=text)
 
 
 def get_weights(model: torch.nn.Module) -> dict[str, np.ndarray]:

@@ -7,18 +7,26 @@ and L2-normalised, as sentence-transformers does for this model.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from federation.catalog import Catalog
 
 __all__ = [
     "TextExtraMissing",
     "TitleEncoder",
     "model_dir",
     "title_embeddings",
+    "item_texts",
+    "item_text_embeddings",
+    "embed_texts",
     "TEXT_DIM",
     "INSTALL_HINT",
 ]
@@ -70,14 +78,55 @@ class TitleEncoder:
 
 
 def title_embeddings(titles: np.ndarray, cache: str | Path | None = None) -> torch.Tensor:
-    """(n + 1, 384) embeddings with a zero row 0 for padding; cached as .npy when asked."""
-    if cache is not None and Path(cache).is_file():
-        arr = np.load(cache)
-        if arr.shape == (len(titles) + 1, TEXT_DIM):
-            return torch.from_numpy(arr)
-    emb = TitleEncoder().encode([str(t) for t in titles])
-    arr = np.concatenate([np.zeros((1, TEXT_DIM), dtype=np.float32), emb.astype(np.float32)])
-    if cache is not None:
+    """(n + 1, 384) embeddings of the titles with a zero row 0 for padding; cached as .npy when asked."""
+    return embed_texts([str(t) for t in titles], cache=cache)
+
+
+def item_texts(catalog: Catalog) -> list[str]:
+    """The text the tower embeds for each item: its title, then its department (a genre on MovieLens).
+
+    The merchant and price are left out: synthetic merchants are codes ("merchant-0007") that
+    would only add noise to the embedding, and a price is no text.
+    """
+    out = []
+    for title, dept in zip(catalog.title.tolist(), catalog.department.tolist(), strict=True):
+        dept = str(dept).strip()
+        out.append(f"{title} | {dept}" if dept and dept.lower() != "unknown" else str(title))
+    return out
+
+
+def item_text_embeddings(catalog: Catalog, cache_dir: str | Path | None = None) -> torch.Tensor:
+    """(n + 1, 384) embeddings of :func:`item_texts`, cached per catalog version in ``cache_dir``.
+
+    The catalog is public and the encoder frozen, so a node and the coordinator compute the
+    same rows from the same catalog version: they never travel and cost no privacy.
+    """
+    cache = Path(cache_dir) / f"item_text_emb-{catalog.version}.npy" if cache_dir is not None else None
+    return embed_texts(item_texts(catalog), cache=cache)
+
+
+_MEMO: dict[str, np.ndarray] = {}  # per process: simulated nodes and the coordinator share one encoding
+
+
+def embed_texts(texts: list[str], cache: str | Path | None = None) -> torch.Tensor:
+    """(len(texts) + 1, 384) unit embeddings with a zero row 0 for padding; cached as .npy when asked."""
+    key = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
+    on_disk = _load_cache(cache, len(texts) + 1) if cache is not None else None
+    arr = _MEMO.get(key)
+    if arr is None:
+        arr = np.array(on_disk) if on_disk is not None else None
+    if arr is None:
+        emb = TitleEncoder().encode(texts)
+        arr = np.concatenate([np.zeros((1, TEXT_DIM), dtype=np.float32), emb.astype(np.float32)])
+    _MEMO[key] = arr
+    if cache is not None and on_disk is None:  # missing, or a stale cache of another catalog
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
         np.save(cache, arr)
-    return torch.from_numpy(arr)
+    return torch.from_numpy(arr.copy())
+
+
+def _load_cache(cache: str | Path, rows: int) -> np.ndarray | None:
+    if not Path(cache).is_file():
+        return None
+    arr = np.load(cache, mmap_mode="r")
+    return arr if arr.shape == (rows, TEXT_DIM) else None

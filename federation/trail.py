@@ -28,9 +28,10 @@ def head_bias_popularity(weights: dict[str, np.ndarray]) -> np.ndarray | None:
 
     With full-softmax cross-entropy the bias learns the items' marginal log-frequency,
     and it is part of the (privately trained) published weights, so serving this costs
-    no extra privacy, unlike counting the nodes' interactions.
+    no extra privacy, unlike counting the nodes' interactions. The text tower's per-item
+    bias (``tower.bias``) plays the same part.
     """
-    bias = weights.get("head.bias")
+    bias = weights.get("head.bias", weights.get("tower.bias"))
     if bias is None:
         return None
     b = bias.astype(np.float64)[1:]  # drop padding

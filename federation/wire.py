@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 __all__ = [
     "ARRAYS",
     "METRICS",
@@ -18,6 +20,7 @@ __all__ = [
     "ERR_POLICY",
     "ITEM_HOLDERS",
     "ITEM_ROW_KEYS",
+    "item_row_keys",
 ]
 
 ARRAYS = "arrays"  # ArrayRecord key of the model weights
@@ -32,7 +35,18 @@ QUERY_AUDIT = "query.audit"  # after the run: the final model, for a node's own 
 # ArrayRecord, zeros from the coordinator; a node returns 1.0 for every item row its update
 # touches, so the (securely) averaged array is each row's share of the round's weight.
 ITEM_HOLDERS = "fedmart.item-holders"
-ITEM_ROW_KEYS = ("item_emb.weight", "head.weight", "head.bias")  # parameters indexed by item
+# Parameters indexed by item (row i = catalog index i), of every model (federation/model.py): they
+# follow the holder rule. SASRec: its ID embedding and output head. The text tower: its ID residual
+# and per-item bias; its projection (`tower.proj`) is shared by all items and averaged over all nodes.
+# A model's own are `item_row_keys(its state dict)`.
+ITEM_ROW_KEYS = ("item_emb.weight", "head.weight", "head.bias", "tower.residual", "tower.bias")
+
+
+def item_row_keys(keys: Iterable[str]) -> tuple[str, ...]:
+    """The item-indexed parameters among ``keys`` (a state dict, a weights dict, an ArrayRecord)."""
+    present = set(keys)
+    return tuple(k for k in ITEM_ROW_KEYS if k in present)
+
 
 # Error codes of a node's error reply (Flower's own codes are small integers).
 ERR_DECLINED = 4201  # the node declined the round (privacy budget); reason is JSON

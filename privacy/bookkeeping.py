@@ -23,9 +23,12 @@ brute-force per-example clipping in the tests (``tests/privacy/test_bookkeeping.
 ``tests/federation/test_model_dp.py``).
 
 Supported layers: ``nn.Linear``, ``nn.Embedding`` (without ``max_norm``,
-``scale_grad_by_freq`` or ``sparse``) and ``nn.LayerNorm`` over the last dimension.
-A module with trainable parameters of any other kind, or one called twice in a
-forward pass (shared weights), is refused: the per-example norm would be wrong.
+``scale_grad_by_freq`` or ``sparse``), ``nn.LayerNorm`` over the last dimension, and
+:class:`privacy.tied.TiedEmbedding`, whose rows are shared between a lookup at the input
+and a scoring at the output (:mod:`privacy.bk_tied`: each example's gradient is the sum of
+both uses, and its norm is taken of that sum). A module with trainable parameters of any
+other kind, or any other layer called twice in a forward pass (shared weights), is
+refused: the per-example norm would be wrong.
 
 Activations keep the batch first (``(b, ...)``), as under Opacus, with one
 exception that is the point of this module for sequence models: a ``Linear`` may be
@@ -40,11 +43,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from privacy.bk_ops import gram_norm2 as _gram_norm2
+from privacy.bk_ops import padded as _padded
+from privacy.bk_tied import TiedGradients
+from privacy.tied import TiedEmbedding
+
 __all__ = ["BookKeeping", "tag_rows", "supports", "is_hooked"]
 
 _OWNER = "_fedmart_row_owner"
 _HOOKED = "_fedmart_bk_hooked"
-_SUPPORTED = (nn.Linear, nn.Embedding, nn.LayerNorm)
+_SUPPORTED = (nn.Linear, nn.Embedding, nn.LayerNorm, TiedEmbedding)
+_SCORES = "scores"  # a record of TiedEmbedding.scores (the output use), not of forward
 
 
 def tag_rows(rows: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
@@ -65,6 +74,10 @@ def is_hooked(module: nn.Module) -> bool:
 
 def _trainable(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters(recurse=False) if p.requires_grad]
+
+
+def _tied(module: nn.Module) -> bool:
+    return isinstance(module, TiedEmbedding) and bool(_trainable(module))
 
 
 def supports(module: nn.Module) -> str | None:
@@ -103,15 +116,19 @@ class BookKeeping:
         self.module = module
         self.max_grad_norm = float(max_grad_norm)
         self.params = [p for p in module.parameters() if p.requires_grad]
-        self._records: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
+        self._records: list[tuple[nn.Module, torch.Tensor, torch.Tensor, str]] = []
         self._versions: list[int] = []  # each output's version: an in-place change would hide its gradient
         self._handles = [m.register_forward_hook(self._record) for m in module.modules() if _trainable(m)]
+        self._handles += [m.register_scores_hook(self._record_scores) for m in module.modules() if _tied(m)]
         self.last_norms: torch.Tensor | None = None  # per-example norms of the last step, for tests
 
-    def _record(self, m: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+    def _record(self, m: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor, kind: str = "") -> None:
         if m.training and torch.is_grad_enabled():
-            self._records.append((m, inputs[0], output))
+            self._records.append((m, inputs[0], output, kind))
             self._versions.append(output._version)
+
+    def _record_scores(self, m: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        self._record(m, inputs, output, _SCORES)
 
     def remove(self) -> None:
         """Remove the hooks (idempotent)."""
@@ -137,27 +154,37 @@ class BookKeeping:
         versions, self._versions = self._versions, []
         if per_example_loss.dim() != 1:
             raise ValueError(f"need the per-example loss of shape (b,), got {tuple(per_example_loss.shape)}")
-        for (m, _, out), version in zip(records, versions, strict=True):
+        for (m, _, out, _), version in zip(records, versions, strict=True):
             if out._version != version:
                 raise ValueError(f"the output of a {type(m).__name__} was modified in place: bk cannot clip it")
         seen: set[int] = set()
-        for m, _, _ in records:
-            if id(m) in seen:
+        for m, _, _, _ in records:
+            if id(m) in seen and not _tied(m):  # a tied layer sums its uses itself (privacy/bk_tied.py)
                 raise ValueError(
                     f"{type(m).__name__} was called twice in one forward pass: bk cannot clip shared weights"
                 )
             seen.add(id(m))
         b = per_example_loss.shape[0]
-        outputs = [out for _, _, out in records]
+        outputs = [out for _, _, out, _ in records]
         grads = torch.autograd.grad(per_example_loss.sum(), outputs, allow_unused=True) if outputs else ()
-        layers = []
-        norm2 = per_example_loss.new_zeros(b, dtype=torch.float32)
-        for (m, a, _), g in zip(records, grads, strict=True):
+        layers: list[_Layer | TiedGradients] = []
+        tied: dict[int, TiedGradients] = {}
+        for (m, a, _, kind), g in zip(records, grads, strict=True):
             if g is None:
                 continue
-            layer = _layer(m, a.detach(), g.detach(), b, getattr(a, _OWNER, None))
+            if isinstance(m, TiedEmbedding):  # every use of the layer adds to one per-example gradient
+                if id(m) not in tied:
+                    tied[id(m)] = TiedGradients(m, b)
+                    layers.append(tied[id(m)])
+                if kind == _SCORES:
+                    tied[id(m)].add_scores(a.detach(), g.detach(), getattr(a, _OWNER, None))
+                else:
+                    tied[id(m)].add_lookup(a.detach(), g.detach())
+                continue
+            layers.append(_layer(m, a.detach(), g.detach(), b, getattr(a, _OWNER, None)))
+        norm2 = per_example_loss.new_zeros(b, dtype=torch.float32)
+        for layer in layers:
             norm2 += layer.norm2()
-            layers.append(layer)
         norms = norm2.sqrt()
         coef = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         for p in self.params:
@@ -182,24 +209,6 @@ def _layer(m: nn.Module, a: torch.Tensor, g: torch.Tensor, b: int, owner: torch.
     if isinstance(m, nn.Embedding):
         return _Embedding(m, a, g, b)
     return _LayerNorm(m, a, g, b)
-
-
-def _padded(x: torch.Tensor, owner: torch.Tensor, b: int) -> torch.Tensor:
-    """Packed rows (n, f) with sorted owners -> (b, t_max, f), zeros where an example has fewer rows."""
-    counts = torch.bincount(owner, minlength=b)
-    starts = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(len(owner), device=owner.device) - starts[owner]
-    out = x.new_zeros(b, int(counts.max()) if len(owner) else 0, x.shape[-1])
-    out[owner, pos] = x
-    return out
-
-
-def _gram_norm2(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """||sum_t g_t a_t^T||_F^2 per example for (b, t, i) and (b, t, o): the cheaper way."""
-    t, i, o = a.shape[1], a.shape[2], g.shape[2]
-    if t * (i + o) < i * o:  # ghost norm: two (b, t, t) Gram matrices
-        return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
-    return torch.bmm(g.transpose(1, 2), a).pow(2).sum((1, 2))  # explicit (b, o, i)
 
 
 class _Linear(_Layer):

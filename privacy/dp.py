@@ -74,7 +74,9 @@ instead (a CSPRNG; needs ``torchcsprng``).
 **Model requirements** (checked by Opacus or by :meth:`PrivateTraining.loss_fn`): every
 trainable parameter must be used inside a module Opacus supports (an ``h @ W.T`` outside
 a module escapes clipping), the loss given to ``loss_fn`` must be per example (shape
-``(b,)``), and ghost clipping needs untied weights.
+``(b,)``), and ghost clipping needs untied weights. A tied table
+(:class:`privacy.tied.TiedEmbedding`, rows used at the input and at the output) is clipped
+exactly by mode ``bk`` only; the other modes refuse it.
 
 Devices: pass ``device`` to move the module before wrapping (CUDA when the caller
 chose it). The data loader stays on the CPU; move batches as usual. Noise is drawn on
@@ -99,6 +101,7 @@ from privacy.dp_engine import PrivateRandomness, finish_private, new_engine, poi
 from privacy.dp_losses import BackwardLoss, PerExampleLoss, plain_mean, private_mean
 from privacy.dp_plan import TrainingPlan, plan_training
 from privacy.dp_training import PrivateTraining
+from privacy.tied import TiedEmbedding
 
 __all__ = [
     "MODES",
@@ -210,6 +213,7 @@ def make_private(
             engine, module=module, optimizer=optimizer, data_loader=data_loader, config=config, plan=plan, rng=rng
         )
         return finish_private(engine, config, plan, prior, module, private_module, private_opt, loss_fn, private_loader)
+    _refuse_tied(module, config.grad_sample_mode)
     criterion = PerExampleLoss()
     # Poisson sampling from our own generator: Opacus's engine would fall back to the
     # loader's generator (seeded from the run seed) unless in secure mode.
@@ -239,3 +243,13 @@ def make_private(
         private_module, private_opt, private_loader = out
         loss_fn = private_mean
     return finish_private(engine, config, plan, prior, module, private_module, private_opt, loss_fn, private_loader)
+
+
+def _refuse_tied(module: nn.Module, mode: str) -> None:
+    """Opacus's modes cannot clip a tied table (used at the input and the output): only ``bk`` can."""
+    for name, m in module.named_modules():
+        if isinstance(m, TiedEmbedding) and any(p.requires_grad for p in m.parameters()):
+            raise ValueError(
+                f"grad_sample_mode {mode!r} cannot clip the tied table {name!r} (its rows are used at the input "
+                "and at the output); use grad_sample_mode 'bk' (privacy.grad_sample_mode=bk)"
+            )

@@ -35,8 +35,25 @@ def test_rows_outside_the_holder_set_are_reset_to_the_global_rows(private):
     incoming["head.bias"] = np.zeros(5, dtype=np.float32)
     noisy = {k: v + 0.5 for k, v in incoming.items()}
     out = with_item_holders(noisy, incoming, _node("books", [3]), private=private)
-    for key in wire.ITEM_ROW_KEYS:
+    for key in wire.item_row_keys(incoming):
         assert (out[key][3] == 0.5).all()  # the books item keeps its update
         assert (np.delete(out[key], 3, axis=0) == 0).all()  # the rest is the global model again
     np.testing.assert_array_equal(out[wire.ITEM_HOLDERS], [0, 0, 0, 1, 0])
     assert (noisy["head.bias"] == 0.5).all()  # the caller's arrays are not modified
+
+
+def test_the_text_towers_residual_and_bias_follow_the_holders_and_its_projection_is_sent_whole():
+    incoming = {
+        "tower.proj": np.zeros((2, 3), dtype=np.float32),
+        "tower.residual": np.zeros((5, 2), dtype=np.float32),
+        "tower.bias": np.zeros(5, dtype=np.float32),
+        "encoder.w": np.zeros(4, dtype=np.float32),
+    }
+    trained = {k: v + 0.5 for k, v in incoming.items()}
+    out = with_item_holders(trained, incoming, _node("toys", [3]), private=True)
+    assert wire.item_row_keys(out) == ("tower.residual", "tower.bias")
+    for key in ("tower.residual", "tower.bias"):
+        assert (out[key][[1, 2]] == 0.5).all()  # the toys items keep their update
+        assert (out[key][[0, 3, 4]] == 0).all()  # padding, books and garden: the global rows
+    assert (out["tower.proj"] == 0.5).all() and (out["encoder.w"] == 0.5).all()  # shared: the whole update
+    np.testing.assert_array_equal(out[wire.ITEM_HOLDERS], [0, 1, 1, 0, 0])

@@ -151,7 +151,7 @@ def test_without_dp_the_holder_set_is_the_nodes_items_and_weighs_one(node, setti
     assert result.metrics[wire.NUM_EXAMPLES] == 1
     assert result.metrics["users_trained"] == len(node.train_dataset(settings.data.max_len)) > 1
     outside = held == 0
-    for key in wire.ITEM_ROW_KEYS:
+    for key in wire.item_row_keys(incoming):
         assert np.array_equal(result.weights[key][outside], incoming[key][outside]), key
 
 

@@ -53,6 +53,7 @@ NAMED = {
         "evaluation": "exact metrics for research",
     },
     "secagg/off.yaml": {"enabled": "the option itself"},
+    "model/sasrec_text.yaml": {"name": "the option itself"},
 }
 DEFAULT_OPTIONS = {f"{g}/{o}.yaml" for g, o in [
     ("data", "synthetic"), ("partition", "department"), ("model", "sasrec"), ("train", "federated"),
@@ -170,6 +171,9 @@ def test_a_partial_group_keeps_the_trees_defaults_and_secure_aggregation_stays_o
         ({"secagg": {"threshold": True}}, "secagg.threshold"),
         ({"device": "tpu"}, "device"),
         ({"train": {"batch_size": True}}, "train.batch_size must be an integer"),
+        ({"model": {"name": "bert4rec"}}, "model.name"),
+        ({"model": {"name": "sasrec_text", "text": True}}, "model=sasrec_text always uses text: drop it"),
+        ({"model": {"name": "sasrec_text"}, "privacy": {"grad_sample_mode": "ghost"}}, "privacy.grad_sample_mode=bk"),
     ],
 )
 def test_a_bad_setting_is_refused_with_its_key(values, message):

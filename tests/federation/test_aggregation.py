@@ -70,7 +70,7 @@ def _round(strategy, g: ArrayRecord, updates: list[tuple[dict[str, np.ndarray], 
 def _node_update(g: ArrayRecord, rows: list[int], delta: float) -> dict[str, np.ndarray]:
     """Move the given item rows (all item-indexed parameters) and the dense weight by ``delta``."""
     out = {k: g[k].numpy().copy() for k in g}
-    for key in wire.ITEM_ROW_KEYS:
+    for key in wire.item_row_keys(out):
         out[key][rows] += delta
     out["encoder.w"] += delta
     held = np.zeros(ROWS, dtype=np.float32)
@@ -84,7 +84,7 @@ def test_disjoint_holders_get_their_whole_update_and_shared_weights_the_fedavg_m
     common = {"min_available_nodes": 2, "min_train_nodes": 2}
     got = _round(HolderFedAvg(**common), g, [(_node_update(g, [1, 2], 0.3), 1), (_node_update(g, [3], -0.6), 3)])
     g0 = {k: g[k].numpy() for k in g}
-    for key in wire.ITEM_ROW_KEYS:
+    for key in wire.item_row_keys(got):
         np.testing.assert_allclose(got[key][[1, 2]], g0[key][[1, 2]] + 0.3, atol=1e-5)  # not 0.3 / 4
         np.testing.assert_allclose(got[key][3], g0[key][3] - 0.6, atol=1e-5)  # not 0.6 * 3 / 4
         np.testing.assert_allclose(got[key][[0, 4]], g0[key][[0, 4]], atol=1e-6)  # nobody holds them
@@ -122,7 +122,7 @@ def test_fedadam_steps_on_the_normalised_average():
     start = ArrayRecord({k: Array(v.astype(np.float32)) for k, v in g0.items()})
     both = {k: fixed[k].astype(np.float32) for k in g0}
     expect = _round(FedAdam(**common), start, [(both, 1), (both, 1)])
-    for k in wire.ITEM_ROW_KEYS:
+    for k in wire.item_row_keys(got):
         np.testing.assert_allclose(got[k], expect[k], atol=1e-5)
 
 

@@ -1,0 +1,249 @@
+"""Cold start and warm quality of the text tower (``model=sasrec_text``) on MovieLens-100K (issue 16).
+
+    python bench/cold_start.py [--mode cold|warm|both] [--seeds 3] [--out results.json]
+                               [--holdout 0.1] [--max-epochs N] [--patience N]
+
+**cold** (per seed): a random ``--holdout`` share of the catalog's items is held out entirely
+from training: their events are dropped from the training sequences, the items stay in the
+catalog. Both models train centrally with the hyperparameters of ``experiment=ml100k``
+(``conf/experiment/ml100k.yaml``: max_len 50, 2 layers, 64 wide, dropout 0.5, label
+smoothing 0.1, AdamW 1e-3, batch 128), selected by early stopping on the *warm* validation
+NDCG@10 of the filtered data (leave-one-out; the held-out items are never looked at). Then
+every position of every user's full, time-ordered history whose target is a held-out item
+is a test case: the input is the history before it (its last 50 items, held-out ones
+included), the ranking is over all items with the history masked, as in
+``clients/trainer.evaluate``. Arms:
+
+* ``tower``: the text tower, the held-out items' ID residual and bias reset to zero, as a
+  new item enters the catalog (text only);
+* ``tower_trained_rows``: the same model with those rows as training left them (full softmax
+  pushes an item that is never a target down through its residual and bias);
+* ``id_only``: SASRec on item IDs (``model=sasrec``), the held-out rows as trained;
+* ``popularity``: training counts (a held-out item has none);
+* ``content``: the held-out items ranked by cosine similarity of their text embedding (the
+  tower's frozen MiniLM embedding of title and genre) to the mean of the history's, every
+  other item below them. It knows which items are new; the others do not.
+
+**warm**: ``fedmart train-central experiment=ml100k`` (the command of the ID-only 0.0715 in
+BENCHMARKS.md, "Centralized baseline: MovieLens-100K") with ``model=sasrec`` and with
+``model=sasrec_text``, the same seeds, run as subprocesses; their ``results.json`` summaries
+are copied into ``--out``.
+
+``--max-epochs 1`` is a smoke test: its numbers are not results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from clients.datasets import load_dataset
+from clients.sequences import Split, TrainDataset, build_sequences, leave_one_out
+from clients.trainer import evaluate, make_loader, make_optimizer, seed_everything, train_epoch
+from conf.settings import CentralSettings
+from federation.globalmodel import build_model, get_weights, set_weights
+from federation.metrics import RankingMetrics, popularity_scores, ranks
+from federation.text import item_text_embeddings
+
+ROOT = Path(__file__).resolve().parent.parent
+CPU = torch.device("cpu")
+ARMS = ("tower", "tower_trained_rows", "id_only", "popularity", "content")
+
+
+def compose(overrides: list[str]) -> CentralSettings:
+    """``conf/central.yaml`` with ``overrides``, as ``fedmart train-central`` composes it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from conf.typed import register
+
+    register()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = hydra_compose(config_name="central", overrides=overrides)
+        return CentralSettings.from_dict(OmegaConf.to_container(cfg, resolve=True))
+
+
+def train(cfg: CentralSettings, catalog, split: Split, seed: int, cache_dir: Path, log: list) -> torch.nn.Module:
+    """The loop of ``clients/central.run_central`` on a given split: best validation NDCG@10 wins."""
+    seed_everything(seed)
+    model = build_model(catalog, cfg.model, cfg.data.max_len, seed=seed, text_cache=cache_dir / "title_emb.npy")
+    opt = make_optimizer(model, cfg.train)
+    loader = make_loader(TrainDataset(split.train, cfg.data.max_len), cfg.train.batch_size, seed)
+    best, best_epoch, best_weights = -1.0, 0, None
+    for epoch in range(1, cfg.max_epochs + 1):
+        t0 = time.perf_counter()
+        stats = train_epoch(model, loader, opt, CPU)
+        val = evaluate(model, split, "valid", CPU, batch_size=cfg.eval_batch_size)["ndcg@10"]
+        if val > best:
+            best, best_epoch, best_weights = val, epoch, get_weights(model)
+        log.append({"model": cfg.model.name, "seed": seed, "epoch": epoch, "loss": stats["loss"], "valid": val})
+        print(
+            f"  {cfg.model.name} seed {seed} epoch {epoch}: loss {stats['loss']:.4f} valid NDCG@10 {val:.4f}"
+            f" ({time.perf_counter() - t0:.1f}s)",
+            flush=True,
+        )
+        if epoch - best_epoch >= cfg.patience:
+            break
+    set_weights(model, best_weights)
+    model.best_epoch = best_epoch  # type: ignore[attr-defined]
+    return model.eval()
+
+
+def cold_cases(seqs, cold: np.ndarray, max_len: int):
+    """Every (history, target) with a held-out target, from the full time-ordered sequences."""
+    hists, targets = [], []
+    for u in range(seqs.num_users):
+        items = seqs.of(u)
+        for p in np.flatnonzero(cold[items]):
+            if p > 0:
+                hists.append(items[max(0, p - max_len) : p])
+                targets.append(int(items[p]))
+    return hists, np.asarray(targets, dtype=np.int64)
+
+
+def batches(hists, targets, max_len: int, size: int = 256):
+    for s in range(0, len(targets), size):
+        h = hists[s : s + size]
+        x = np.zeros((len(h), max_len), dtype=np.int64)
+        for i, row in enumerate(h):
+            x[i, max_len - len(row) :] = row
+        yield torch.from_numpy(x), torch.from_numpy(targets[s : s + size]), h
+
+
+def cold_seed(seed: int, holdout: float, args: argparse.Namespace, out_dir: Path, log: list) -> dict[str, Any]:
+    base = ["experiment=ml100k", f"max_epochs={args.max_epochs}", f"patience={args.patience}"]
+    cfg_id, cfg_text = compose([*base, "model=sasrec"]), compose([*base, "model=sasrec_text"])
+    data = load_dataset(cfg_id.data)
+    catalog, inter = data.catalog, data.interactions
+    n = catalog.num_items
+    rng = np.random.default_rng(seed)
+    cold = np.zeros(n + 1, dtype=bool)
+    cold[rng.choice(np.arange(1, n + 1), size=round(holdout * n), replace=False)] = True
+    split = leave_one_out(build_sequences(inter.take(np.flatnonzero(~cold[inter.item]))))
+    assert not cold[split.train.items].any() and not cold[split.valid_target].any()
+    hists, targets = cold_cases(build_sequences(inter), cold, cfg_id.data.max_len)
+    print(f"seed {seed}: {int(cold.sum())} held-out items, {len(targets)} cold test positions", flush=True)
+
+    tower = train(cfg_text, catalog, split, seed, out_dir, log)
+    fresh = copy.deepcopy(tower)
+    with torch.no_grad():  # a new item: text only (zero ID residual and bias), as federation.init maps it
+        fresh.tower.residual[torch.from_numpy(cold)] = 0.0
+        if fresh.tower.bias is not None:
+            fresh.tower.bias[torch.from_numpy(cold)] = 0.0
+    id_only = train(cfg_id, catalog, split, seed, out_dir, log)
+    text = item_text_embeddings(catalog, out_dir)  # (n + 1, 384), unit rows
+    counts = split.item_counts(n)
+    cold_t = torch.from_numpy(cold)
+
+    def content(x: torch.Tensor) -> torch.Tensor:
+        user = torch.nn.functional.normalize(text[x].sum(1), dim=-1)  # mean of the history's (pads are 0)
+        return torch.where(cold_t, user @ text.T, torch.tensor(float("-inf")))
+
+    scorers = {
+        "tower": fresh.score_last,
+        "tower_trained_rows": tower.score_last,
+        "id_only": id_only.score_last,
+        "popularity": lambda x: popularity_scores(counts, len(x)),
+        "content": content,
+    }
+    result: dict[str, Any] = {"seed": seed, "held_out_items": int(cold.sum()), "cold_positions": len(targets)}
+    for arm, score in scorers.items():
+        m = RankingMetrics((10,))
+        with torch.no_grad():
+            for x, y, seen in batches(hists, targets, cfg_id.data.max_len):
+                m.update(ranks(score(x), y, seen))
+        result[arm] = m.compute()
+    result["warm_test_of_the_filtered_split"] = {
+        "tower": evaluate(tower, split, "test", CPU),
+        "id_only": evaluate(id_only, split, "test", CPU),
+    }
+    result["best_epoch"] = {"tower": tower.best_epoch, "id_only": id_only.best_epoch}
+    return result
+
+
+def summarise(runs: list[dict], arms, key: str) -> dict[str, dict[str, float]]:
+    out = {}
+    for arm in arms:
+        vals = [r[arm][key] for r in runs]
+        out[arm] = {"mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
+    return out
+
+
+def warm(seeds: list[int], args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    """``fedmart train-central experiment=ml100k`` with each model, as a subprocess (the BENCHMARKS protocol)."""
+    out = {}
+    for name in ("sasrec", "sasrec_text"):
+        run_dir = out_dir / f"warm-{name}"
+        cmd = [
+            sys.executable, "-m", "fedmart", "train-central", "experiment=ml100k", f"model={name}",
+            f"seeds=[{','.join(map(str, seeds))}]", f"hydra.run.dir={run_dir}",
+        ]  # fmt: skip
+        if args.max_epochs != 200:
+            cmd.append(f"max_epochs={args.max_epochs}")
+        if args.patience != 20:
+            cmd.append(f"patience={args.patience}")
+        print("$", " ".join(cmd[1:]), flush=True)
+        subprocess.run(cmd, check=True, cwd=ROOT)
+        summary = json.loads((run_dir / "results.json").read_text())
+        out[name] = {"command": " ".join(cmd[2:-1]), **summary}
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mode", choices=("cold", "warm", "both"), default="both")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
+    p.add_argument("--holdout", type=float, default=0.1, help="share of the catalog held out of training")
+    p.add_argument("--max-epochs", type=int, default=200)
+    p.add_argument("--patience", type=int, default=20)
+    p.add_argument("--out", type=Path, default=Path("outputs/cold_start/results.json"))
+    args = p.parse_args()
+    if not 0 < args.holdout < 1 or args.seeds < 1:
+        raise SystemExit("--holdout must be in (0, 1) and --seeds >= 1")
+    out_dir = args.out.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seeds = list(range(args.seeds))
+    result: dict[str, Any] = {
+        "protocol": {
+            "data": "MovieLens-100K (recbole 1.2.1 files), experiment=ml100k hyperparameters",
+            "holdout": args.holdout,
+            "seeds": seeds,
+            "max_epochs": args.max_epochs,
+            "patience": args.patience,
+            "smoke": args.max_epochs < 5,
+        }
+    }
+    if args.mode in ("cold", "both"):
+        log: list[dict] = []
+        runs = [cold_seed(s, args.holdout, args, out_dir, log) for s in seeds]
+        result["cold"] = {
+            "runs": runs,
+            "ndcg@10": summarise(runs, ARMS, "ndcg@10"),
+            "hr@10": summarise(runs, ARMS, "hr@10"),
+            "epochs": log,
+        }
+        print("\ncold start (targets held out of training), mean ± std over seeds:")
+        for arm in ARMS:
+            nd, hr = result["cold"]["ndcg@10"][arm], result["cold"]["hr@10"][arm]
+            print(f"  {arm:20s} NDCG@10 {nd['mean']:.4f} ± {nd['std']:.4f}  HR@10 {hr['mean']:.4f} ± {hr['std']:.4f}")
+    if args.mode in ("warm", "both"):
+        result["warm"] = warm(seeds, args, out_dir)
+        for name, s in result["warm"].items():
+            print(f"warm {name}: test NDCG@10 {s['test_ndcg@10']['mean']:.4f} ± {s['test_ndcg@10']['std']:.4f}")
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"results: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
