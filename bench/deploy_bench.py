@@ -102,7 +102,7 @@ def deployed(
 
     nodes = sorted((sim_dir / "nodes").glob("node-*"))
     names = [json.loads((n / "node.json").read_text())["name"].lower().replace(" ", "") for n in nodes]
-    subprocess.run([*CLI, "certs", "--out", "certs", "--node-names", ",".join(names)], cwd=base, check=True,
+    subprocess.run([*CLI, "certs", "--out", "certs", "--node-keys", ",".join(names)], cwd=base, check=True,
                    capture_output=True)  # fmt: skip
     port = free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))

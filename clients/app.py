@@ -113,8 +113,10 @@ def local_train(msg: Message, node: NodeData, policy: NodePolicy, settings: RunS
         return refuse(msg, f"node {node.name}: {result.refused.reason}")
     if result.declined is not None:
         d = result.declined
-        reason = {"code": d.code, "message": d.reason, "node": node.name,
-                  "epsilon_now": d.epsilon_now, "epsilon_after": d.epsilon_after}  # fmt: skip
+        # max_epsilon: the node's own budget, so that the coordinator's report can state it even for
+        # a node that declined every round it was asked (it is no secret: it is in every round's metrics).
+        reason = {"code": d.code, "message": d.reason, "node": node.name, "epsilon_now": d.epsilon_now,
+                  "epsilon_after": d.epsilon_after, "max_epsilon": policy.max_epsilon}  # fmt: skip
         log.warning("node %s declines: %s", node.name, d.reason)
         return Message(Error(code=wire.ERR_DECLINED, reason=json.dumps(reason)), reply_to=msg)
     assert result.weights is not None and result.metrics is not None

@@ -124,9 +124,20 @@ def pull_task_input(client) -> tuple[Message, Context, object, object]:
 
 
 def run_one_task(
-    address: str, token: str, app: ClientApp, *, fab_id: str, on_message: Callable[[Message], None] | None = None
+    address: str,
+    token: str,
+    app: ClientApp,
+    *,
+    fab_id: str,
+    on_message: Callable[[Message], None] | None = None,
+    on_reply: Callable[[Message], None] | None = None,
 ) -> TaskOutcome:
-    """Run one acquired task in this process; a reply is sent in every case. Returns how it ended."""
+    """Run one acquired task in this process; a reply is sent in every case. Returns how it ended.
+
+    ``on_message`` sees the message before the app runs, ``on_reply`` the reply just before it is
+    handed to the SuperNode (``fedmart node`` notes where the SuperNode's log stood, to know when
+    the reply has left: :class:`fedmart.supervise.ReplyDelivery`).
+    """
     from flwr.common.constant import SubStatus
     from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
     from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
@@ -166,6 +177,8 @@ def run_one_task(
                 reply = Message(Error(code=_ERR_CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
                 details = reason
         t_push = time.perf_counter()
+        if on_reply is not None:
+            on_reply(reply)
         push_message(client, reply, context)
         log.debug("reply pushed in %.2fs; task %.2fs", time.perf_counter() - t_push, time.perf_counter() - t0)
         if status == SubStatus.COMPLETED:
@@ -189,11 +202,14 @@ def serve_tasks(
     poll_interval: float = 0.1,
     alive: Callable[[], bool] = lambda: True,
     on_message: Callable[[Message], None] | None = None,
+    on_reply: Callable[[Message], None] | None = None,
 ) -> WorkerStats:
     """Take ClientApp tasks from the SuperNode at ``address`` and run them here until ``stop``.
 
     ``alive()`` is polled between tasks; when it turns false (the SuperNode exited) the
-    loop ends. ``on_message`` sees each message before the app does (logging, tests).
+    loop ends. ``stop`` is checked between tasks only: a task in progress (a training) runs to
+    its end and its reply is sent; no task is taken after it. ``on_message`` sees each message
+    before the app does (logging, tests), ``on_reply`` each reply before it is handed over.
     """
     from flwr.proto.runtime_pb2 import AcquireTaskRequest
     from flwr.supercore.constant import TaskType
@@ -209,10 +225,15 @@ def serve_tasks(
                 stop.wait(max(poll_interval, 0.5))
                 continue
             if res.HasField("task") and res.token:
+                if stop.is_set():  # asked to stop while this one was being handed out: take no new work
+                    log.info("stopping: task %d left to the SuperNode, not run", res.task.task_id)
+                    break
                 stats.tasks += 1
                 stats.last_task_at = time.time()
                 try:
-                    outcome = run_one_task(address, res.token, app, fab_id=fab_id, on_message=on_message)
+                    outcome = run_one_task(
+                        address, res.token, app, fab_id=fab_id, on_message=on_message, on_reply=on_reply
+                    )
                     stats.refused += outcome is TaskOutcome.REFUSED
                     stats.failed += outcome is TaskOutcome.FAILED
                 except Exception:

@@ -69,6 +69,9 @@ class RoundRecord:
     failed: dict[str, str] = field(default_factory=dict)
     timed_out: list[str] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)
+    # the strategy's own report of the round, if it keeps one (secure aggregation: sampled, masked,
+    # unmasked, threshold, stage times and its one-line ``summary``)
+    secure_aggregation: dict[str, Any] = field(default_factory=dict)
     train_metrics: dict[str, float] = field(default_factory=dict)
     node_metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # per replied node
     federated_eval: dict[str, float] = field(default_factory=dict)
@@ -130,6 +133,29 @@ def discover_nodes(grid: Grid, *, expected: int, timeout: float, wait: float = 1
             audit=bool(info.get("audit", False)),
             canary=bool(info.get("canary-node", False)),
         )
+    return _distinct_names(nodes)
+
+
+def _distinct_names(nodes: dict[int, NodeInfo]) -> dict[int, NodeInfo]:
+    """Nodes name themselves (``fedmart node --name``); two that say the same name get their node ids appended.
+
+    Every record of a round (replied, dropped, ε per node) is keyed by name, so two nodes under one
+    name would be merged there; the node id is what ``fedmart nodes list`` shows beside the
+    registered name and key fingerprint.
+    """
+    counts: dict[str, int] = {}
+    for info in nodes.values():
+        counts[info.name] = counts.get(info.name, 0) + 1
+    for info in nodes.values():
+        if counts[info.name] > 1:
+            log.warning(
+                "%d nodes call themselves %s; this one is %s@%d in the round records (see fedmart nodes list)",
+                counts[info.name],
+                info.name,
+                info.name,
+                info.node_id,
+            )
+            info.name = f"{info.name}@{info.node_id}"
     return nodes
 
 
@@ -266,6 +292,11 @@ class Coordinator:
             return validate_update(reply.content[wire.ARRAYS], reference)
         return ""
 
+    def _rejoin(self, reply: Message) -> str:
+        """Why a reply is a node sitting this round out after a restart (a strategy's ``rejoin_reason``), or ""."""
+        custom = getattr(self.strategy, "rejoin_reason", None)
+        return str(custom(reply) or "") if callable(custom) else ""
+
     def _triage(self, record: RoundRecord, sent: list[Message], replies: Iterable[Message], reference: ArrayRecord):
         valid: list[Message] = []
         seen = set()
@@ -274,6 +305,10 @@ class Coordinator:
             name = self._name(src)
             if r.has_error() and r.error.code == _NODE_UNAVAILABLE:
                 continue  # Flower's own reply for a node that went away: a dropout, listed as timed out
+            rejoin = self._rejoin(r)
+            if rejoin:  # a node that restarted sits the round out (secure aggregation): a dropout, not an error
+                log.info("round %d: %s %s", record.round, name, rejoin)
+                continue
             seen.add(src)
             if r.has_error():
                 if r.error.code in (wire.ERR_DECLINED, wire.ERR_POLICY):
@@ -328,6 +363,9 @@ class Coordinator:
             record.aggregated = True
             new_arrays = _cast_like(new_arrays, arrays)
         record.train_metrics = {k: float(v) for k, v in (train_metrics or {}).items() if isinstance(v, (int, float))}
+        report = getattr(self.strategy, "last_report", None)
+        if report is not None and getattr(report, "server_round", None) == server_round and hasattr(report, "to_json"):
+            record.secure_aggregation = report.to_json()
         t3 = time.perf_counter()
         if self._federated_eval and (server_round % self.eval_every == 0 or server_round == self.num_rounds):
             eval_msgs = list(self.strategy.configure_evaluate(server_round, new_arrays, ConfigRecord(), self.grid))

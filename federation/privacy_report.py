@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from conf.settings import RunSettings
 
-__all__ = ["privacy_section"]
+__all__ = ["privacy_section", "reported_budgets"]
 
 _USER_WHOLE = ("dirichlet", "iid")
 
@@ -30,6 +31,36 @@ def _user_spread(settings: RunSettings) -> tuple[str, bool]:
             whole,
         )
     return f"{scheme} silos", whole
+
+
+def reported_budgets(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Each node's max_epsilon as it reported it last: in its training metrics, or in its budget refusal (4201).
+
+    The coordinator has no budget of its own to put in their place: a node that reported none is
+    listed as such, never given a default.
+    """
+    budgets: dict[str, float] = {}
+    for r in rows:
+        for node, m in r.get("node_metrics", {}).items():
+            if "max_epsilon" in m:
+                budgets[node] = float(m["max_epsilon"])
+        for node, reason in (r.get("declined") or {}).items():
+            try:
+                parsed = json.loads(reason)
+            except (TypeError, ValueError):
+                continue  # a policy refusal (one line of text), not a budget one
+            if isinstance(parsed, dict) and isinstance(parsed.get("max_epsilon"), int | float):
+                budgets[node] = float(parsed["max_epsilon"])
+    return budgets
+
+
+def _budget_list(budgets: dict[str, float], spent: set[str]) -> str:
+    shown = sorted(budgets.items())[:30]
+    text = ", ".join(f"{n} {b:g}" for n, b in shown) + (" …" if len(budgets) > 30 else "")
+    missing = sorted(spent - set(budgets))
+    if missing:
+        text += ("; " if text else "") + "not reported by " + ", ".join(missing[:30])
+    return text or "not reported"
 
 
 def privacy_section(settings: RunSettings, rows: list[dict[str, Any]]) -> str:
@@ -79,14 +110,12 @@ def _user_level(settings: RunSettings, rows: list[dict[str, Any]]) -> str:
         return "\n".join(lines)
     final: dict[str, float] = {}
     deltas: dict[str, float] = {}
-    budgets: dict[str, float] = {}
+    budgets = reported_budgets(rows)
     for r in rows:
         for node, m in r.get("node_metrics", {}).items():
             if "epsilon" in m:
                 final[node] = float(m["epsilon"])
                 deltas[node] = float(m.get("delta", float("nan")))
-            if "max_epsilon" in m:
-                budgets[node] = float(m["max_epsilon"])
     spread, whole = _user_spread(settings)
     eps_max = max(final.values()) if final else float("nan")
     eps_sum = sum(final.values()) if final else float("nan")
@@ -102,9 +131,9 @@ def _user_level(settings: RunSettings, rows: list[dict[str, Any]]) -> str:
         "- **δ**: each node's own (its policy's, by default 1 / (10 × users at the node)), pinned in its ledger"
         + (f"; here {min(deltas.values()):.2g} … {max(deltas.values()):.2g}" if deltas else "")
         + ".",
-        "- **Node budgets**: each node declines a round that would take it past its own max_epsilon (its policy, "
-        "not the coordinator's); as the nodes reported them: "
-        + (", ".join(f"{n} {b:g}" for n, b in sorted(budgets.items())[:30]) if budgets else "not reported")
+        "- **Node budgets**: each node declines a round that would take it past its own max_epsilon (its policy "
+        "or `fedmart node --max-epsilon`, never the coordinator's); as the nodes reported them: "
+        + _budget_list(budgets, set(final))
         + ".",
         f"- **ε spent per node after the run**: max {eps_max:.3f}; "
         + ", ".join(f"{n} {e:.3f}" for n, e in sorted(final.items())[:30])

@@ -195,7 +195,9 @@ def run_server(grid: Grid, settings: RunSettings, *, listeners_extra=()) -> Arra
     nodes = discover_nodes(grid, expected=expected, timeout=fed.round_timeout)
     if not nodes:
         raise RuntimeError("no node joined the federation; check the nodes' logs")
-    log.info("%d nodes joined: %s", len(nodes), ", ".join(sorted(n.name for n in nodes.values()))[:500])
+    # Names as the nodes give them, with the node ids `fedmart nodes list` shows beside the registered names.
+    joined = ", ".join(f"{n.name} (node id {n.node_id})" for n in sorted(nodes.values(), key=lambda n: n.name))
+    log.info("%d nodes joined: %s", len(nodes), joined[:2000])
     strategy = make_strategy(fed, len(nodes), settings.secagg)
     start, arrays = load_checkpoint(run, strategy)
     if arrays is None:

@@ -1,4 +1,11 @@
-"""``fedmart certs``: the deployment's CA, the coordinator's TLS certificate, and node authentication keys."""
+"""``fedmart certs``: the deployment's CA and the coordinator's TLS certificate; node keys only when asked.
+
+Node private keys are the departments' own: each makes its pair on its own machine with
+``fedmart node keygen`` and sends only the ``.pub`` files (:mod:`fedmart.node_keys`). ``certs``
+makes none unless asked with ``--node-keys`` (a demo or a test with every node on one machine).
+Roster public keys found in ``OUT/nodes/`` (``NAME.roster.key.pub``, as the departments sent
+them) are assembled into ``OUT/roster.json``.
+"""
 
 from __future__ import annotations
 
@@ -8,20 +15,47 @@ from pathlib import Path
 from fedmart.cli import command
 from fedmart.errors import UserError, exit_on_user_error
 
-__all__ = ["certs_cmd"]
+__all__ = ["certs_cmd", "parse_node_keys"]
+
+_GONE = {  # flags of the time certs made node keys by default; each now names what replaces it
+    "nodes": "--nodes",
+    "node_names": "--node-names",
+    "nodes_only": "--nodes-only",
+}
 
 
 def _certs_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="directory to write (created 0700)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--nodes", type=int, default=0, help="N node key pairs named node-1..node-N")
-    g.add_argument("--node-names", default="", help="comma-separated node names (e.g. toys,books,garden)")
     p.add_argument(
         "--hosts",
         default="127.0.0.1,localhost",
         help="comma-separated names nodes reach the coordinator by (the TLS certificate's SAN; 127.0.0.1 is added)",
     )
-    p.add_argument("--nodes-only", action="store_true", help="write node key pairs only (on a department's machine)")
+    p.add_argument(
+        "--node-keys",
+        default="",
+        metavar="N|NAMES",
+        help="demos and tests only: also make node key pairs here, N of them (node-1..node-N) or named "
+        "(books,toys). In a deployment each department makes its own: fedmart node keygen",
+    )
+    for dest, flag in _GONE.items():  # refused with the replacement, not an argparse usage error
+        p.add_argument(flag, dest=dest, default=None, nargs="?", const=True, help=argparse.SUPPRESS)
+
+
+def parse_node_keys(spec: str) -> list[str]:
+    """``--node-keys``: a count N (node-1..node-N) or comma-separated names; empty: none."""
+    spec = spec.strip()
+    if not spec:
+        return []
+    if spec.isdigit():
+        n = int(spec)
+        if n < 1:
+            raise UserError("--node-keys N must be >= 1 (or leave it out: departments make their own keys)")
+        return [f"node-{i}" for i in range(1, n + 1)]
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    if len(set(names)) != len(names):
+        raise UserError(f"--node-keys {spec}: a name appears twice")
+    return names
 
 
 @exit_on_user_error
@@ -29,16 +63,20 @@ def certs_cmd(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from fedmart.console import console
-    from privacy.pki import PkiError, ensure_pki, ssh_fingerprint
+    from fedmart.node_keys import make_node_keys
+    from privacy.pki import PkiError, ensure_pki
 
-    if args.nodes < 0:
-        raise UserError("--nodes must be >= 0")
-    names = [f"node-{i}" for i in range(1, args.nodes + 1)] or [n.strip() for n in args.node_names.split(",") if n]
-    if args.nodes_only and not names:
-        raise UserError("--nodes-only needs --nodes N or --node-names a,b")
+    used = [flag for dest, flag in _GONE.items() if getattr(args, dest) is not None]
+    if used:
+        raise UserError(
+            f"{used[0]} is gone: each department makes its own node keys on its own machine (fedmart node keygen "
+            "--name NAME) and sends the .pub files; for a demo or a test on one machine, fedmart certs --node-keys "
+            "N or --node-keys a,b,c makes them here"
+        )
+    names = parse_node_keys(args.node_keys)
     hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
     try:
-        report = ensure_pki(args.out, node_names=names, hosts=hosts, with_ca=not args.nodes_only)
+        report = ensure_pki(args.out, hosts=hosts)
     except (PkiError, ValueError) as exc:
         raise UserError(str(exc)) from exc
     t = Table(title=f"{args.out} (dir 0700, private keys 0600)")
@@ -53,41 +91,47 @@ def certs_cmd(args: argparse.Namespace) -> int:
     created = set(report.created)
     for path in sorted(set(report.created) | set(report.kept)):
         rel = path.relative_to(report.layout.root)
-        if path.suffix == ".pub":
-            desc = f"node public key {ssh_fingerprint(path.read_bytes())}: the coordinator registers it"
-        elif path.parent.name == "nodes":
-            desc = "node private key: give to that node only (--auth-key)"
-        else:
-            desc = what.get(path.name, "")
-        t.add_row(str(rel), "[green]created[/]" if path in created else "kept", desc)
+        t.add_row(str(rel), "[green]created[/]" if path in created else "kept", what.get(path.name, ""))
     console.print(t)
     for note in report.notes:
         console.print(f"[yellow]{note}[/]")
-    _roster_keys(args.out, names, with_roster=not args.nodes_only)
+    if names:
+        console.print(
+            f"--node-keys: making {len(names)} nodes' private keys HERE, for a demo or a test; in a deployment each "
+            "department makes its own (fedmart node keygen)",
+            style="yellow",
+            highlight=False,
+        )
+        for name in names:
+            keys = make_node_keys(report.layout.nodes, name)
+            console.print("\n".join(keys.lines()[:-1]), markup=False, highlight=False, soft_wrap=True)
+    _roster(args.out)
     return 0
 
 
-def _roster_keys(out: Path, names: list[str], *, with_roster: bool) -> None:
-    """Each node's secure-aggregation roster key beside its auth key, and (with the CA) the roster of all of them.
-
-    A department that makes its own keys (``--nodes-only``) sends ``nodes/NAME.roster.key.pub``
-    along with ``NAME.pub``; ``fedmart roster make`` then writes the roster (docs/secagg.md).
-    """
+def _roster(out: Path) -> None:
+    """The roster of every ``nodes/NAME.roster.key.pub`` (departments' own, or ``--node-keys``), if two or more."""
     from fedmart.console import console
-    from privacy.secagg.roster import make_roster
-    from privacy.signing import key_fingerprint, load_or_create_keypair
+    from privacy.secagg.roster import RosterError, make_roster
+    from privacy.signing import KeyFileError, load_public_key
 
-    for name in names:
-        _, public = load_or_create_keypair(out / "nodes" / f"{name}.roster.key")
-        console.print(f"nodes/{name}.roster.key: secure-aggregation roster key {key_fingerprint(public)}")
     pubs = sorted((out / "nodes").glob("*.roster.key.pub"))
-    if with_roster and len(pubs) >= 2:
-        from privacy.signing import load_public_key
-
+    if len(pubs) < 2:
+        return
+    try:
         roster = make_roster((p.name.removesuffix(".roster.key.pub"), load_public_key(p)) for p in pubs)
-        roster.save(out / "roster.json")
-        console.print(f"roster.json: {len(roster)} members, digest {roster.digest}: give to every node (--roster)")
+    except (RosterError, KeyFileError) as exc:
+        raise UserError(f"{out / 'nodes'}: {exc}") from exc
+    roster.save(out / "roster.json")
+    console.print(
+        f"roster.json: {len(roster)} members, digest {roster.digest}: give to every node (--roster)",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 certs_cmd.add_arguments = _certs_args  # type: ignore[attr-defined]
-command("certs", "create the deployment's CA, the coordinator's TLS certificate and node auth keys")(certs_cmd)
+command("certs", "create the deployment's CA and the coordinator's TLS certificate (node keys: fedmart node keygen)")(
+    certs_cmd
+)

@@ -22,6 +22,10 @@ HYDRA_APPS: dict[str, str] = {
     "coordinate": "fedmart.coordinate:main",
 }
 
+# Two-word spellings of plain subcommands: `fedmart node keygen` runs `node-keygen` (`fedmart node`
+# itself takes only flags, so a first positional word cannot be anything else).
+SPELLINGS: dict[tuple[str, str], str] = {("node", "keygen"): "node-keygen"}
+
 # Plain subcommands register themselves here: name -> (help, add_arguments, run).
 Run = Callable[[argparse.Namespace], int]
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Run]
@@ -33,6 +37,7 @@ COMMAND_MODULES = (
     "fedmart.serve_cmd",
     "fedmart.certs",
     "fedmart.node_cmd",
+    "fedmart.node_keys",
     "fedmart.nodes_admin",
     "fedmart.roster_cmd",
 )
@@ -92,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.argv = [f"fedmart {name}", *argv[1:]]
         _load(HYDRA_APPS[name])()
         return 0
+    if tuple(argv[:2]) in SPELLINGS:
+        argv = [SPELLINGS[(argv[0], argv[1])], *argv[2:]]
     _register_optional_commands()
     parser = _parser()
     args = parser.parse_args(argv)

@@ -48,7 +48,7 @@ from federation.runconfig import flatten
 from fedmart.errors import UserError
 from fedmart.fleet_gate import gate_argv
 from fedmart.hydra_runs import hydra_entry, run_job
-from fedmart.nodes_admin import register_node_keys
+from fedmart.nodes_admin import ControlClient, register_node_keys
 from fedmart.staging import stage_app
 from fedmart.supervise import (
     CONNECTION,
@@ -66,6 +66,7 @@ __all__ = [
     "coordinate",
     "main",
     "round_line",
+    "round_lines",
     "start_link",
     "superlink_argv",
 ]
@@ -125,7 +126,7 @@ def _check_certs(deploy: Deployment) -> list[Path]:
     layout = PkiLayout(deploy.certs)
     for path in (layout.ca_cert, layout.server_cert, layout.server_key):
         if not path.is_file():
-            raise UserError(f"{path}: missing; run `fedmart certs --out {deploy.certs} --nodes N` first")
+            raise UserError(f"{path}: missing; run `fedmart certs --out {deploy.certs} --hosts NAMES` first")
     try:
         check_private_permissions(layout.server_key)
     except PkiError as exc:
@@ -139,7 +140,10 @@ def _check_certs(deploy: Deployment) -> list[Path]:
     # (NAME.roster.key.pub, beside them) go into the roster, not to the SuperLink.
     pubs = sorted(p for p in deploy.node_keys.glob("*.pub") if not p.name.endswith(".roster.key.pub"))
     if not pubs:
-        raise UserError(f"{deploy.node_keys}: no node public keys (*.pub) to register")
+        raise UserError(
+            f"{deploy.node_keys}: no node public keys (*.pub) to register; put the departments' NAME.pub there "
+            "(each makes its own: fedmart node keygen --name NAME), or set deploy.node_keys=DIR"
+        )
     return pubs
 
 
@@ -192,11 +196,15 @@ def coordinate(cfg: dict[str, Any], run_dir: Path) -> Path:
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         with start_link(deploy, flwr_dir, home) as (superlink, _gate):
-            registered = register_node_keys(home, pubs)
+            with ControlClient.from_home(home, where=str(run_dir)) as control:
+                registered = register_node_keys(control, pubs)
             console.print(
                 f"SuperLink on https://{deploy.control_address} (TLS, node auth, Control API on this machine only); "
                 f"nodes connect to https://{deploy.node_address} (Fleet API only); {len(registered)} node keys: "
-                + ", ".join(f"{k} ({v})" for k, v in registered.items())
+                + ", ".join(f"{r.name} ({r.status}, node id {r.node_id})" for r in registered),
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
             )
             _run_app(app_dir, overrides, home, run_dir, superlink.log_path, stop)
         return run_dir
@@ -285,6 +293,13 @@ def start_link(deploy: Deployment, flwr_dir: Path, home: Path) -> Iterator[tuple
 _PROGRESS = re.compile(r"Successfully started run|Exit Code|Error|error:")
 
 
+def round_lines(row: dict[str, Any]) -> list[str]:
+    """What ``fedmart coordinate`` prints per completed round: the secure-aggregation line (the one the
+    ServerApp logs, as in simulation), then the round line."""
+    secure = (row.get("secure_aggregation") or {}).get("summary")
+    return [*([str(secure)] if secure else []), round_line(row)]
+
+
 def round_line(row: dict[str, Any]) -> str:
     """One line per completed round, from its ``metrics.jsonl`` row."""
     parts = [f"round {row['round']}", f"{len(row.get('replied', []))}/{len(row.get('sampled', []))} replied"]
@@ -324,8 +339,9 @@ def _follow(proc: subprocess.Popen, log_path: Path, metrics: Path, stop: threadi
             lines = metrics.read_text().splitlines() if metrics.is_file() else []
             for line in lines[seen:]:
                 try:
-                    console.print(round_line(json.loads(line)), markup=False, highlight=False)
-                except (json.JSONDecodeError, KeyError, TypeError):
+                    for text in round_lines(json.loads(line)):
+                        console.print(text, markup=False, highlight=False, soft_wrap=True)
+                except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
                     continue
             seen = max(seen, len(lines))
             if done:

@@ -41,7 +41,15 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-__all__ = ["FLEET_ROUTES", "MAX_BODY_BYTES", "create_gate", "gate_argv", "main"]
+__all__ = [
+    "FLEET_ROUTES",
+    "MAX_BODY_BYTES",
+    "MEMBERSHIP_ROUTES",
+    "create_gate",
+    "gate_argv",
+    "main",
+    "node_key_fingerprint",
+]
 
 log = logging.getLogger("fedmart.fleet_gate")
 
@@ -62,6 +70,10 @@ FLEET_ROUTES = frozenset(
         "confirm-message-received",
     )
 )
+# The routes by which a node joins and leaves: logged with the key's SHA256 fingerprint (the one
+# `fedmart nodes list` shows beside the node's name), so the gate's log tells nodes apart.
+MEMBERSHIP_ROUTES = frozenset(f"/v1/fleet/{name}" for name in ("register-node", "activate-node", "deactivate-node"))
+FLEET_PUBLIC_KEY_HEADER = "flwr-public-key"  # flwr.supercore.constant.FLEET_HTTP_PUBLIC_KEY_HEADER: base64 PEM
 MAX_BODY_BYTES = 512 * 1024 * 1024  # Flower's own largest message (GRPC_MAX_MESSAGE_LENGTH)
 # Hop-by-hop headers (RFC 9110 7.6.1) and what httpx recomputes; everything else passes through.
 _HOP = frozenset(
@@ -119,12 +131,37 @@ def create_gate(upstream: str, ca_cert: Path, *, timeout: float = 300.0) -> Star
             upstream_response = await state["client"].post(path, content=bytes(body), headers=headers)
         except httpx.HTTPError as exc:
             log.warning("SuperLink unreachable for %s from %s: %s", path, peer, exc)
-            return PlainTextResponse("the SuperLink is not reachable\n", status_code=502)
-        out = {k: v for k, v in upstream_response.headers.items() if k.lower() not in _HOP}
-        return Response(upstream_response.content, status_code=upstream_response.status_code, headers=out)
+            response: Response = PlainTextResponse("the SuperLink is not reachable\n", status_code=502)
+        else:
+            out = {k: v for k, v in upstream_response.headers.items() if k.lower() not in _HOP}
+            response = Response(upstream_response.content, status_code=upstream_response.status_code, headers=out)
+        if path in MEMBERSHIP_ROUTES:  # rare events: which key came and went, from where
+            log.info(
+                "%s: node key %s from %s: HTTP %d",
+                path.rsplit("/", 1)[1],
+                node_key_fingerprint(request.headers.get(FLEET_PUBLIC_KEY_HEADER, "")),
+                peer,
+                response.status_code,
+            )
+        return response
 
     methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
     return Starlette(routes=[Route("/{path:path}", forward, methods=methods)], lifespan=lifespan)
+
+
+def node_key_fingerprint(header: str) -> str:
+    """The SHA256 fingerprint (OpenSSH form) of the key a SuperNode sends in its signed Fleet requests."""
+    from base64 import b64decode
+
+    from cryptography.hazmat.primitives import serialization
+
+    from privacy.pki import node_public_key_openssh, ssh_fingerprint
+
+    try:
+        key = serialization.load_pem_public_key(b64decode(header, validate=True))
+        return ssh_fingerprint(node_public_key_openssh(key))  # type: ignore[arg-type]
+    except (ValueError, TypeError):
+        return "(no key)"
 
 
 def gate_argv(*, host: str, port: int, upstream: str, certs: Path) -> list[str]:

@@ -17,29 +17,33 @@ import argparse
 import json
 import logging
 import re
-import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from fedmart.cli import command
 from fedmart.errors import UserError, exit_on_user_error
 from fedmart.staging import FAB_ID
-from fedmart.supervise import Child, flwr_env, free_port
+from fedmart.supervise import Child, GracefulStop, ReplyDelivery, StopNow, flwr_env, free_port
 
 __all__ = [
     "MAX_SUPERNODE_RESTARTS",
+    "SEND_GRACE",
+    "describe_task",
     "explain_supernode_exit",
     "node_cmd",
     "node_config_toml",
     "node_data_line",
+    "run_supernode",
     "supernode_argv",
 ]
 
 log = logging.getLogger(__name__)
 
 MAX_SUPERNODE_RESTARTS = 5
+SEND_GRACE = 60.0  # seconds a stopping node waits for the SuperNode to pass its last reply on
 
 
 def node_config_toml(values: dict[str, Any]) -> str:
@@ -286,36 +290,87 @@ def node_cmd(args: argparse.Namespace) -> int:
         isolation=args.isolation,
         runtime_port=port,
     )
-    stop = threading.Event()
-
-    def on_signal(signum, frame) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stopper = GracefulStop(f"node {node.name}")
     if args.isolation == "process":
         from clients.app import app  # imported once: every message of every run reuses it
         from clients.worker import serve_tasks
+
+        def serve(alive: Callable[[], bool], on_reply: Callable[[Any], None]) -> None:
+            console.print(f"node {node.name}: joining {args.superlink}; the ClientApp runs in this process")
+            serve_tasks(f"127.0.0.1:{port}", app, fab_id=FAB_ID, stop=stopper.event, alive=alive,
+                        on_message=_log_message, on_reply=on_reply)  # fmt: skip
+    else:
+
+        def serve(alive: Callable[[], bool], on_reply: Callable[[Any], None]) -> None:
+            console.print(f"node {node.name}: joining {args.superlink}; Flower starts a ClientApp per message")
+            while not stopper.event.is_set() and alive():
+                stopper.event.wait(0.5)
+
+    stopper.install()  # from here on, a signal lets the task in progress finish and send its reply
+    try:
+        return run_supernode(
+            argv,
+            env=flwr_env(home),
+            state=state,
+            stop=stopper.event,
+            serve=serve,
+            name=node.name,
+            join_timeout=args.join_timeout,
+            explain=lambda text: explain_supernode_exit(
+                text, pub=f"the .pub of {args.auth_key}", superlink=args.superlink
+            ),
+        )
+    except StopNow as exc:
+        console.print(f"{exc}: the task in progress was abandoned, its reply not sent", markup=False)
+        return 1
+    finally:
+        stopper.restore()
+
+
+def run_supernode(
+    argv: list[str],
+    *,
+    env: dict[str, str],
+    state: Path,
+    stop: threading.Event,
+    serve: Callable[[Callable[[], bool], Callable[[Any], None]], None],
+    name: str,
+    join_timeout: float,
+    explain: Callable[[str], str],
+    send_grace: float = SEND_GRACE,
+) -> int:
+    """Supervise ``flower-supernode`` (``argv``) while ``serve(alive, on_reply)`` runs the node's tasks.
+
+    Returns 0 once ``stop`` is set (SIGTERM, SIGINT): ``serve`` finishes the task it holds and
+    hands its reply to the SuperNode, which is stopped only after it logged passing that reply
+    on to the SuperLink (or ``send_grace`` seconds); the SuperNode runs in a session of its own,
+    so a signal to this command's process group does not stop it first. A SuperNode that stops
+    by itself is restarted after it had joined (up to :data:`MAX_SUPERNODE_RESTARTS` times) or,
+    while its key is unknown to the SuperLink, until ``join_timeout``; otherwise a UserError
+    with ``explain(its log)``.
+    """
+    from fedmart.console import console
+
     restarts = 0
     joining_since = time.monotonic()
+    log_path = state / "supernode.log"
     while True:
-        log_path = state / "supernode.log"
         offset = log_path.stat().st_size if log_path.exists() else 0  # this incarnation's output starts here
-        supernode = Child("flower-supernode", argv, env=flwr_env(home), cwd=state, log_path=log_path)
+        supernode = Child("flower-supernode", argv, env=env, cwd=state, log_path=log_path, new_session=True)
+        delivery = ReplyDelivery(log_path)
+        sent = "no reply"
         try:
-            if args.isolation == "process":
-                console.print(f"node {node.name}: joining {args.superlink}; the ClientApp runs in this process")
-                serve_tasks(
-                    f"127.0.0.1:{port}", app, fab_id=FAB_ID, stop=stop, alive=supernode.alive, on_message=_log_message
-                )
-            else:
-                console.print(f"node {node.name}: joining {args.superlink}; Flower starts a ClientApp per message")
-                while not stop.is_set() and supernode.alive():
-                    stop.wait(0.5)
+            serve(supernode.alive, delivery.pushing)
+            if stop.is_set():
+                sent = delivery.wait(send_grace, alive=supernode.alive)
         finally:
             supernode.stop()
         if stop.is_set():
-            console.print(f"node {node.name}: stopped")
+            outcome = {
+                "sent": "its last reply reached the coordinator",
+                "no reply": "no task was in progress",
+            }.get(sent, f"its last reply may not have reached the coordinator ({sent}; see {log_path})")
+            console.print(f"node {name}: stopped; {outcome}", markup=False, highlight=False)
             return 0
         text = log_path.read_bytes()[offset:].decode(errors="replace")
         if "SuperNode ID" in text and restarts < MAX_SUPERNODE_RESTARTS:
@@ -326,15 +381,36 @@ def node_cmd(args: argparse.Namespace) -> int:
             log.warning("flower-supernode stopped after joining; restarting (%d/%d)", restarts, MAX_SUPERNODE_RESTARTS)
             stop.wait(5.0)
             continue
-        if _exit_code(text) == "305" and time.monotonic() - joining_since < args.join_timeout:
+        if _exit_code(text) == "305" and time.monotonic() - joining_since < join_timeout:
             # The key is unknown: perhaps the coordinator is still registering it. Ask again
             # until --join-timeout; after that the refusal is final.
-            log.warning(
-                "the SuperLink does not know this node's key (yet); retrying for up to %.0fs", args.join_timeout
-            )
+            log.warning("the SuperLink does not know this node's key (yet); retrying for up to %.0fs", join_timeout)
             stop.wait(5.0)
             continue
-        raise UserError(explain_supernode_exit(text, pub=f"the .pub of {args.auth_key}", superlink=args.superlink))
+        raise UserError(explain(text))
+
+
+def describe_task(msg) -> str:
+    """How the node's log names a message: its type, the round it belongs to, its secure-aggregation stage.
+
+    The round is the coordinator's ``server-round`` (TRAIN and EVALUATE configs) or, for a secure-
+    aggregation stage message, its group id; messages outside rounds (``query.hello``) name none.
+    """
+    from federation import wire
+    from privacy.secagg import wire as secagg_wire
+
+    parts = []
+    content = msg.content if msg.has_content() else None
+    config = content.config_records.get(wire.CONFIG) if content is not None else None
+    server_round = config.get(wire.SERVER_ROUND) if config is not None else None
+    if server_round is None and str(msg.metadata.group_id).isdigit():
+        server_round = msg.metadata.group_id
+    if server_round is not None:
+        parts.append(f"round {server_round}")
+    stage = content.config_records.get(secagg_wire.RECORD) if content is not None else None
+    if stage is not None:
+        parts.append(f"secure aggregation: {stage.get(secagg_wire.STAGE)}")
+    return f"task {msg.metadata.message_type}" + (f" ({', '.join(parts)})" if parts else "")
 
 
 def node_data_line(node) -> str:
@@ -352,16 +428,7 @@ def node_data_line(node) -> str:
 
 
 def _log_message(msg) -> None:
-    from federation import wire
-
-    config = msg.content.config_records.get(wire.CONFIG) if msg.has_content() else None
-    server_round = config.get(wire.SERVER_ROUND) if config is not None else None
-    log.info(
-        "task %s (round %s)%s",
-        msg.metadata.message_type,
-        msg.metadata.group_id or "-",
-        f" server-round {server_round}" if server_round is not None else "",
-    )
+    log.info("%s", describe_task(msg))
 
 
 node_cmd.add_arguments = _node_args  # type: ignore[attr-defined]

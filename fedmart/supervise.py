@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,9 @@ from pathlib import Path
 __all__ = [
     "CONNECTION",
     "Child",
+    "GracefulStop",
+    "ReplyDelivery",
+    "StopNow",
     "flwr_cli",
     "flwr_env",
     "free_port",
@@ -62,9 +66,23 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 
 
 class Child:
-    """A supervised Flower process whose output goes to a log file; it dies with us (Linux)."""
+    """A supervised Flower process whose output goes to a log file; it dies with us (Linux).
 
-    def __init__(self, name: str, argv: list[str], *, env: dict[str, str], cwd: Path, log_path: Path) -> None:
+    ``new_session=True`` puts it in a session (and process group) of its own: a signal sent to
+    our group (Ctrl-C in a terminal, ``kill -TERM -PGID``) then reaches only us, and we stop it
+    when we are ready (:meth:`stop`); if we die first, the kernel sends it SIGTERM.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        env: dict[str, str],
+        cwd: Path,
+        log_path: Path,
+        new_session: bool = False,
+    ) -> None:
         self.name = name
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -76,6 +94,7 @@ class Child:
             env=env,
             cwd=str(cwd),
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            start_new_session=new_session,
         )
         log.info("started %s (pid %d): %s", name, self.proc.pid, " ".join(argv))
 
@@ -98,6 +117,92 @@ class Child:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
+
+
+class StopNow(BaseException):
+    """A second SIGTERM/SIGINT: stop at once, abandoning the work in progress (not an ``Exception``)."""
+
+
+class GracefulStop:
+    """SIGTERM and SIGINT for a command that finishes its current work first.
+
+    The first signal sets :attr:`event` (callers stop taking new work, finish what they hold and
+    exit 0); a second one raises :class:`StopNow` wherever the main thread is. :meth:`restore`
+    puts the previous handlers back.
+    """
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.event = threading.Event()
+        self.signals = 0
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> GracefulStop:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.signals += 1
+        if self.signals == 1:
+            self.event.set()
+            log.warning(
+                "%s: %s received; finishing the current task and sending its reply, then exiting (send it again to "
+                "stop at once)",
+                self.what,
+                signal.Signals(signum).name,
+            )
+            return
+        raise StopNow(f"{self.what}: stopped at once by a second {signal.Signals(signum).name}")
+
+
+SENT = ("Sent successfully", "Failed to send message", "Ignoring reply message")  # flower-supernode's log lines
+
+
+class ReplyDelivery:
+    """Whether ``flower-supernode`` has passed the node's last reply on to the SuperLink.
+
+    The warm executor hands a reply to the SuperNode's Runtime API; the SuperNode sends it to the
+    SuperLink within about half a second and logs ``Sent successfully`` (or why not). Stopping the
+    SuperNode before that loses the reply: the coordinator would count a node that trained (and
+    spent its privacy budget) as dropped. :meth:`pushing` notes where the SuperNode's log stood
+    just before a reply was handed over; :meth:`wait` reads on from there.
+    """
+
+    def __init__(self, log_path: Path) -> None:
+        self.log_path = log_path
+        self.offset: int | None = None  # the log's size just before the last reply was pushed
+
+    def pushing(self, *_: object) -> None:
+        try:
+            self.offset = self.log_path.stat().st_size
+        except OSError:
+            self.offset = 0
+
+    def wait(self, timeout: float, alive: Callable[[], bool] = lambda: True, poll: float = 0.1) -> str:
+        """How it went: "sent", "not sent" (the SuperNode said why), "no reply" (none pushed) or "unconfirmed"."""
+        if self.offset is None:
+            return "no reply"
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with open(self.log_path, "rb") as f:
+                    f.seek(self.offset)
+                    text = f.read().decode(errors="replace")
+            except OSError:
+                text = ""
+            if SENT[0] in text:
+                return "sent"
+            if any(line in text for line in SENT[1:]):
+                return "not sent"
+            if time.monotonic() >= deadline or not alive():
+                return "unconfirmed"
+            time.sleep(poll)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

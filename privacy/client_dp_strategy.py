@@ -50,7 +50,7 @@ from flwr.serverapp.strategy.strategy_utils import (
 )
 
 from privacy.client_dp import ClientDPConfig, add_noise_to_sum
-from privacy.strategy_wrapper import StrategyWrapper
+from privacy.strategy_wrapper import StrategyWrapper, one_reply_explained
 
 __all__ = ["ClientDPStrategy"]
 
@@ -143,7 +143,8 @@ class ClientDPStrategy(StrategyWrapper):
         synthetic = Message(
             RecordDict({arrays_key: noised, metrics_key: MetricRecord(metrics)}), reply_to=self._instruction
         )
-        return self.inner.aggregate_train(server_round, [synthetic])
+        with one_reply_explained(f"1 result, the mean of {m:g} clipped node updates with client-level DP noise"):
+            return self.inner.aggregate_train(server_round, [synthetic])
 
     def _noised_mean(self, averaged: ArrayRecord, m: float) -> ArrayRecord:
         """``global + (sum + N(0, (sigma C)^2)) / m`` per array, the sum recovered as ``(mean - global) * m``."""

@@ -50,6 +50,7 @@ __all__ = [
     "cert_hosts",
     "cert_pem",
     "make_node_keypair",
+    "ensure_node_keypair",
     "node_public_key_openssh",
     "load_node_public_key",
     "load_node_private_key",
@@ -401,26 +402,34 @@ def _ensure_server(
     report.created.append(layout.server_cert)
 
 
-def _ensure_node(layout: PkiLayout, report: PkiReport, name: str) -> None:
-    key_path, pub_path = layout.node_key(name), layout.node_pub(name)
+def ensure_node_keypair(key_path: Path, pub_path: Path, name: str) -> tuple[list[Path], list[Path]]:
+    """A node's authentication key pair at ``key_path`` (0600) and ``pub_path``: kept if there, else made.
+
+    Returns (created, kept). A lost ``.pub`` is rewritten from the private key; a private key is
+    never overwritten. What a department runs on its own machine (``fedmart node keygen``).
+    """
+    valid_node_name(name)
     if key_path.exists():
         check_private_permissions(key_path)
         try:
             private = load_node_private_key(key_path.read_bytes())
         except PkiError as exc:
             raise PkiError(f"{key_path}: {exc}") from exc
-        report.kept.append(key_path)
         line = node_public_key_openssh(private.public_key(), name)
         if not pub_path.exists() or load_node_public_key(pub_path.read_bytes()) != private.public_key():
             write_public(pub_path, line)
-            report.created.append(pub_path)
-        else:
-            report.kept.append(pub_path)
-        return
-    private, public = make_node_keypair(comment=name)
-    write_private(key_path, private)
+            return [pub_path], [key_path]
+        return [], [key_path, pub_path]
+    private_bytes, public = make_node_keypair(comment=name)
+    write_private(key_path, private_bytes)
     write_public(pub_path, public)
-    report.created += [key_path, pub_path]
+    return [key_path, pub_path], []
+
+
+def _ensure_node(layout: PkiLayout, report: PkiReport, name: str) -> None:
+    created, kept = ensure_node_keypair(layout.node_key(name), layout.node_pub(name), name)
+    report.created += created
+    report.kept += kept
 
 
 def ensure_pki(

@@ -8,13 +8,49 @@ metrics are computed outside the privacy mechanisms and are not covered by them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-__all__ = ["StrategyWrapper"]
+__all__ = ["StrategyWrapper", "one_reply_explained"]
+
+
+class _ExplainOneReply(logging.Filter):
+    """Rewrites Flower's "aggregate_train: Received 1 results and 0 failures" into what that one reply is."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__()
+        self.what = what
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage()
+        except (TypeError, ValueError):
+            return True
+        # (wrappers nest: the innermost one's words, applied last, are the true ones)
+        if text.startswith(("aggregate_train: Received ", "aggregate_train: 1 result")):
+            record.msg, record.args = f"aggregate_train: {self.what}", None
+        return True
+
+
+@contextmanager
+def one_reply_explained(what: str) -> Iterator[None]:
+    """While the inner strategy aggregates the one reply a wrapper hands it, its log line says what it is.
+
+    Flower's strategies log the number of replies they receive; behind a wrapper that is always 1
+    ("Received 1 results" with 3 nodes), which reads like two nodes were lost.
+    """
+    flower = logging.getLogger("flwr")
+    explain = _ExplainOneReply(what)
+    flower.addFilter(explain)
+    try:
+        yield
+    finally:
+        flower.removeFilter(explain)
 
 
 class StrategyWrapper(Strategy):

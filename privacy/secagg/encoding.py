@@ -37,7 +37,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["EncodingParams", "modulus_bits", "quantisation_error_bound", "encode", "decode"]
+__all__ = [
+    "EncodingParams",
+    "WeightCapNotice",
+    "modulus_bits",
+    "quantisation_error_bound",
+    "encode",
+    "decode",
+    "weight_cap_explanation",
+]
 
 log = logging.getLogger(__name__)
 
@@ -124,14 +132,57 @@ class EncodingParams:
         return quantisation_error_bound(self.clip_range, self.bits)
 
     def cap_weight(self, weight: float) -> int:
-        """The integer weight a node encodes: ``round(weight)`` capped at ``max_weight``."""
+        """The integer weight a node encodes: ``round(weight)`` capped at ``max_weight``.
+
+        Silent: whoever caps says so once per run (:class:`WeightCapNotice`), not per node and round.
+        """
         if not math.isfinite(weight) or weight < 0:
             raise ValueError(f"a node's weight must be a finite number >= 0, got {weight}")
-        w = int(round(weight))
-        if w > self.max_weight:
-            log.warning("weight %d exceeds secagg max_weight %d; it counts as %d", w, self.max_weight, self.max_weight)
-            w = self.max_weight
-        return w
+        return min(int(round(weight)), self.max_weight)
+
+
+class WeightCapNotice:
+    """Explains the weight cap once per run (``key``), not once per node per round.
+
+    The cap is part of the encoding, not a bug: ``max_weight`` bounds every coordinate of the sum
+    (``max_nodes * max_weight * (2**bits - 1)``), which decides whether the masked words are 32 or
+    64 bits wide. Nodes above it all count as ``max_weight``: with every node that large, the
+    secure average weighs them equally. Thread-safe; one instance per process is enough.
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self._told: set[object] = set()
+        self._lock = threading.Lock()
+
+    def note(self, key: object, weight: float, params: EncodingParams, *, who: str) -> None:
+        """Say once per ``key`` that ``weight`` (of ``who``: "this node", "node weights") was capped."""
+        if not math.isfinite(weight) or weight <= params.max_weight:
+            return
+        with self._lock:
+            if key in self._told:
+                return
+            self._told.add(key)
+        log.warning("%s", weight_cap_explanation(weight, params, who=who))
+
+
+def weight_cap_explanation(weight: float, params: EncodingParams, *, who: str) -> str:
+    """One line: what the cap did, why the encoding has it, and how to change it."""
+    fits32 = (2**32 - 1) // (params.max_nodes * params.levels)
+    room = (
+        f"above {fits32} the words become 64-bit, twice the traffic; fewer max_nodes or bits leave more room"
+        if params.modulus_bits == 32
+        else "the words are 64-bit already, and max_nodes x max_weight x levels must stay below 2**64"
+    )
+    return (
+        f"secure aggregation: {who} weighs ~{weight:.0f} (training users), above secagg.max_weight "
+        f"{params.max_weight}, and counts as {params.max_weight} (said once per run). At these sizes every node with "
+        f"{params.max_weight} or more training users gets the same weight in the average, because max_weight bounds "
+        f"each coordinate of the masked sum (max_nodes {params.max_nodes} x max_weight x {params.levels} levels) and "
+        f"so sizes its {params.modulus_bits}-bit words. To weigh nodes by size, raise secagg.max_weight ({room}); "
+        "federation.item_rows=holders (the default) and client-level DP weigh every node 1 anyway"
+    )
 
 
 def encode(delta: np.ndarray, weight: int, params: EncodingParams, *, overwrite: bool = False) -> np.ndarray:

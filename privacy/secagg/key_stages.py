@@ -2,8 +2,11 @@
 
 :class:`KeyStages` keeps the nodes' long-lived channel public keys and, with pipelining, the
 next round's session whose share-keys stage rode on this round's TRAIN messages. It learns
-public keys and encrypted shares only. A node that fails a share-keys stage (it may have
-restarted and lost its channel key) is forgotten and asked to advertise again next time.
+public keys and encrypted shares only. A node that restarted answers a share-keys stage (or a
+TRAIN message of a session it lost) with its new channel key instead (:func:`is_rejoin`): the
+coordinator keeps that key, runs the share-keys stage once more in the same round if the node was
+in it, and the node is in the secure sum from then on, with no error on either side. A node that
+fails a stage for another reason is forgotten and asked to advertise again next time.
 
 In the active mode a node's advertise reply also carries its roster fingerprint, its signature
 on its channel key (forwarded to its neighbours, who check it against their own roster) and
@@ -28,9 +31,14 @@ from privacy.secagg.stage_exchange import exchange_stage
 from privacy.secagg.stage_messages import ChannelCert
 from privacy.secagg.stage_records import parse_share_keys_reply, share_keys_record
 
-__all__ = ["KeyStages"]
+__all__ = ["KeyStages", "is_rejoin"]
 
 log = logging.getLogger(__name__)
+
+
+def is_rejoin(record: ConfigRecord) -> bool:
+    """A node's answer that it restarted: its new channel key instead of the stage it was asked for."""
+    return record.get(wire.STAGE) == wire.ADVERTISE and bool(record.get(wire.REJOIN, False))
 
 
 class KeyStages:
@@ -94,15 +102,42 @@ class KeyStages:
             report.seconds[wire.ADVERTISE] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        keys, records = self._share_keys_stage(server_round, node_ids, grid)
+        rejoined = [n for n, r in records.items() if is_rejoin(r)]
+        if rejoined:
+            # They restarted since the coordinator learnt their channel keys, and answered with their
+            # new ones: the shares the others just made for them under the old keys are useless, so
+            # the stage runs once more, with every participant, under the keys it now holds.
+            for n in rejoined:
+                self.learn_rejoin(n, records[n])
+            report.rejoined = len(rejoined)
+            log.info(
+                "secure aggregation round %d: %d node(s) came back with a new channel key (restarted); sharing "
+                "keys again with every node",
+                server_round,
+                len(rejoined),
+            )
+            keys, records = self._share_keys_stage(server_round, node_ids, grid)
+        self.receive_share_keys(keys, records)
+        report.seconds[wire.SHARE_KEYS] = time.perf_counter() - t0
+        return keys
+
+    def _share_keys_stage(
+        self, server_round: int, node_ids: list[int], grid: Grid
+    ) -> tuple[KeySession, dict[int, ConfigRecord]]:
+        """One share-keys exchange over the nodes whose channel keys are known: the session and the answers."""
         keys = self.new_session(server_round, [n for n in node_ids if n in self.channel_pks])
         payloads = {n: {wire.RECORD: p} for n, p in self.share_keys_payloads(keys).items()}
         failed: set[int] = set()
         replies = exchange_stage(grid, payloads, server_round, timeout=self.timeout, errors_out=failed)
-        for n in failed:  # the node may have restarted and lost its channel key: ask it again next time
+        for n in failed:  # the node may have lost its channel key: ask it to advertise again next time
             self.forget(n)
-        self.receive_share_keys(keys, {n: recs[wire.RECORD] for n, recs in replies.items()})
-        report.seconds[wire.SHARE_KEYS] = time.perf_counter() - t0
-        return keys
+        return keys, {n: recs[wire.RECORD] for n, recs in replies.items()}
+
+    def learn_rejoin(self, n: int, record: ConfigRecord) -> None:
+        """Node ``n`` restarted and sent its new channel key (:func:`is_rejoin`): hold that one from now on."""
+        self.forget(n)
+        self._learn(n, record)
 
     def _learn(self, n: int, record: ConfigRecord) -> None:
         """Keep a node's advertised channel key (and, active, its member fingerprint, signature, roster size)."""
@@ -156,7 +191,10 @@ class KeyStages:
         for n, r in records.items():
             if n not in keys.index_of:
                 continue
-            if wire.ERROR in r:  # a pipelined share-keys stage failed on the node (e.g. a stale channel key)
+            if is_rejoin(r):  # it restarted (new channel key): it joins the next session
+                self.learn_rejoin(n, r)
+                continue
+            if wire.ERROR in r:  # a pipelined share-keys stage failed on the node
                 log.info("secagg round %d: node %d could not share keys: %s", keys.server_round, n, r[wire.ERROR])
                 self.forget(n)
                 continue

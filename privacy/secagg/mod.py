@@ -21,6 +21,11 @@ a session whose keys are shared (waiting for its TRAIN message) and
 for the unmask stage). The latter is wiped after the unmask stage, or at the next masked input
 if the coordinator did not need this node's shares.
 
+A node that restarted has lost ``ctxt.state``: asked to share keys under its old channel key,
+or to mask for a session it shared keys for before the restart, it answers with its new channel
+key instead (the advertise reply marked :data:`~privacy.secagg.wire.REJOIN`), neither training
+nor revealing anything; the coordinator brings it into its next session (docs/secagg.md).
+
 A TRAIN message without a secagg record passes through untouched with :func:`secagg_mod`
 (so the same app runs with ``secagg=off``) and is refused by :func:`strict_secagg_mod`.
 
@@ -43,7 +48,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp.typing import ClientAppCallable
 
 from privacy.secagg import wire
-from privacy.secagg.encoding import EncodingParams, encode
+from privacy.secagg.encoding import EncodingParams, WeightCapNotice, encode
 from privacy.secagg.identity import NodeIdentity
 from privacy.secagg.key_agreement import new_channel_keypair
 from privacy.secagg.node_session import NodeSession
@@ -54,6 +59,8 @@ __all__ = ["secagg_mod", "strict_secagg_mod", "make_secagg_mod", "flatten_update
 IdentityOf = Callable[[Context], NodeIdentity | None]
 
 log = logging.getLogger(__name__)
+
+_WEIGHT_CAP = WeightCapNotice()  # the cap is explained once per run in this node's log
 
 
 def _is_secagg(msg: Message) -> bool:
@@ -151,6 +158,11 @@ def _advertise(ctxt: Context, record: ConfigRecord, identity: NodeIdentity | Non
     if record.get(wire.ADVERSARY) == wire.ACTIVE and identity is None:
         raise ValueError("the active-adversary mode needs this node's roster and roster key (fedmart node --roster)")
     _wipe(ctxt, wire.STATE_SESSION, wire.STATE_SESSION_NEXT)
+    return _advertisement(ctxt, identity)
+
+
+def _advertisement(ctxt: Context, identity: NodeIdentity | None) -> dict:
+    """This node's channel key, with (active mode) its roster signature on it and its roster's size."""
     _, c_pk = _channel_keys(ctxt)
     out = {wire.STAGE: wire.ADVERTISE, wire.CHANNEL_PK: c_pk}
     if identity is not None:  # its roster signature on the channel key, and its roster's size
@@ -164,11 +176,26 @@ def _advertise(ctxt: Context, record: ConfigRecord, identity: NodeIdentity | Non
     return out
 
 
+def _rejoin(ctxt: Context, identity: NodeIdentity | None, server_round: object, why: str) -> dict:
+    """Instead of a stage this node cannot take part in since it restarted: its new channel key.
+
+    The advertise stage's answer (public material only), marked :data:`~privacy.secagg.wire.REJOIN`;
+    the coordinator takes the key and brings the node into its next session. No error: a restart
+    is not a fault of the protocol, and the node neither trained nor revealed anything for it.
+    """
+    log.info("secure aggregation round %s: %s; sending this node's channel key, it joins from its next session",
+             server_round, why)  # fmt: skip
+    return {**_advertisement(ctxt, identity), wire.REJOIN: True}
+
+
 def _share_keys(ctxt: Context, record: ConfigRecord, identity: NodeIdentity | None) -> dict:
+    server_round = cast(int, record[wire.ROUND])
     c_sk, c_pk = _channel_keys(ctxt)
     if record[wire.CHANNEL_PK] != c_pk:
-        raise ValueError("the coordinator holds a stale channel key for this node; it must advertise again")
-    server_round = cast(int, record[wire.ROUND])
+        # The coordinator holds the key this node had before it restarted: sharing keys under it
+        # would make shares nobody can decrypt. Send the new key instead (the coordinator shares
+        # keys again for this round); a coordinator that substitutes a key learns only a public key.
+        return _rejoin(ctxt, identity, server_round, "the coordinator holds an earlier channel key of this node")
     for slot in (wire.STATE_SESSION, wire.STATE_SESSION_NEXT):
         previous = ctxt.state.config_records.get(slot)
         if previous is not None and cast(int, previous.get(wire.ROUND, 0)) > server_round:
@@ -229,6 +256,13 @@ def _masked_input(
     msg: Message, ctxt: Context, record: ConfigRecord, call_next: ClientAppCallable, identity: NodeIdentity | None
 ) -> Message:
     session = cast(bytes, record[wire.SESSION])
+    if wire.STATE_SESSION_NEXT not in ctxt.state.config_records and wire.STATE_CHANNEL not in ctxt.state.config_records:
+        # This node shared keys for this round, then restarted (crash, reboot) and lost them with its
+        # memory: it cannot mask, so it sits the round out (the others' masks with it are rebuilt from
+        # shares, as for a dropout) without training, and hands over its new channel key.
+        why = "this node restarted after sharing keys for this round and lost its session; it does not train now"
+        rejoin = _rejoin(ctxt, identity, msg.metadata.group_id or "?", why)
+        return Message(RecordDict({wire.RECORD: ConfigRecord(rejoin)}), reply_to=msg)
     node, server_round = _load_session(ctxt, wire.STATE_SESSION_NEXT, session)
     params = EncodingParams(
         clip_range=cast(float, record[wire.CLIP_RANGE]),
@@ -253,7 +287,9 @@ def _masked_input(
     metrics = [m for m in out.content.metric_records.values() if weight_key in m]
     if len(metrics) != 1:
         raise ValueError(f"the train reply must carry one MetricRecord with {weight_key!r}")
-    weight = params.cap_weight(float(cast(float, metrics[0][weight_key])))
+    raw_weight = float(cast(float, metrics[0][weight_key]))
+    _WEIGHT_CAP.note(msg.metadata.run_id, raw_weight, params, who="this node")
+    weight = params.cap_weight(raw_weight)
     x = encode(flatten_update(new_arrays, global_arrays), weight, params, overwrite=True)
     y = node.mask(request, x, in_place=True, identity=identity)
     # this session now waits for its unmask stage; it replaces any older one (whose unmask

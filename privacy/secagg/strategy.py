@@ -53,12 +53,13 @@ from flwr.serverapp.strategy import Strategy
 
 from privacy.secagg import wire
 from privacy.secagg.config import SecAggConfig
+from privacy.secagg.encoding import WeightCapNotice
 from privacy.secagg.graph import SecAggAbort
-from privacy.secagg.key_stages import KeyStages
+from privacy.secagg.key_stages import KeyStages, is_rejoin
 from privacy.secagg.round_state import PendingRound, RoundReport
 from privacy.secagg.stage_records import masked_input_record
 from privacy.secagg.unmask_stage import unmask_round
-from privacy.strategy_wrapper import StrategyWrapper
+from privacy.strategy_wrapper import StrategyWrapper, one_reply_explained
 
 __all__ = ["SecAggStrategy", "RoundReport", "wrap_strategy"]
 
@@ -104,6 +105,7 @@ class SecAggStrategy(StrategyWrapper):
         self._params = config.encoding
         self._keys = KeyStages(config, pipeline=bool(pipeline))
         self._round: PendingRound | None = None
+        self._weight_cap = WeightCapNotice()  # one strategy per run: the cap is explained once
 
     def __repr__(self) -> str:
         return f"SecAggStrategy({self.inner!r})"
@@ -224,8 +226,9 @@ class SecAggStrategy(StrategyWrapper):
             return None, None
         report = rnd.report
         report.seconds[wire.MASKED_INPUT] = time.perf_counter() - rnd.sent_at
-        replies = list(replies)
+        replies = [r for r in replies if not self._rejoined(r, rnd)]
         self._keys.harvest(rnd.upcoming, replies, rnd.instructions)  # first: an aborted round leaves keys for the next
+        self._note_weights(replies)
         try:
             synthetic = unmask_round(
                 rnd,
@@ -238,18 +241,48 @@ class SecAggStrategy(StrategyWrapper):
         except SecAggAbort as err:
             self._abort(report, err.reason)
             return None, None
-        log.info(
-            "secagg round %d: %d sampled, %d shared keys, %d in the sum, %d of %d asked unmasked (threshold %d); %s",
-            server_round,
-            report.sampled,
-            report.shared,
-            report.masked,
-            report.unmasked,
-            report.asked,
-            report.threshold,
-            ", ".join(f"{k} {v:.3f}s" for k, v in report.seconds.items()),
-        )
-        return self.inner.aggregate_train(server_round, [synthetic])
+        log.info("%s", report.summary())
+        what = f"1 result, the mean of the {report.masked} nodes' updates unmasked from their secure sum"
+        with one_reply_explained(what):
+            return self.inner.aggregate_train(server_round, [synthetic])
+
+    def rejoin_reason(self, reply: Message) -> str:
+        """Why a TRAIN reply is a node sitting the round out after a restart ("" if it is not).
+
+        A node that restarted after sharing keys for this round lost its session with its memory:
+        it answers with its new channel key instead of a masked input (it did not train). The key
+        is kept here, so the node is in the next round's secure sum; for this round it is a
+        dropout, whose masks the others' shares rebuild. A coordinator that triages replies itself
+        (:class:`federation.coordinator.Coordinator`) counts it as dropped, not as an error.
+        """
+        if self._round is None or not self._rejoined(reply, self._round):
+            return ""
+        return "restarted since it shared keys for this round: it sat the round out and rejoins from the next"
+
+    def _rejoined(self, reply: Message, rnd: PendingRound) -> bool:
+        if reply.has_error() or reply.metadata.src_node_id not in rnd.instructions:
+            return False
+        n = reply.metadata.src_node_id
+        rec = reply.content.config_records.get(wire.RECORD)
+        if rec is None or not is_rejoin(rec):
+            return False
+        if n not in rnd.rejoined:  # asked twice (the coordinator's triage, then aggregate_train): learnt once
+            rnd.rejoined.add(n)
+            self._keys.learn_rejoin(n, rec)
+            rnd.report.rejoined += 1
+        return True
+
+    def _note_weights(self, replies: list[Message]) -> None:
+        """Explain the weight cap once per run if a node's plaintext weight is above it."""
+        weights = [
+            float(rec[self.weighted_by_key])
+            for r in replies
+            if not r.has_error()
+            for rec in r.content.metric_records.values()
+            if isinstance(rec.get(self.weighted_by_key), int | float)
+        ]
+        if weights:
+            self._weight_cap.note("run", max(weights), self._params, who="the heaviest node")
 
     def validate_reply(self, reply: Message) -> str:
         """Why a TRAIN reply cannot enter this round's secure sum ("" if it can).
@@ -286,4 +319,4 @@ class SecAggStrategy(StrategyWrapper):
         self._round = None  # (a pipelined session for the next round, if any, stays valid)
         report.abort_reason = reason
         self.last_abort_reason = reason
-        log.warning("secagg round %d aborted, the global model is unchanged: %s", report.server_round, reason)
+        log.warning("%s", report.summary())

@@ -90,3 +90,6 @@ U2_NONCES = "u2-nonces"
 U3_INDICES = "u3"  # consistency and unmask: the survivor set
 SIGNERS = "signers"
 ERROR = "error"  # in a pipelined share-keys reply: why the node could not start the next session
+# In an advertise reply to another stage: the node's channel key is not the one the coordinator
+# holds (it restarted and made a new one); it sits this stage's session out and rejoins with this key.
+REJOIN = "rejoin"

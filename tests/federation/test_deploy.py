@@ -180,16 +180,16 @@ def federation(tmp_path_factory):
     healthy, nan_node = names[:3], names[3]
     victim = healthy[2]
     certs = subprocess.run(
-        [*CLI, "certs", "--out", "certs", "--node-names", ",".join(names)], cwd=base, capture_output=True, text=True
+        [*CLI, "certs", "--out", "certs", "--node-keys", ",".join(names)], cwd=base, capture_output=True, text=True
     )
     assert certs.returncode == 0, certs.stderr
     rogue_keys = subprocess.run(
-        [*CLI, "certs", "--out", "rogue-keys", "--node-names", "rogue", "--nodes-only"], cwd=base, capture_output=True
+        [*CLI, "node", "keygen", "--name", "rogue", "--out", "rogue-keys"], cwd=base, capture_output=True
     )
     assert rogue_keys.returncode == 0
     # The rogue is outside the federation: no roster membership either (a semi-honest node without a
     # roster still starts), so what refuses it is the SuperLink's node authentication.
-    for stale in (base / "rogue-keys" / "nodes").glob("rogue.roster.key*"):
+    for stale in (base / "rogue-keys").glob("rogue.roster.key*"):
         stale.unlink()
     # The coordinator's signing key is made once, at set-up: `fedmart coordinate` never creates it.
     keygen = subprocess.run([*CLI, "registry", "keygen", "keys/coordinator.key"], cwd=base, capture_output=True)
@@ -224,7 +224,7 @@ def federation(tmp_path_factory):
         for name in healthy:
             procs.start(name, node(name))
         procs.start(nan_node, node(nan_node, "--fault", "nan-update"))
-        procs.start("rogue", node("rogue", key="rogue-keys/nodes/rogue.key"))
+        procs.start("rogue", node("rogue", key="rogue-keys/rogue.key"))
         procs.start("badshop", node("badshop", key=f"certs/nodes/{healthy[0]}.key"))
 
         # Round 1 completes; during round 2 the coordinator dies once a node has trained it.
@@ -238,11 +238,11 @@ def federation(tmp_path_factory):
 
         # While the resumed run goes on: the registered nodes as the SuperLink lists them.
         _wait(lambda: len(_metrics(run_dir)) >= 2, 420, "round 2 after the restart", procs, interval=0.2)
-        listing = subprocess.Popen(
-            [*CLI, "nodes", "--run", "outputs/dep", "list"], cwd=base, stdout=subprocess.PIPE, text=True
-        )
+        list_nodes = [*CLI, "nodes", "--run", "outputs/dep", "list", "--format", "json"]
+        listing = subprocess.Popen(list_nodes, cwd=base, stdout=subprocess.PIPE, text=True)
         # Round 3: the victim dies as soon as it starts training.
-        _wait(lambda: "server-round 3" in procs.log(victim), 420, f"{victim} training round 3", procs, interval=0.1)
+        _wait(lambda: "task train (round 3, secure aggregation: masked-input)" in procs.log(victim), 420,
+              f"{victim} training round 3", procs, interval=0.1)  # fmt: skip
         procs.kill(victim)
         out.victim_ledger_at_kill = _ledger_rounds(dirs[victim], "dep")
 
@@ -336,9 +336,15 @@ def _trained(log: str, server_round: int) -> int:
     return log.count(f"trained round {server_round} of run dep")
 
 
-def test_registered_nodes_are_listed_online(federation):
+def test_registered_nodes_are_listed_online_by_name_and_full_fingerprint(federation):
+    from privacy.pki import ssh_fingerprint
+
     nodes = federation.node_list["nodes"]
     assert len(nodes) == len(federation.dirs) and all(n["status"] == "online" for n in nodes), nodes
+    certs = federation.base / "certs" / "nodes"
+    assert {n["name"]: n["fingerprint"] for n in nodes} == {
+        name: ssh_fingerprint((certs / f"{name}.pub").read_bytes()) for name in federation.dirs
+    }
 
 
 def test_unregistered_node_is_refused_by_the_superlink(federation):

@@ -17,7 +17,7 @@ from clients.guard import fault_mod, parse_fault, update_guard_mod
 from federation import wire
 from federation.coordinator import Coordinator, RoundRecord
 from federation.runconfig import flatten
-from fedmart.coordinate import round_line, superlink_argv
+from fedmart.coordinate import round_line, round_lines, superlink_argv
 from fedmart.node_cmd import explain_supernode_exit, node_config_toml, supernode_argv
 from fedmart.staging import app_config_defaults, app_packages, compose_config, stage_app, sync_pyproject
 
@@ -121,6 +121,18 @@ def test_round_line_names_dropouts_and_rejections():
     }
     line = round_line(row)
     assert "1/3 replied" in line and "dropped: c" in line and "rejected: b" in line and "ε≤2.50" in line
+    assert round_lines(row) == [line]  # no secure aggregation in that round
+
+
+def test_a_deployment_prints_the_secure_round_line_as_simulation_logs_it():
+    from privacy.secagg.round_state import RoundReport
+
+    report = RoundReport(2, sampled=3, shared=3, masked=2, asked=2, unmasked=2, threshold=2, pipelined=True)
+    row = {"round": 2, "sampled": ["a", "b", "c"], "replied": ["a", "b"], "timed_out": ["c"],
+           "secure_aggregation": report.to_json()}  # fmt: skip
+    lines = round_lines(row)
+    assert lines == [report.summary(), round_line(row)]
+    assert lines[0].startswith("secure aggregation: round 2, 3 sampled, 2 masked, 1 dropped after sharing keys")
 
 
 # --- node-side guard and test-only faults -----------------------------------------------------
@@ -218,3 +230,12 @@ def test_triage_sorts_refused_vanished_slow_and_crashed_nodes():
     assert set(record.rejected) == {"nan"} and "non-finite" in record.rejected["nan"]
     assert sorted(record.timed_out) == ["gone", "slow"], "a vanished node and a straggler are dropouts"
     assert set(record.failed) == {"crash"}
+
+
+def test_two_nodes_that_give_the_same_name_are_told_apart_by_their_node_ids(caplog):
+    from federation.coordinator import NodeInfo, _distinct_names
+
+    nodes = {11: NodeInfo(11, "books"), 12: NodeInfo(12, "books"), 13: NodeInfo(13, "toys")}
+    named = _distinct_names(nodes)
+    assert sorted(n.name for n in named.values()) == ["books@11", "books@12", "toys"]
+    assert "2 nodes call themselves books" in caplog.text

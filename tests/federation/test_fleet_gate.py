@@ -22,7 +22,7 @@ import tomli_w
 
 from conf.settings import DeploySettings
 from fedmart.coordinate import Deployment, start_link
-from fedmart.nodes_admin import register_node_keys
+from fedmart.nodes_admin import ControlClient, register_node_keys
 from fedmart.staging import stage_app
 from fedmart.supervise import Child, flwr_cli, flwr_env, free_port
 from privacy.pki import ensure_pki
@@ -66,7 +66,8 @@ def link(tmp_path_factory):
     flwr_dir, home = base / "flwr", base / "flwr" / "home"
     _flwr_home(home, deploy)
     with start_link(deploy, flwr_dir, home):
-        registered = register_node_keys(home, [deploy.certs / "nodes" / "dept.pub"])
+        with ControlClient.from_home(home, where=str(base)) as control:
+            registered = register_node_keys(control, [deploy.certs / "nodes" / "dept.pub"])
         node = Child(
             "flower-supernode",
             [
@@ -94,7 +95,8 @@ def link(tmp_path_factory):
 
 def test_a_registered_node_joins_through_the_gate(link):
     _, _, home, registered, node = link
-    assert registered == {"dept": "registered"}  # over loopback: the coordinator's own Control API
+    # over loopback: the coordinator's own Control API
+    assert [(r.name, r.status) for r in registered] == [("dept", "registered")] and registered[0].node_id
 
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not [n for n in _nodes(home) if n["status"] == "online"]:

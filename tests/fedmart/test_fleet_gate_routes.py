@@ -63,3 +63,25 @@ def test_an_oversized_body_is_refused_before_it_is_read(gate):
     r = gate.post("/v1/fleet/push-object", content=b"", headers={"content-length": str(1 << 40)})
 
     assert r.status_code == 413
+
+
+def test_a_node_joining_or_leaving_is_logged_with_its_key_fingerprint(gate, tmp_path, caplog):
+    import logging
+    from base64 import b64encode
+
+    from cryptography.hazmat.primitives import serialization
+
+    from fedmart.node_keys import make_node_keys
+    from privacy.pki import load_node_public_key
+
+    caplog.set_level(logging.INFO, logger="fedmart.fleet_gate")
+    keys = make_node_keys(tmp_path / "keys", "books")
+    pem = load_node_public_key(keys.pub.read_bytes()).public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )  # what Flower's SuperNode sends with every signed Fleet request
+
+    gate.post("/v1/fleet/activate-node", content=b"", headers={"flwr-public-key": b64encode(pem).decode()})
+    gate.post("/v1/fleet/pull-messages", content=b"", headers={"flwr-public-key": b64encode(pem).decode()})
+
+    joined = [r.getMessage() for r in caplog.records if "node key" in r.getMessage()]
+    assert joined == [f"activate-node: node key {keys.fingerprint} from testclient: HTTP 502"]  # not per poll

@@ -67,7 +67,7 @@ def test_a_node_joins_only_with_a_roster_that_holds_its_key(tmp_path) -> None:
 
 def test_certs_default_paths_are_found_beside_the_ca_and_the_auth_key(tmp_path) -> None:
     certs = tmp_path / "certs"
-    assert main(["certs", "--out", str(certs), "--node-names", "toys,books"]) == 0
+    assert main(["certs", "--out", str(certs), "--node-keys", "toys,books"]) == 0
 
     entries = _check_roster(
         _args(tmp_path, root_cert=certs / "ca.pem", auth_key=certs / "nodes" / "toys.key"), NodePolicy(), tmp_path
