@@ -63,6 +63,7 @@ class RunRefused(RuntimeError):
 @dataclass
 class RoundRecord:
     round: int
+    joined: list[str] = field(default_factory=list)  # nodes that connected mid-run, admitted at this round's start
     sampled: list[str] = field(default_factory=list)
     replied: list[str] = field(default_factory=list)
     declined: dict[str, str] = field(default_factory=dict)  # node -> reason
@@ -112,6 +113,11 @@ def discover_nodes(grid: Grid, *, expected: int, timeout: float, wait: float = 1
     t0 = time.time()
     while len(ids := list(grid.get_node_ids())) < expected and time.time() - t0 < wait:
         time.sleep(0.5)
+    return _distinct_names(hello(grid, ids, timeout=timeout))
+
+
+def hello(grid: Grid, ids: Iterable[int], *, timeout: float) -> dict[int, NodeInfo]:
+    """Ask each of ``ids`` for its name and data summary; a node that answers with an error is left out."""
     msgs = [
         Message(RecordDict({wire.CONFIG: ConfigRecord({"q": "hello"})}), message_type=wire.QUERY_HELLO, dst_node_id=i)
         for i in ids
@@ -133,7 +139,7 @@ def discover_nodes(grid: Grid, *, expected: int, timeout: float, wait: float = 1
             audit=bool(info.get("audit", False)),
             canary=bool(info.get("canary-node", False)),
         )
-    return _distinct_names(nodes)
+    return nodes
 
 
 def _distinct_names(nodes: dict[int, NodeInfo]) -> dict[int, NodeInfo]:
@@ -261,8 +267,9 @@ class Coordinator:
             raise ValueError("round_timeout must be > 0")
         self.strategy = strategy
         self.nodes = nodes
-        order = sorted(nodes, key=lambda i: nodes[i].name)
-        self.grid = _SortedGrid(grid, order)
+        self._raw_grid = grid
+        self.grid = _SortedGrid(grid, sorted(nodes, key=lambda i: nodes[i].name))
+        self._turned_away: set[int] = set()  # node ids that did not answer hello: said once
         self.num_rounds = num_rounds
         self.round_timeout = round_timeout
         self.seed = seed
@@ -336,6 +343,36 @@ class Coordinator:
         record.timed_out = [self._name(m.metadata.dst_node_id) for m in sent if m.metadata.dst_node_id not in seen]
         return valid
 
+    def admit_new_nodes(self, server_round: int) -> list[str]:
+        """Nodes that connected since the run started (registered mid-run): asked hello, eligible from this round.
+
+        Without this a node registered during a run would idle until the next ``fedmart coordinate``.
+        Returns the names admitted; a node whose hello fails (its data, its catalog) is said once.
+        """
+        live = set(self._raw_grid.get_node_ids())
+        new = sorted(live - set(self.nodes) - self._turned_away)
+        if not new:
+            return []
+        found = hello(self._raw_grid, new, timeout=self.round_timeout)
+        self._turned_away |= set(new) - set(found)
+        if not found:
+            return []
+        taken = {n.name for n in self.nodes.values()}
+        for info in found.values():
+            if info.name in taken:  # the round records are keyed by name (see _distinct_names)
+                log.warning("a new node is also called %s; it is %s@%d", info.name, info.name, info.node_id)
+                info.name = f"{info.name}@{info.node_id}"
+            taken.add(info.name)
+            self.nodes[info.node_id] = info
+            if info.canary:
+                self._canaries.add(info.name)
+            if info.evaluation == "plain":
+                self._federated_eval = True
+            name, nid = info.name, info.node_id
+            log.info("node %s (node id %d) joined during the run: eligible from round %d", name, nid, server_round)
+        self.grid = _SortedGrid(self._raw_grid, sorted(self.nodes, key=lambda i: self.nodes[i].name))
+        return sorted(n.name for n in found.values())
+
     def run_round(self, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, RoundRecord]:
         record = RoundRecord(round=server_round)
         t0 = time.perf_counter()
@@ -398,7 +435,9 @@ class Coordinator:
             for listener in self.listeners:
                 if hasattr(listener, "on_round_start"):
                     listener.on_round_start(server_round)
+            record_joined = self.admit_new_nodes(server_round)
             arrays, record = self.run_round(server_round, arrays)
+            record.joined = record_joined
             # Canary nodes (simulation's client-level audit) hold no data: a round that only they
             # answer is a refused round too.
             real = {n for n in record.sampled if n not in self._canaries}

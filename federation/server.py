@@ -173,6 +173,8 @@ class ProgressLine:
         ]
         problems = {k: len(getattr(record, k)) for k in ("failed", "declined", "timed_out", "rejected")}
         parts += [f"{v} {k.replace('_', ' ')}" for k, v in problems.items() if v]
+        if record.joined:
+            parts.append(f"joined: {', '.join(record.joined)}")
         if "train_loss" in record.train_metrics:
             parts.append(f"loss {record.train_metrics['train_loss']:.4f}")
         if "test_ndcg@10" in ev:

@@ -304,6 +304,7 @@ def round_line(row: dict[str, Any]) -> str:
     """One line per completed round, from its ``metrics.jsonl`` row."""
     parts = [f"round {row['round']}", f"{len(row.get('replied', []))}/{len(row.get('sampled', []))} replied"]
     for key, label in (
+        ("joined", "joined (registered during the run)"),
         ("timed_out", "dropped"),
         ("rejected", "rejected"),
         ("failed", "failed"),

@@ -121,6 +121,8 @@ def test_round_line_names_dropouts_and_rejections():
     }
     line = round_line(row)
     assert "1/3 replied" in line and "dropped: c" in line and "rejected: b" in line and "ε≤2.50" in line
+    assert "joined" not in line
+    assert "joined (registered during the run): d" in round_line(row | {"joined": ["d"], "sampled": list("abcd")})
     assert round_lines(row) == [line]  # no secure aggregation in that round
 
 
