@@ -55,7 +55,7 @@ def load_dataset(cfg: DataSettings, report_dir: str | Path | None = None) -> Loa
     else:
         if not cfg.path or not cfg.catalog:
             raise DataError("data.source=files needs data.path=INTERACTIONS_FILE and data.catalog=CATALOG_PARQUET")
-        catalog = Catalog.load(cfg.catalog)
+        catalog = Catalog.load(cfg.catalog, hint="create it with `fedmart data fetch` or pass data.catalog=PATH")
         result = validate(read_table(cfg.path), catalog, min_history=cfg.min_history, source=str(cfg.path))
     if report_dir is not None:
         write_report(result, report_dir)

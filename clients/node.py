@@ -155,7 +155,9 @@ def _load_dir(directory: str, catalog_path: str | None, name: str | None, max_qu
     d = Path(directory)
     meta = json.loads((d / "node.json").read_text()) if (d / "node.json").is_file() else {}
     catalog_file = _catalog_file(d, meta, catalog_path)
-    catalog = Catalog.load(catalog_file)
+    catalog = Catalog.load(
+        catalog_file, hint="pass --catalog PATH, or prepare the data directory with fedmart data prepare --catalog"
+    )
     prepared_with = meta.get("catalog_version")
     if prepared_with and prepared_with != catalog.version:
         raise NodeRefused(

@@ -103,13 +103,14 @@ class Catalog:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> Catalog:
-        """Read a catalog written by :meth:`save` and check its version hash."""
+    def load(cls, path: str | Path, *, hint: str = "pass the path of an existing catalog.parquet") -> Catalog:
+        """Read a catalog written by :meth:`save` and check its version hash.
+
+        ``hint`` is the fix for a missing file that works for the calling command (its own flag).
+        """
         path = Path(path)
         if not path.is_file():
-            raise CatalogError(
-                f"{path}: catalog file not found; create it with `fedmart data fetch` or pass data.catalog=PATH"
-            )
+            raise CatalogError(f"{path}: catalog file not found; {hint}")
         try:
             table = pq.read_table(path)
         except Exception as exc:  # pyarrow raises several types for corrupt files

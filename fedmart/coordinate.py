@@ -159,6 +159,31 @@ def _audit_events(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def record_catalog(catalog: Path | None, run_dir: Path) -> Path | None:
+    """Keep the catalog the run trains on as ``outputs/<run>/catalog.parquet``, as ``simulate`` does.
+
+    ``fedmart serve --catalog outputs/<run>/catalog.parquet`` then serves the run's versions with
+    the catalog they were trained on. A resumed run must train on the same catalog.
+    """
+    if catalog is None:
+        return None
+    cat = Catalog.load(
+        catalog, hint="pass deploy.catalog=PATH: the platform catalog the nodes prepared their data with"
+    )
+    dest = run_dir / "catalog.parquet"
+    if dest.is_file():
+        kept = Catalog.load(dest)
+        if kept.version != cat.version:
+            raise UserError(
+                f"deploy.catalog {catalog} is catalog {cat.version}, but this run trained on {kept.version} "
+                f"({dest}): resume with the run's own catalog (deploy.catalog={dest})"
+            )
+        return dest
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cat.save(dest)
+    return dest
+
+
 def coordinate(cfg: dict[str, Any], run_dir: Path) -> Path:
     """Start the SuperLink, register the node keys, run the federation; returns the run directory."""
     from fedmart.console import console
@@ -176,11 +201,12 @@ def coordinate(cfg: dict[str, Any], run_dir: Path) -> Path:
     home = flwr_dir / "home"
     write_flwr_config(home, deploy.control_address, deploy.certs / "ca.pem")
     deploy.database.parent.mkdir(parents=True, exist_ok=True)
+    record_catalog(deploy.catalog, run_dir)
     sim = SimSettings(
         run_dir=str(run_dir),
         catalog=str(deploy.catalog) if deploy.catalog else None,
         # Announced in the run config: each node checks its prepared data's catalog against it.
-        catalog_version=Catalog.load(deploy.catalog).version if deploy.catalog else None,
+        catalog_version=Catalog.load(deploy.catalog).version if deploy.catalog else None,  # checked above
         num_nodes=deploy.num_nodes or len(pubs),
     )
     # The run config is the request only: no `deploy`, and no `node` (each node reads its own policy file).

@@ -143,7 +143,7 @@ def data_cmd(args: argparse.Namespace) -> int:
     else:
         if not args.catalog:
             raise UserError(f"{path}: --catalog CATALOG.parquet is required to check an interactions file")
-        catalog = Catalog.load(args.catalog)
+        catalog = Catalog.load(args.catalog, hint="pass --catalog PATH: the platform catalog.parquet")
         table = read_table(path)
     result = validate(table, catalog, min_history=args.min_history, source=str(path))
     out = Path(args.out) if args.out else path.with_name(path.name + ".check")
@@ -193,7 +193,9 @@ def _split(args: argparse.Namespace) -> int:
     from federation.catalog import Catalog
 
     table = read_table(args.path)
-    catalog = Catalog.load(args.catalog) if args.catalog else None
+    catalog = (
+        Catalog.load(args.catalog, hint="pass --catalog PATH: the platform catalog.parquet") if args.catalog else None
+    )
     depts, unassigned = assign(table, by=args.by, catalog=catalog, nodes=args.nodes)
     written, rest = write_departments(
         table, depts, unassigned, args.out, own_columns=args.own_columns, own_item_ids=args.own_item_ids

@@ -48,7 +48,10 @@ class Server:
         if not Path(config.registry).is_dir():
             raise ServeError(f"{config.registry}: no model registry there")
         self.registry = ModelRegistry(Path(config.registry), public_key_path=Path(config.public_key))
-        self.catalog = Catalog.load(config.catalog)
+        self.catalog = Catalog.load(
+            config.catalog,
+            hint="pass --catalog outputs/<run>/catalog.parquet (fedmart simulate and fedmart coordinate write it)",
+        )
         self.items = ItemIndex(self.catalog, self.device)
         self.text = TitleSearch(self.catalog, self.device, cache=config.text_cache, blend=config.search_blend)
         try:

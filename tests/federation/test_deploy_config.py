@@ -17,7 +17,7 @@ from clients.guard import fault_mod, parse_fault, update_guard_mod
 from federation import wire
 from federation.coordinator import Coordinator, RoundRecord
 from federation.runconfig import flatten
-from fedmart.coordinate import round_line, round_lines, superlink_argv
+from fedmart.coordinate import record_catalog, round_line, round_lines, superlink_argv
 from fedmart.node_cmd import explain_supernode_exit, node_config_toml, supernode_argv
 from fedmart.staging import app_config_defaults, app_packages, compose_config, stage_app, sync_pyproject
 
@@ -124,6 +124,29 @@ def test_round_line_names_dropouts_and_rejections():
     assert "joined" not in line
     assert "joined (registered during the run): d" in round_line(row | {"joined": ["d"], "sampled": list("abcd")})
     assert round_lines(row) == [line]  # no secure aggregation in that round
+
+
+def test_a_deployment_records_its_catalog_for_serve_and_resume_keeps_it(tmp_path):
+    from federation.catalog import Catalog, CatalogError
+    from fedmart.errors import UserError
+
+    def catalog(titles):
+        n = len(titles)
+        return Catalog(
+            item_id=np.array([f"i{k}" for k in range(n)]), title=np.array(titles), department=np.array(["d"] * n),
+            merchant=np.array(["m"] * n), price=np.ones(n),
+        )  # fmt: skip
+
+    platform = catalog(["a", "b", "c"]).save(tmp_path / "platform" / "catalog.parquet")
+    run = tmp_path / "outputs" / "dep"
+    kept = record_catalog(platform, run)
+    assert kept == run / "catalog.parquet" and Catalog.load(kept).version == Catalog.load(platform).version
+    assert record_catalog(platform, run) == kept  # resumed with the same catalog
+    catalog(["a", "b", "c", "d"]).save(platform)  # the platform's file changed under a run in progress
+    with pytest.raises(UserError, match="resume with the run's own catalog"):
+        record_catalog(platform, run)
+    with pytest.raises(CatalogError, match="catalog file not found; pass deploy.catalog=PATH"):
+        record_catalog(tmp_path / "nowhere.parquet", tmp_path / "outputs" / "other")
 
 
 def test_a_deployment_prints_the_secure_round_line_as_simulation_logs_it():
