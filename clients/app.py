@@ -190,9 +190,26 @@ def hello(msg: Message, node: NodeData, policy: NodePolicy, settings: RunSetting
             "users": int(node.real_users),
             "events": int(len(node.interactions)),
             "catalog-version": node.catalog.version,
+            **ledger_summary(node, policy),
         }
     )
     return Message(RecordDict({"node": info}), reply_to=msg)
+
+
+def ledger_summary(node: NodeData, policy: NodePolicy) -> dict[str, Any]:
+    """What the node's ledger already holds: ε spent (at its pinned δ and accountant), its budget, runs.
+
+    The coordinator learns the same from each round's metrics; saying it in ``hello`` lets it warn,
+    before anything trains, that a new run from scratch spends on top of earlier ones.
+    """
+    from privacy.ledger import PrivacyLedger
+
+    ledger = PrivacyLedger(node.state_dir / "privacy-ledger.json", population_id=node.population_id)
+    out: dict[str, Any] = {"budget-epsilon": float(policy.max_epsilon), "spent-epsilon": 0.0, "spent-runs": 0}
+    if ledger.entries and ledger.pinned_delta is not None:
+        out["spent-epsilon"] = float(ledger.epsilon(ledger.pinned_delta, accountant=ledger.pinned_accountant or "rdp"))
+        out["spent-runs"] = len({e.run for e in ledger.entries})
+    return out
 
 
 def _canary(kind: str, msg: Message, node_cfg: NodeSettings, settings: RunSettings) -> Message:

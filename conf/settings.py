@@ -328,6 +328,7 @@ class SimSettings:
     central_data: str | None = None
     num_nodes: int = 0
     canary_nodes: int = 0  # the last canary_nodes of num_nodes are canary nodes (clients/canary_node.py)
+    dry_run: bool = False  # deploy.dry_run: greet the nodes, report, train nothing
     max_nodes_per_user: int | None = None
     mean_nodes_per_user: float | None = None
 
@@ -419,6 +420,7 @@ class DeploySettings:
     isolation: str = "subprocess"
     startup_timeout: float = 120.0
     database: str = "outputs/superlink/state.db"
+    dry_run: bool = False  # greet every node (keys, TLS, data, catalog, budget) and train nothing
 
     def __post_init__(self) -> None:
         for name in ("port", "control_port"):

@@ -54,6 +54,9 @@ class NodeInfo:
     evaluation: str = "decline"  # how the node's policy answers federated evaluation
     audit: bool = False  # whether the node's policy audits itself with canaries (never how many are in)
     canary: bool = False  # a simulated canary node of the client-level audit (clients/canary_node.py): no data
+    budget_epsilon: float | None = None  # the node's own max_epsilon, as it reports it
+    spent_epsilon: float = 0.0  # what its ledger held when it said hello (every run on its users)
+    spent_runs: int = 0
 
 
 class RunRefused(RuntimeError):
@@ -138,6 +141,9 @@ def hello(grid: Grid, ids: Iterable[int], *, timeout: float) -> dict[int, NodeIn
             evaluation=str(info.get("evaluation", "decline")),
             audit=bool(info.get("audit", False)),
             canary=bool(info.get("canary-node", False)),
+            budget_epsilon=float(info["budget-epsilon"]) if "budget-epsilon" in info else None,
+            spent_epsilon=float(info.get("spent-epsilon", 0.0)),
+            spent_runs=int(info.get("spent-runs", 0)),
         )
     return nodes
 

@@ -45,6 +45,7 @@ from federation.outputs import (
 )
 from federation.runconfig import config_hash
 from federation.trail import AuditRecorder, RegistryPublisher, open_trail
+from federation.trial import budget_warnings, write_dry_run
 from privacy.client_dp import ClientDPConfig
 from privacy.client_dp_strategy import ClientDPStrategy
 from privacy.policy import TrainingRequest
@@ -202,6 +203,12 @@ def run_server(grid: Grid, settings: RunSettings, *, listeners_extra=()) -> Arra
     log.info("%d nodes joined: %s", len(nodes), joined[:2000])
     strategy = make_strategy(fed, len(nodes), settings.secagg)
     start, arrays = load_checkpoint(run, strategy)
+    for line in budget_warnings(nodes, resumed=arrays is not None):
+        log.warning(line)
+    if sim.dry_run:
+        _, line = write_dry_run(run.root, nodes, expected=expected)
+        log.info(line)
+        return to_arrays(get_weights(build_model(catalog, settings.model, settings.data.max_len, seed=settings.seed)))
     if arrays is None:
         model = build_model(catalog, settings.model, settings.data.max_len, seed=settings.seed)
         arrays = to_arrays(get_weights(model))

@@ -208,6 +208,7 @@ def coordinate(cfg: dict[str, Any], run_dir: Path) -> Path:
         # Announced in the run config: each node checks its prepared data's catalog against it.
         catalog_version=Catalog.load(deploy.catalog).version if deploy.catalog else None,  # checked above
         num_nodes=deploy.num_nodes or len(pubs),
+        dry_run=settings.deploy.dry_run,
     )
     # The run config is the request only: no `deploy`, and no `node` (each node reads its own policy file).
     run_config = flatten(request.with_sim(sim).to_dict())
@@ -232,7 +233,7 @@ def coordinate(cfg: dict[str, Any], run_dir: Path) -> Path:
                 highlight=False,
                 soft_wrap=True,
             )
-            _run_app(app_dir, overrides, home, run_dir, superlink.log_path, stop)
+            _run_app(app_dir, overrides, home, run_dir, superlink.log_path, stop, dry_run=settings.deploy.dry_run)
         return run_dir
     finally:
         for s, h in previous.items():
@@ -240,10 +241,19 @@ def coordinate(cfg: dict[str, Any], run_dir: Path) -> Path:
 
 
 def _run_app(
-    app_dir: Path, overrides: Path, home: Path, run_dir: Path, superlink_log: Path, stop: threading.Event
+    app_dir: Path,
+    overrides: Path,
+    home: Path,
+    run_dir: Path,
+    superlink_log: Path,
+    stop: threading.Event,
+    *,
+    dry_run: bool = False,
 ) -> None:
     """``flwr run`` the staged app on the SuperLink and follow it; a UserError unless the run ended."""
     flwr_dir = run_dir / "flwr"
+    dry = run_dir / "dry-run.json"
+    dry.unlink(missing_ok=True)
     started_events = len(_audit_events(run_dir / "audit.jsonl"))
     runner = subprocess.Popen(
         ["flwr", "run", str(app_dir), CONNECTION, "--run-config", str(overrides), "--stream"],
@@ -257,6 +267,10 @@ def _run_app(
     finally:
         if runner.poll() is None:
             runner.terminate()
+    if dry_run:
+        if not dry.is_file():
+            raise UserError(f"the dry run ended before the nodes answered; see {flwr_dir / 'serverapp.log'}")
+        return
     events = _audit_events(run_dir / "audit.jsonl")[started_events:]
     refused = [e for e in events if e.get("event") == "run_refused"]
     if refused:  # every node declined a round by its own policy or budget
@@ -316,7 +330,7 @@ def start_link(deploy: Deployment, flwr_dir: Path, home: Path) -> Iterator[tuple
         superlink.stop()
 
 
-_PROGRESS = re.compile(r"Successfully started run|Exit Code|Error|error:")
+_PROGRESS = re.compile(r"Successfully started run|Exit Code|Error|error:|budget warning:|dry run:")
 
 
 def round_lines(row: dict[str, Any]) -> list[str]:
