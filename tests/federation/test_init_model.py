@@ -123,8 +123,18 @@ def test_the_run_records_its_origin_in_every_version_and_in_the_signed_audit_log
     audit, publisher = begin_trail(run, settings, catalog, {}, start=0, origin=origin)
     registry = ModelRegistry(run.root / "registry", private_key_path=tmp_path / "keys" / "run.key", create_key=True)
     weights = from_arrays(arrays)
-    version = registry.publish(weights, run="run", round=1, config_hash="c", catalog_version=catalog.version,
-                               model_config={}, metrics={}, privacy={}, parent=None, origin=publisher.origin)  # fmt: skip
+    version = registry.publish(
+        weights,
+        run="run",
+        round=1,
+        config_hash="c",
+        catalog_version=catalog.version,
+        model_config={},
+        metrics={},
+        privacy={},
+        parent=None,
+        origin=publisher.origin,
+    )
     resumed = begin_trail(run, settings, catalog, {}, start=1, origin=None)[1]  # a resumed run: from its versions
 
     assert registry.verify(version)[0] and registry.show(version)["origin"] == origin
