@@ -42,6 +42,7 @@ __all__ = ["TitleSearch", "tower_space"]
 log = logging.getLogger(__name__)
 
 _KEEP = 3  # catalog versions whose embeddings stay in memory (the served one, the one before, a spare)
+_CHUNK = 64  # titles encoded per hold of the encoder
 
 
 class TitleSearch:
@@ -61,7 +62,11 @@ class TitleSearch:
         self._encoder = None
         self._emb: dict[str, torch.Tensor] = {}  # catalog version -> (n + 1, 384) CPU, row 0 zero
         self._on_device: dict[str, torch.Tensor] = {}
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()  # the dicts above: held briefly, never while encoding
+        self._load_lock = threading.Lock()  # loading the encoder once
+        # One encode at a time (a fast tokenizer is not safe across threads); a catalog's titles
+        # are encoded in chunks of _CHUNK, so a query waits for one chunk, not for a whole catalog.
+        self._encode_lock = threading.Lock()
 
     # -- embeddings ---------------------------------------------------------------------------
     def cache_path(self, catalog: Catalog | None = None) -> Path:
@@ -83,22 +88,23 @@ class TitleSearch:
         from federation.text import TEXT_DIM
 
         with self._lock:
-            if catalog.version in self._emb:
-                return self._emb[catalog.version]
-            path = self.cache_path(catalog)
-            arr = np.load(path) if path.is_file() else None
-            if arr is None or arr.shape != (catalog.num_items + 1, TEXT_DIM):
-                arr = self._encode(catalog, previous)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(path.name + f".tmp{os.getpid()}.npy")
-                np.save(tmp, arr)
-                os.replace(tmp, path)
-            emb = torch.from_numpy(np.asarray(arr, dtype=np.float32))
-            self._emb[catalog.version] = emb
+            got = self._emb.get(catalog.version)
+        if got is not None:
+            return got
+        path = self.cache_path(catalog)
+        arr = np.load(path) if path.is_file() else None
+        if arr is None or arr.shape != (catalog.num_items + 1, TEXT_DIM):
+            arr = self._encode(catalog, previous)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + f".tmp{os.getpid()}.npy")
+            np.save(tmp, arr)
+            os.replace(tmp, path)
+        with self._lock:
+            emb = self._emb.setdefault(catalog.version, torch.from_numpy(np.asarray(arr, dtype=np.float32)))
             for old in list(self._emb)[:-_KEEP]:
                 self._emb.pop(old)
                 self._on_device.pop(old, None)
-            return emb
+        return emb
 
     def _encode(self, catalog: Catalog, previous: Catalog | None) -> np.ndarray:
         from federation.text import TEXT_DIM
@@ -106,9 +112,11 @@ class TitleSearch:
         titles = [str(t) for t in catalog.title.tolist()]
         arr = np.zeros((len(titles) + 1, TEXT_DIM), dtype=np.float32)
         todo = list(range(len(titles)))
-        if previous is not None and previous.version in self._emb:
+        with self._lock:
+            before = self._emb.get(previous.version) if previous is not None else None
+        if previous is not None and before is not None:
             known = {t: i + 1 for i, t in enumerate(previous.title.tolist())}
-            old = self._emb[previous.version].numpy()
+            old = before.numpy()
             todo = []
             for i, t in enumerate(titles):
                 j = known.get(t)
@@ -116,19 +124,25 @@ class TitleSearch:
                     todo.append(i)
                 else:
                     arr[i + 1] = old[j]
-        if todo:
-            encoded = self._encoder_or_load().encode([titles[i] for i in todo])
-            arr[np.asarray(todo) + 1] = encoded.astype(np.float32)
+        for start in range(0, len(todo), _CHUNK):
+            chunk = todo[start : start + _CHUNK]
+            arr[np.asarray(chunk) + 1] = self.encode([titles[i] for i in chunk]).astype(np.float32)
         log.info("catalog %s: %d titles embedded, %d reused", catalog.version, len(todo), len(titles) - len(todo))
         return arr
 
     def _encoder_or_load(self):
-        with self._lock:
+        with self._load_lock:
             if self._encoder is None:
                 from federation.text import TitleEncoder
 
                 self._encoder = TitleEncoder(device=self.device)
             return self._encoder
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """(len(texts), 384) unit vectors; one encode at a time across threads."""
+        encoder = self._encoder_or_load()
+        with self._encode_lock:
+            return encoder.encode(texts)
 
     def prepare(self, catalog: Catalog, previous: Catalog | None) -> None:
         """Embed a catalog about to be swapped in, when search is on (called off the request path)."""
@@ -187,7 +201,7 @@ class TitleSearch:
         """
         assert self._encoder is not None, "the search index is not built"
         titles = self._device_embeddings(snap.view.catalog)  # (n + 1, 384)
-        q = torch.from_numpy(self._encoder.encode([query])[0]).to(self.device)  # (384,)
+        q = torch.from_numpy(self.encode([query])[0]).to(self.device)  # (384,)
         with torch.inference_mode():
             score = _zscore(titles[1:] @ q)  # (n,)
             space = snap.tower_space
@@ -209,10 +223,11 @@ class TitleSearch:
     def _device_embeddings(self, catalog: Catalog) -> torch.Tensor:
         with self._lock:
             emb = self._on_device.get(catalog.version)
-            if emb is None:
-                emb = self.embeddings(catalog).to(self.device)  # prepared before the swap: a lookup
-                self._on_device[catalog.version] = emb
-            return emb
+        if emb is None:
+            emb = self.embeddings(catalog).to(self.device)  # prepared before the swap: a lookup
+            with self._lock:
+                emb = self._on_device.setdefault(catalog.version, emb)
+        return emb
 
 
 def tower_space(model: torch.nn.Module) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]] | None:
