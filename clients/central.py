@@ -47,6 +47,7 @@ def run_central(cfg: CentralSettings, out_dir: Path) -> dict[str, Any]:
     device = select_device(cfg.device)
     data_cfg = cfg.data
     data = load_dataset(data_cfg, report_dir=out_dir / "data")
+    data.catalog.save(out_dir / "catalog.parquet")  # what the models were trained on (fedmart/central_cmd.py signs it)
     split = leave_one_out(build_sequences(data.interactions))
     dataset = TrainDataset(split.train, data_cfg.max_len)
     optim = cfg.train

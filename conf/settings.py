@@ -226,6 +226,11 @@ class FederationSettings:
     beta_2: float = 0.99
     tau: float = 0.001
     client_dp: ClientDPSettings = field(default_factory=ClientDPSettings)
+    # Start from a signed, published model instead of random weights (federation/init_model.py): a
+    # registry version directory, or a registry (its newest promotion). Verified with init_public_key
+    # (None: the public half of registry.signing_key); its item rows are mapped onto this catalog.
+    init: str | None = None
+    init_public_key: str | None = None
 
     def __post_init__(self) -> None:
         _choice("federation.strategy", self.strategy, ("fedavg", "fedadam"))
@@ -456,6 +461,9 @@ class CentralSettings:
     data: DataSettings = field(default_factory=DataSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
+    # With registry.root set, each seed's best model is published there as a signed version (a
+    # starting point for federation.init), signed with registry.signing_key: its own key.
+    registry: RegistrySettings = field(default_factory=lambda: RegistrySettings(signing_key="keys/central.key"))
 
     def __post_init__(self) -> None:
         _choice("device", self.device, DEVICES)

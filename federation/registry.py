@@ -9,6 +9,7 @@ Layout under ``root``::
                               privacy report, parent, created_at, sha256 of every file above
         signature             base64 Ed25519 signature of the metadata digest
     promotions.jsonl          one signed line per `promote`, with a counter (federation/promotions.py)
+    catalogs/                 signed catalog versions, with a counter (federation/catalogs.py)
 
 A version id is ``v<seq>-r<round>-<first 8 hex of the weights' sha256>``; ``seq``
 (at least four digits) orders versions and :meth:`ModelRegistry.list` sorts by it
@@ -50,6 +51,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from safetensors.numpy import load as load_safetensors_bytes
 from safetensors.numpy import save as save_safetensors_bytes
 
+from federation.catalogs import CatalogStore
 from federation.promotions import Promotions, read_promotions, signed_promotion
 from privacy.audit import canonical_json
 from privacy.signing import key_fingerprint, load_keypair, load_or_create_keypair, load_public_key, sign, verify
@@ -141,6 +143,11 @@ class ModelRegistry:
         return self._public_key
 
     @property
+    def catalogs(self) -> CatalogStore:
+        """The registry's signed catalog versions (``federation/catalogs.py``), under the same keys."""
+        return CatalogStore(self.root, private_key=self._private_key, public_key=self._public_key)
+
+    @property
     def signing_key(self) -> Ed25519PrivateKey | None:
         """The private key this registry publishes and promotes with (also signs the audit entry of a promotion)."""
         return self._private_key
@@ -160,13 +167,16 @@ class ModelRegistry:
         parent: str | None,
         popularity: np.ndarray | None = None,
         audit_head: tuple[int, str] | None = None,
+        origin: dict[str, Any] | None = None,
     ) -> str:
         """Store, sign and return a new version id.
 
         ``popularity``: optional (num_items + 1,) or (num_items,) non-negative counts
         for the cold-start fallback of ``fedmart serve`` (it must itself be private
         enough to publish, e.g. DP-noised). ``audit_head``: ``AuditLog.head`` at
-        publish time, anchoring the audit log in the signed metadata.
+        publish time, anchoring the audit log in the signed metadata. ``origin``: where the
+        run's starting model came from (``federation.init``: the version, its registry and key
+        fingerprint, ``federation/init_model.py``), signed into the metadata when given.
         """
         if self._private_key is None:
             raise RegistryError("publishing needs a signing key: ModelRegistry(root, private_key_path=...)")
@@ -208,6 +218,8 @@ class ModelRegistry:
                 "key_id": key_fingerprint(self._private_key.public_key()),
                 "audit_head": {"seq": audit_head[0], "hash": audit_head[1]} if audit_head else None,
             }
+            if origin is not None:
+                metadata["origin"] = origin
             metadata = json.loads(canonical_json(metadata))  # strict JSON: what is signed is what is read back
             signature = sign(self._private_key, signing_message(metadata))
             tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))

@@ -46,12 +46,13 @@ from federation.outputs import (
 from federation.runconfig import config_hash
 from federation.trail import AuditRecorder, RegistryPublisher, open_trail
 from federation.trial import budget_warnings, write_dry_run
+from privacy.audit import AuditLog
 from privacy.client_dp import ClientDPConfig
 from privacy.client_dp_strategy import ClientDPStrategy
 from privacy.policy import TrainingRequest
 from privacy.secagg.config import SecAggConfig
 
-__all__ = ["make_strategy", "run_server", "CentralEvaluator"]
+__all__ = ["make_strategy", "run_server", "begin_trail", "initial_arrays", "CentralEvaluator"]
 
 log = logging.getLogger(__name__)
 
@@ -208,36 +209,18 @@ def run_server(grid: Grid, settings: RunSettings, *, listeners_extra=()) -> Arra
     if sim.dry_run:
         _, line = write_dry_run(run.root, nodes, expected=expected)
         log.info(line)
-        return to_arrays(get_weights(build_model(catalog, settings.model, settings.data.max_len, seed=settings.seed)))
+        return arrays if arrays is not None else initial_arrays(settings, catalog)[0]
+    origin = None
     if arrays is None:
-        model = build_model(catalog, settings.model, settings.data.max_len, seed=settings.seed)
-        arrays = to_arrays(get_weights(model))
+        arrays, origin = initial_arrays(settings, catalog)
     else:
         log.info("resuming after round %d from %s", start, run.state)
     if fed.item_rows == "holders":
         arrays = with_holders(arrays)
     num_rounds = fed.num_rounds
-    registry, audit = open_trail(run.root, settings)
     run_name = run.root.name
-    cfg_hash = config_hash(settings.hydra_part())
-    audit.append(
-        "run_resume" if start else "run_start",
-        run=run_name,
-        config_hash=cfg_hash,
-        catalog_version=catalog.version,
-        nodes={n.name: {"users": n.users, "events": n.events, "dataset_id": n.dataset_id} for n in nodes.values()},
-        start_round=start + 1,
-        num_rounds=num_rounds,
-    )
-    publisher = RegistryPublisher(
-        registry,
-        run=run_name,
-        config_hash=cfg_hash,
-        catalog_version=catalog.version,
-        model_config={**asdict(settings.model), "max_len": settings.data.max_len},
-        privacy=privacy_summary(settings),
-        audit=audit,
-    )
+    nodes_seen = {n.name: {"users": n.users, "events": n.events, "dataset_id": n.dataset_id} for n in nodes.values()}
+    audit, publisher = begin_trail(run, settings, catalog, nodes_seen, start=start, origin=origin)
     cdp = client_dp_config(fed.client_dp)
     client_dp = ClientDPAccountant(cdp, released_before=start) if cdp is not None else None
     central = None
@@ -289,6 +272,64 @@ def run_server(grid: Grid, settings: RunSettings, *, listeners_extra=()) -> Arra
     popularity = central.popularity if central is not None else None
     finish_run(run, settings, nodes_count=len(nodes), seconds=time.time() - t_start, popularity=popularity)
     return arrays
+
+
+def begin_trail(
+    run: RunDir,
+    settings: RunSettings,
+    catalog: Catalog,
+    nodes: dict[str, dict[str, Any]],
+    *,
+    start: int,
+    origin: dict[str, Any] | None,
+) -> tuple[AuditLog, RegistryPublisher]:
+    """Open the run's signed trail: the catalog signed into the registry, the publisher, ``run_start``/``run_resume``.
+
+    ``origin`` is ``federation.init``'s (None: random weights, or a resumed run, which takes it
+    from its previous version); it is signed into every version and into the audit entry.
+    """
+    registry, audit = open_trail(run.root, settings)
+    run_name = run.root.name
+    cfg_hash = config_hash(settings.hydra_part())
+    # The catalog the run trains on, signed beside its versions: what `fedmart serve` maps them from.
+    signed_catalog = registry.catalogs.publish(catalog, by=f"run {run_name}", if_new=True)
+    publisher = RegistryPublisher(
+        registry,
+        run=run_name,
+        config_hash=cfg_hash,
+        catalog_version=catalog.version,
+        model_config={**asdict(settings.model), "max_len": settings.data.max_len},
+        privacy=privacy_summary(settings),
+        audit=audit,
+        origin=origin,
+    )
+    audit.append(
+        "run_resume" if start else "run_start",
+        run=run_name,
+        config_hash=cfg_hash,
+        catalog_version=catalog.version,
+        catalog=signed_catalog.name,
+        init=publisher.origin,  # federation.init: the signed version the run started from (None: random weights)
+        nodes=nodes,
+        start_round=start + 1,
+        num_rounds=settings.federation.num_rounds,
+    )
+    return audit, publisher
+
+
+def initial_arrays(settings: Settings, catalog: Catalog) -> tuple[ArrayRecord, dict[str, Any] | None]:
+    """The first global model: random weights (seeded), or ``federation.init``'s verified, mapped version.
+
+    Returns the arrays and the init's ``origin`` (None without ``federation.init``). An unusable
+    init is an :class:`~federation.init_model.InitError` (the launching command checks it first).
+    """
+    if settings.federation.init:
+        from federation.init_model import load_init
+
+        init = load_init(settings, catalog)
+        return to_arrays(init.weights), init.origin
+    model = build_model(catalog, settings.model, settings.data.max_len, seed=settings.seed)
+    return to_arrays(get_weights(model)), None
 
 
 def training_request(settings: Settings) -> TrainingRequest:

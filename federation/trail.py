@@ -55,6 +55,17 @@ def _parent_epsilon_max(registry: ModelRegistry, parent: str | None, run: str) -
     return float(value) if meta.get("run") == run and value is not None else None
 
 
+def _parent_origin(registry: ModelRegistry, parent: str | None, run: str) -> dict[str, Any] | None:
+    """The ``origin`` recorded by ``parent`` when it belongs to this run (a resumed run started from it too)."""
+    if parent is None:
+        return None
+    try:
+        meta = registry.show(parent)
+    except ValueError:
+        return None
+    return meta.get("origin") if meta.get("run") == run else None
+
+
 class RegistryPublisher:
     """Publishes every round's global model as a signed version (parent = the previous one).
 
@@ -62,6 +73,9 @@ class RegistryPublisher:
     and parameters, secure aggregation) plus this round's ε by node and ``epsilon_max``:
     the largest ε any node reported in any round of this run so far, since the model
     carries every earlier round's updates (None when no node reported one, e.g. without DP).
+    ``origin``: the signed version the run started from (``federation.init``,
+    ``federation/init_model.py``), signed into every version; a resumed run takes it from its
+    previous version.
     """
 
     def __init__(
@@ -74,6 +88,7 @@ class RegistryPublisher:
         model_config: dict[str, Any],
         privacy: dict[str, Any],
         audit: AuditLog | None = None,
+        origin: dict[str, Any] | None = None,
     ) -> None:
         self.registry = registry
         self.run = run
@@ -86,6 +101,7 @@ class RegistryPublisher:
         self.parent: str | None = versions[-1] if versions else None
         self.last_version: str | None = self.parent
         self.epsilon_max = _parent_epsilon_max(registry, self.parent, run)
+        self.origin = origin if origin is not None else _parent_origin(registry, self.parent, run)
 
     def on_round_end(self, record: RoundRecord, arrays: ArrayRecord, strategy: Strategy) -> None:
         if not record.aggregated:
@@ -109,6 +125,7 @@ class RegistryPublisher:
             parent=self.parent,
             popularity=head_bias_popularity(weights),
             audit_head=self.audit.head if self.audit else None,
+            origin=self.origin,
         )
         record.model_version = version
         self.parent = self.last_version = version

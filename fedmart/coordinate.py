@@ -187,7 +187,7 @@ def record_catalog(catalog: Path | None, run_dir: Path) -> Path | None:
 def coordinate(cfg: dict[str, Any], run_dir: Path) -> Path:
     """Start the SuperLink, register the node keys, run the federation; returns the run directory."""
     from fedmart.console import console
-    from fedmart.simulate import check_mechanisms, check_signing_key
+    from fedmart.simulate import check_init, check_mechanisms, check_signing_key
 
     settings = CoordinateSettings.from_dict(cfg)  # validated once, where the config enters
     if settings.registry.create_key:
@@ -195,6 +195,7 @@ def coordinate(cfg: dict[str, Any], run_dir: Path) -> Path:
     request = check_signing_key(settings.request())  # before anything starts: a deployment never makes a key
     check_mechanisms(settings)
     deploy = Deployment.from_settings(settings.deploy)
+    request = check_init(request, deploy.catalog)  # federation.init: verified, its shape and catalog checked
     pubs = _check_certs(deploy)
     run_dir = run_dir.resolve()
     flwr_dir = run_dir / "flwr"

@@ -62,13 +62,16 @@ def _open_registry(args: argparse.Namespace, *, need_key: bool, signing: bool = 
     if signing:
         private = getattr(args, "signing_key", None) or os.environ.get(SIGNING_KEY_ENV)
         if not private:
-            raise UserError(
-                f"promote signs its record: pass --signing-key KEY (the coordinator's) or set ${SIGNING_KEY_ENV}"
+            what = (
+                "publish-catalog signs the catalog"
+                if args.registry_cmd == "publish-catalog"
+                else "promote signs its record"
             )
+            raise UserError(f"{what}: pass --signing-key KEY (the coordinator's) or set ${SIGNING_KEY_ENV}")
     try:
         return ModelRegistry(root, public_key_path=key, private_key_path=Path(private) if private else None)
     except KeyFileError as exc:
-        hint = "; promote never creates a key: pass the coordinator's --signing-key" if signing else ""
+        hint = f"; {args.registry_cmd} never creates a key: pass the coordinator's --signing-key" if signing else ""
         raise UserError(f"{exc}{hint}") from exc
     except RegistryError as exc:
         raise UserError(str(exc)) from exc
@@ -99,20 +102,28 @@ def _registry_args(p: argparse.ArgumentParser) -> None:
     v.add_argument("version", nargs="?")
     pr = sub.add_parser("promote", help="mark a verified version for serving (a signed, counted promotions.jsonl line)")
     pr.add_argument("version")
+    pc = sub.add_parser(
+        "publish-catalog", help="sign a catalog as the newest catalog version (what `fedmart serve` swaps in)"
+    )
+    pc.add_argument("--catalog", type=Path, required=True, help="the catalog.parquet to publish")
+    cl = sub.add_parser("catalogs", help="signed catalog versions, lowest counter first")
     kg = sub.add_parser("keygen", help="create the coordinator's Ed25519 signing key, once, at set-up")
     kg.add_argument("path", type=Path, help="where the private key goes (e.g. keys/coordinator.key); never replaced")
-    for sp in (ls, s, v, pr):
+    for sp in (ls, s, v, pr, pc, cl):
         _registry_common(sp, sub=True)
-    pr.add_argument(
-        "--signing-key",
-        type=Path,
-        default=None,
-        help=f"the coordinator's Ed25519 private key that signs the promotion (default ${SIGNING_KEY_ENV})",
-    )
-    pr.add_argument("--by", default=None, help="who promotes (default: the current user)")
-    pr.add_argument(
-        "--audit", type=Path, default=None, help="audit log to record the promotion in (default: ROOT/../audit.jsonl)"
-    )
+    for sp, what in ((pr, "promotion"), (pc, "catalog version")):
+        sp.add_argument(
+            "--signing-key",
+            "--key",
+            dest="signing_key",
+            type=Path,
+            default=None,
+            help=f"the coordinator's Ed25519 private key that signs the {what} (default ${SIGNING_KEY_ENV})",
+        )
+        sp.add_argument("--by", default=None, help="who signs (default: the current user)")
+        sp.add_argument(
+            "--audit", type=Path, default=None, help=f"audit log to record the {what} in (default: ROOT/../audit.jsonl)"
+        )
 
 
 @exit_on_user_error
@@ -125,7 +136,9 @@ def registry_cmd(args: argparse.Namespace) -> int:
     cmd = args.registry_cmd
     if cmd == "keygen":
         return _keygen(Path(args.path))
-    reg = _open_registry(args, need_key=cmd in ("verify", "promote"), signing=cmd == "promote")
+    if cmd == "publish-catalog":
+        return _publish_catalog(args)
+    reg = _open_registry(args, need_key=cmd in ("verify", "promote", "catalogs"), signing=cmd == "promote")
     try:
         if cmd == "list":
             rows = reg.list()
@@ -151,6 +164,22 @@ def registry_cmd(args: argparse.Namespace) -> int:
                 )
             console.print(t)
             return 0
+        if cmd == "catalogs":
+            names = reg.catalogs.names()
+            if not names:
+                console.print(f"{reg.root}: no signed catalog versions yet")
+                return 0
+            for name in names:
+                ok, reason = reg.catalogs.verify(name)
+                m = reg.catalogs.show(name)
+                console.print(
+                    f"{'[green]ok[/]' if ok else '[red]FAILED[/]'}  {name}: {m.get('items')} items "
+                    f"(+{m.get('items_added') or 0} -{m.get('items_removed') or 0} "
+                    f"against {m.get('parent') or 'none'}), "
+                    f"by {m.get('by')} at {str(m.get('created_at'))[:19]}" + ("" if ok else f": {reason}"),
+                    soft_wrap=True,
+                )
+            return 0
         if cmd == "show":
             console.print_json(json.dumps(reg.show(args.version), default=str))
             return 0
@@ -164,6 +193,14 @@ def registry_cmd(args: argparse.Namespace) -> int:
                 bad += not ok
                 reason = reason.removeprefix(f"{v}: ")
                 console.print(f"{'[green]ok[/]' if ok else '[red]FAILED[/]'}  {v}: {reason}", soft_wrap=True)
+            if not args.version:  # the whole registry: its signed catalog versions too
+                for name in reg.catalogs.names():
+                    ok, reason = reg.catalogs.verify(name)
+                    bad += not ok
+                    reason = reason.removeprefix(f"catalog {name}: ")
+                    console.print(
+                        f"{'[green]ok[/]' if ok else '[red]FAILED[/]'}  catalog {name}: {reason}", soft_wrap=True
+                    )
             promotions = reg.promotions()
             for line, reason in promotions.refused.items():
                 bad += 1
@@ -201,6 +238,54 @@ def registry_cmd(args: argparse.Namespace) -> int:
         return 0
     except RegistryError as exc:
         raise UserError(str(exc)) from exc
+
+
+def _publish_catalog(args: argparse.Namespace) -> int:
+    """``registry publish-catalog``: the catalog signed as the newest catalog version, and an audit entry."""
+    from federation.catalog import Catalog
+    from federation.catalogs import CatalogStoreError
+    from fedmart.console import console
+
+    catalog = Catalog.load(args.catalog)  # a CatalogError is a user error: one line, exit 2
+    if args.root is None:
+        raise UserError("publish-catalog writes into a registry: pass --root DIR (the registry `fedmart serve` reads)")
+    Path(args.root).mkdir(parents=True, exist_ok=True)
+    reg = _open_registry(args, need_key=False, signing=True)
+    try:
+        version = reg.catalogs.publish(catalog, by=args.by or getpass.getuser())
+    except CatalogStoreError as exc:
+        raise UserError(str(exc)) from exc
+    m = version.metadata
+    audit = args.audit or reg.root.parent / "audit.jsonl"
+    where = str(reg.catalogs.dir / version.name)
+    if args.audit or audit.exists():
+        from privacy.audit import AuditError, AuditLog
+
+        fields = {
+            k: m[k]
+            for k in (
+                "name",
+                "counter",
+                "catalog_version",
+                "parent",
+                "items",
+                "items_added",
+                "items_removed",
+                "by",
+                "key_id",
+            )
+        }
+        try:
+            AuditLog(audit, private_key=reg.signing_key).append("catalog_published", **fields)
+        except AuditError as exc:
+            raise UserError(f"published, but not recorded in the audit log: {exc}") from exc
+        where += f" and {audit}"
+    console.print(
+        f"published catalog {version.version} as #{version.counter} ({m['items']} items, "
+        f"+{m['items_added'] or 0} -{m['items_removed'] or 0} against {m['parent'] or 'none'}; signed, in {where})",
+        soft_wrap=True,
+    )
+    return 0
 
 
 def _keygen(path: Path) -> int:

@@ -19,7 +19,13 @@ API_KEY_ENV = "FEDMART_API_KEY"
 def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--registry", type=Path, help="registry directory (default: the newest outputs/*/registry)")
     public_key_arg(p)
-    p.add_argument("--catalog", type=Path, required=True, help="the catalog.parquet the model was trained on")
+    p.add_argument(
+        "--catalog",
+        type=Path,
+        default=None,
+        help="the catalog.parquet to serve while the registry has no signed catalog version "
+        "(`fedmart registry publish-catalog`; the newest signed one is served and hot-swapped)",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
@@ -30,7 +36,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=64, help="largest micro-batch of concurrent /recommend requests")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--no-search", action="store_true", help="do not build the title index (/search answers 501)")
-    p.add_argument("--text-cache", type=Path, help="title embeddings cache (.npy)")
+    p.add_argument("--text-cache", type=Path, help="title embeddings cache (.npy; one file per catalog version)")
     p.add_argument(
         "--require",
         action="append",
@@ -60,7 +66,7 @@ def serve_cmd(args: argparse.Namespace) -> int:
         config = ServeConfig(
             registry=registry,
             public_key=need_public_key(args),
-            catalog=Path(args.catalog),
+            catalog=Path(args.catalog) if args.catalog else None,
             host=args.host,
             port=args.port,
             api_key=args.api_key or None,

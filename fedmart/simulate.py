@@ -32,6 +32,7 @@ from fedmart.errors import UserError
 from fedmart.hydra_runs import hydra_entry, run_job
 
 __all__ = [
+    "check_init",
     "check_mechanisms",
     "check_settings",
     "check_signing_key",
@@ -147,6 +148,33 @@ def check_signing_key(settings: S) -> S:
     return replace(settings, registry=replace(reg, signing_key=str(path)))
 
 
+def check_init(settings: S, catalog: Path | None = None, *, verify: bool = True) -> S:
+    """``settings`` with ``federation.init`` (and its key) made absolute, after checking it, unless unset.
+
+    Before anything starts: its signature and its model shape; with the run's ``catalog``, also the
+    mapping of its items onto it (``federation/init_model.py``). Each failure is a one-line UserError.
+    ``verify=False`` (a resumed run, which starts from its checkpoint) only makes the paths absolute.
+    """
+    from federation.catalog import Catalog
+    from federation.init_model import InitError, load_init, verified_init
+
+    fed = settings.federation
+    if not fed.init:
+        return settings
+    key = str(Path(fed.init_public_key).resolve()) if fed.init_public_key else None
+    settings = replace(settings, federation=replace(fed, init=str(Path(fed.init).resolve()), init_public_key=key))
+    if not verify:
+        return settings
+    try:
+        if catalog is None:
+            verified_init(settings)
+        else:
+            load_init(settings, Catalog.load(catalog))
+    except InitError as exc:
+        raise UserError(str(exc)) from exc
+    return settings
+
+
 def check_settings(cfg: dict[str, Any]) -> SimulateSettings:
     """The composed config as the typed tree, validated once (here, where it enters)."""
     settings = check_signing_key(SimulateSettings.from_dict(cfg))
@@ -164,10 +192,13 @@ def simulate(cfg: dict[str, Any], run_dir: Path) -> Path:
     settings = check_settings(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     sim_file = run_dir / "sim.json"
-    if sim_file.is_file():  # resume: the silos were written by the first invocation
+    if sim_file.is_file():  # resume: the silos were written by the first invocation (and init was used then)
         sim = json.loads(sim_file.read_text())
+        settings = check_init(settings, verify=False)
     else:
+        settings = check_init(settings)  # federation.init's signature and shape, before the data
         sim = prepare(cfg, run_dir)
+        settings = check_init(settings, Path(sim["catalog"]))  # and its items mapped onto the run's catalog
         sim_file.write_text(json.dumps(sim, indent=1) + "\n")
     # The run config is the request only: the simulated nodes' policy (`node`) goes to them directly.
     run_config = flatten(settings.request().with_sim(build(SimSettings, sim)).to_dict())

@@ -12,7 +12,9 @@ One concern per module:
 - ``config``    ``ServeConfig``, ``ServeError``, the inference threads
 - ``schemas``   request and response bodies, their limits, the body builders
 - ``items``     catalog lookups: item ids, response fields, department masks
-- ``snapshot``  selecting, verifying, loading and hot-swapping a signed version; the fallback
+- ``catalog_view`` the served catalog: the newest signed catalog version; training catalogs by digest
+- ``served_model`` a version's item rows mapped onto the served catalog (new and removed items)
+- ``snapshot``  selecting, verifying, loading and hot-swapping a version and a catalog; the fallback
 - ``scoring``   the traced last-position scorer and top-k ranking of a batch
 - ``batching``  the micro-batcher of concurrent requests
 - ``search``    the title index and text search

@@ -10,15 +10,15 @@ import asyncio
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
-
-import numpy as np
+from typing import Any
 
 from serving.scoring import Job
 
 __all__ = ["MicroBatcher", "BatchRunner"]
 
-# (jobs) -> (model version, [(1-based indices, scores)] one per job, in order); runs on the executor
-BatchRunner = Callable[[list[Job]], tuple[str, list[tuple[np.ndarray, np.ndarray]]]]
+# (jobs) -> one result per job, in order (engine.Server.run_batch: (snapshot, 1-based indices, scores)); runs on
+# the executor. Each job carries its own result, so one batch may hold jobs of two snapshots around a swap.
+BatchRunner = Callable[[list[Job]], list[Any]]
 
 
 class MicroBatcher:
@@ -48,8 +48,8 @@ class MicroBatcher:
             with suppress(asyncio.CancelledError):
                 await self._task
 
-    async def submit(self, job: Job) -> tuple[str, tuple[np.ndarray, np.ndarray]]:
-        """Queue ``job`` and wait for its batch -> (model version, (indices, scores))."""
+    async def submit(self, job: Job) -> Any:
+        """Queue ``job`` and wait for its batch -> the runner's result for it."""
         assert self._queue is not None, "MicroBatcher.start() first"
         fut = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((job, fut))
@@ -66,7 +66,7 @@ class MicroBatcher:
             if not batch:
                 continue
             try:
-                version, results = await loop.run_in_executor(self._executor, self._run, [j for j, _ in batch])
+                results = await loop.run_in_executor(self._executor, self._run, [j for j, _ in batch])
             except Exception as exc:
                 for _, f in batch:
                     if not f.done():
@@ -76,4 +76,4 @@ class MicroBatcher:
             self.jobs += len(batch)
             for (_, f), r in zip(batch, results, strict=True):
                 if not f.done():
-                    f.set_result((version, r))
+                    f.set_result(r)

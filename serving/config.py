@@ -12,7 +12,7 @@ __all__ = ["ServeConfig", "ServeError", "default_threads"]
 
 
 class ServeError(RuntimeError):
-    """The server cannot start (no verified promoted version, catalog mismatch, bad key file)."""
+    """The server cannot start (no verified promoted version, no catalog to map it onto, bad key file)."""
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class ServeConfig:
 
     registry: Path
     public_key: Path
-    catalog: Path
+    catalog: Path | None = None  # used only while the registry has no signed catalog version
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
@@ -30,7 +30,7 @@ class ServeConfig:
     max_batch: int = 64
     threads: int | None = None  # torch intra-op threads; None: default_threads()
     search: bool = True  # build the title index for /search (in the background)
-    text_cache: Path | None = None  # .npy cache of title embeddings (default: beside the catalog's cache dir)
+    text_cache: Path | None = None  # .npy cache of title embeddings, one file per catalog version beside it
     search_blend: float = 0.3  # weight of the recommender in /search when a history is given
     require: tuple[str, ...] = ()  # --require terms: dp, secagg, epsilon<=X (serving/policy.py)
     state: Path | None = None  # the highest promotion counter served, kept across restarts; None: in memory only

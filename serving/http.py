@@ -2,7 +2,7 @@
 
 ``create_app`` loads the model (raising :class:`ServeError`) and wires the pieces: the
 endpoints (:mod:`serving.routes`), the micro-batcher and its inference thread, the
-poller that hot-swaps newly promoted versions, the title index built in the background,
+poller that hot-swaps newly promoted versions and signed catalogs, the title index built in the background,
 a body-size limit, and the mapping of every error to an ``ErrorResponse`` body.
 """
 
@@ -87,14 +87,14 @@ def _lifespan(
 
 
 async def _poll(server: Server, interval: float) -> None:
-    """Every ``interval`` seconds, swap in a newly promoted version (off the event loop)."""
+    """Every ``interval`` seconds, swap in a newly promoted version or signed catalog (off the event loop)."""
     loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(interval)
         try:
             await loop.run_in_executor(None, server.maybe_reload)
         except Exception:
-            log.exception("checking for a newly promoted version failed; still serving %s", server.snapshot.version)
+            log.exception("checking for a new version or catalog failed; still serving %s", server.snapshot.version)
 
 
 # --- errors: every failure is an ErrorResponse ----------------------------------------------------

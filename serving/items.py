@@ -1,7 +1,8 @@
 """The catalog as the server looks items up: ids to 1-based indices, the fields a response shows, departments.
 
-The catalog is fixed for the life of the process: a version trained on another catalog
-is refused (:mod:`serving.snapshot`).
+One :class:`ItemIndex` per served catalog version, built once and never mutated: a newer
+signed catalog gets its own (``serving/catalog_view.py``), swapped in with the model
+mapped onto it (``serving/snapshot.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ class ItemIndex:
     def __init__(self, catalog: Catalog, device: torch.device) -> None:
         n = catalog.num_items
         self.catalog = catalog
+        self.num_items = n
         self.index_of: dict[str, int] = {iid: i + 1 for i, iid in enumerate(catalog.item_id.tolist())}
         self.titles: list[str] = catalog.title.tolist()
         self.item_ids: list[str] = catalog.item_id.tolist()

@@ -124,9 +124,13 @@ class HighWater:
     A file written for another signing key is ignored with a warning.
     """
 
-    def __init__(self, path: Path | None, key_id: str) -> None:
+    def __init__(
+        self, path: Path | None, key_id: str, *, kind: str = "promotion", source: str = "promotions.jsonl"
+    ) -> None:
         self.path = path
         self.key_id = key_id
+        self.kind = kind  # what the counter counts: "promotion", "catalog version"
+        self.source = source  # where the records live, named in a refusal
         self.counter: int = 0
         self.version: str | None = None
         if path is not None and path.is_file():
@@ -145,11 +149,14 @@ class HighWater:
         """Why serving promotion ``counter`` of ``version`` would be a rollback, or None."""
         if counter < self.counter:
             return (
-                f"promotion #{counter} is older than #{self.counter} ({self.version}) already served: "
-                "promotions.jsonl was rolled back"
+                f"{self.kind} #{counter} is older than #{self.counter} ({self.version}) already served: "
+                f"{self.source} was rolled back"
             )
         if counter == self.counter and version != self.version:
-            return f"promotion #{counter} names {version}, but #{counter} served {self.version}: the file was rewritten"
+            return (
+                f"{self.kind} #{counter} names {version}, but #{counter} served {self.version}: "
+                f"{self.source} was rewritten"
+            )
         return None
 
     def advance(self, counter: int, version: str) -> None:

@@ -1,7 +1,9 @@
 """The HTTP endpoints, as methods over one :class:`~serving.engine.Server` (registered by ``create_app``).
 
 Request limits the schemas cannot know (``k`` against the catalog size, the department
-names) are checked here, before any work; every refusal is an :class:`ErrorResponse`.
+names) are checked here, before any work; every refusal is an :class:`ErrorResponse`. Each
+request takes the served snapshot once (model and catalog together) and resolves, ranks and
+answers with it, so a catalog swap in the middle of a request cannot mix two catalogs.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from serving.schemas import (
     json_response,
     ranked_payload,
 )
-from serving.snapshot import FALLBACK_WHAT
+from serving.snapshot import FALLBACK_WHAT, Snapshot
 
 __all__ = ["API_KEY_HEADER", "Routes", "add_routes", "key_guard", "jsonable"]
 
@@ -75,19 +77,20 @@ class Routes:
         self.batcher = batcher
         self.executor = executor
 
-    def _refuse(self, k: int, department: str | None) -> JSONResponse | None:
+    @staticmethod
+    def _refuse(snap: Snapshot, k: int, department: str | None) -> JSONResponse | None:
         """422 for a ``k`` beyond the catalog or an unknown department; None when both are fine."""
-        server = self.server
-        if k > server.catalog.num_items:
-            return error_response(422, f"k={k} exceeds the catalog's {server.catalog.num_items} items")
-        if department is not None and department not in server.items.departments:
-            known = ", ".join(sorted(server.items.departments)[:20])
+        items = snap.items
+        if k > items.num_items:
+            return error_response(422, f"k={k} exceeds the catalog's {items.num_items} items")
+        if department is not None and department not in items.departments:
+            known = ", ".join(sorted(items.departments)[:20])
             return error_response(422, f"unknown department {department!r}; known: {known}")
         return None
 
+    @staticmethod
     def _ranked(
-        self,
-        version: str,
+        snap: Snapshot,
         idx: np.ndarray,
         scores: np.ndarray,
         known: np.ndarray,
@@ -97,10 +100,10 @@ class Routes:
         note: str | None = None,
     ) -> Response:
         """A ranking's response: the model's for the ``known`` part of a history, or the ``fallback``'s."""
-        history_used = int(min(len(known), self.server.snapshot.max_len))  # 0 for a fallback
+        history_used = int(min(len(known), snap.max_len))  # 0 for a fallback
         body = ranked_payload(
-            self.server.items,
-            version,
+            snap.items,
+            snap.version,
             idx,
             scores,
             unknown_items=unknown,
@@ -113,24 +116,26 @@ class Routes:
     async def recommend(self, req: RecommendRequest) -> Response:
         """Top-k next items for a history (oldest first); popularity when the history is empty or unknown."""
         server = self.server
-        bad = self._refuse(req.k, req.department)
+        snap = server.snapshot  # model and catalog for the whole request
+        bad = self._refuse(snap, req.k, req.department)
         if bad is not None:
             return bad
-        known, unknown = server.resolve(req.history)
+        known, unknown = server.resolve(req.history, snap)
         if len(known) == 0:
-            snap, idx, scores = server.fallback_rank(k=req.k, department=req.department, exclude=None)
+            _, idx, scores = server.fallback_rank(k=req.k, department=req.department, exclude=None, snap=snap)
             why = "empty history" if not req.history else "no known item in the history"
             note = _unknown_note(unknown)
             note = f"{why}: ranked by {FALLBACK_WHAT[snap.fallback]}" + (f"; {note}" if note else "")
-            return self._ranked(snap.version, idx, scores, known, unknown, fallback=snap.fallback, note=note)
-        job = server.job(known, k=req.k, exclude_seen=req.exclude_seen, department=req.department)
-        version, (idx, scores) = await self.batcher.submit(job)
-        return self._ranked(version, idx, scores, known, unknown, note=_unknown_note(unknown))
+            return self._ranked(snap, idx, scores, known, unknown, fallback=snap.fallback, note=note)
+        job = server.job(known, k=req.k, exclude_seen=req.exclude_seen, department=req.department, snap=snap)
+        ranked_with, idx, scores = await self.batcher.submit(job)
+        return self._ranked(ranked_with, idx, scores, known, unknown, note=_unknown_note(unknown))
 
     async def search(self, req: SearchRequest) -> Response:
         """Items whose titles match ``query`` (all-MiniLM-L6-v2), blended with the recommender given a history."""
         server = self.server
-        bad = self._refuse(req.k, req.department)
+        snap = server.snapshot
+        bad = self._refuse(snap, req.k, req.department)
         if bad is not None:
             return bad
         if server.text_state == "disabled":
@@ -147,19 +152,20 @@ class Routes:
             return error_response(501, f"search is unavailable: {server.text_state}")
         if not req.query.strip():
             return error_response(422, "query: must contain a non-space character")
-        known, unknown = server.resolve(req.history)
+        known, unknown = server.resolve(req.history, snap)
         loop = asyncio.get_running_loop()
-        version, idx, scores = await loop.run_in_executor(
-            self.executor, lambda: server.search(req.query, known, k=req.k, department=req.department)
+        _, idx, scores = await loop.run_in_executor(
+            self.executor, lambda: server.search(req.query, known, k=req.k, department=req.department, snap=snap)
         )
-        return self._ranked(version, idx, scores, known, unknown, note=_unknown_note(unknown))
+        return self._ranked(snap, idx, scores, known, unknown, note=_unknown_note(unknown))
 
     async def item(self, item_id: str) -> Response:
         """One catalog item by its id."""
-        i = self.server.items.index_of.get(item_id)
+        items = self.server.snapshot.items
+        i = items.index_of.get(item_id)
         if i is None:
             return error_response(404, f"unknown item id {item_id!r}")
-        return json_response(item_payload(self.server.items, item_id, i))
+        return json_response(item_payload(items, item_id, i))
 
     async def model(self) -> dict[str, Any]:
         """The version being served: round, metrics, privacy report, promotion, refusals."""
@@ -174,6 +180,7 @@ class Routes:
                 "created_at": m.get("created_at"),
                 "parent": m.get("parent"),
                 "catalog_version": m.get("catalog_version"),
+                "catalog": {**snap.view.describe(), **snap.mapping},
                 "model_config": m.get("model_config"),
                 "metrics": m.get("metrics"),
                 "privacy": m.get("privacy"),
@@ -183,10 +190,10 @@ class Routes:
                 "required": str(server.versions.requirements),
                 "loaded_at": snap.loaded_at,
                 "device": str(server.device),
-                "num_items": server.catalog.num_items,
+                "num_items": snap.catalog.num_items,
                 "fallback": snap.fallback,
                 "search": server.text_state,
-                "refused": dict(server.refused),
+                "refused": dict(server.refused) | {f"catalog {k}": v for k, v in server.catalogs.refused.items()},
                 "batching": {"batches": self.batcher.batches, "requests": self.batcher.jobs},
             }
         )

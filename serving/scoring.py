@@ -11,7 +11,7 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ class Job:
     exclude: np.ndarray | None  # 1-based indices to drop
     department: str | None
     k: int
+    snap: Any = None  # the Snapshot its indices were resolved against (engine.Server.job); None: the current one
 
 
 def left_pad(seq: np.ndarray, max_len: int) -> np.ndarray:

@@ -1,20 +1,28 @@
-"""The served model version: select the newest signed promotion, check it, load it, swap it in.
+"""The served state: a model version on a catalog. Select, check, load, map, swap.
 
-A :class:`Snapshot` is a verified version, ready on its device, with its cold-start
-ranking; it is never mutated. :class:`VersionKeeper` holds the current one and swaps it
-for a new one by a single reference assignment, so a request that took the old snapshot
-keeps it to the end. The candidate is the version of the valid promotion with the highest
-counter (``federation/promotions.py``), never an older one: it is refused, with a log line
-while the previous version keeps serving, when its promotion counter is below one already
-served (a rolled-back ``promotions.jsonl``), when the version is tampered, unsigned or for
-another catalog, or when its signed privacy metadata does not meet ``--require``
-(``serving/policy.py``).
+A :class:`Snapshot` is a verified version mapped onto the served catalog (its item rows moved
+by ``item_id``, ``serving/served_model.py``), ready on its device, with its cold-start ranking
+and the catalog's lookups; it is never mutated. :class:`VersionKeeper` holds the current one
+and swaps it for a new one by a single reference assignment, so a request that took the old
+snapshot keeps it (model and catalog together) to the end. Two things make a new snapshot:
+
+* a **promotion**: the version of the valid promotion with the highest counter
+  (``federation/promotions.py``), never an older one. It is refused, with a log line while the
+  previous version keeps serving, when its promotion counter is below one already served (a
+  rolled-back ``promotions.jsonl``), when the version is tampered or unsigned, when the catalog
+  it was trained on cannot be found (``serving/catalog_view.py``), or when its signed privacy
+  metadata does not meet ``--require`` (``serving/policy.py``);
+* a **catalog version**: the newest signed catalog (``federation/catalogs.py``). Its new titles
+  are embedded, and the current model mapped onto it, on the poller's thread before the swap.
+  It is refused, the current catalog serving on, when it is tampered, its counter goes back,
+  or the current model cannot be mapped onto it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,13 +33,16 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from federation.catalog import Catalog
-from federation.globalmodel import set_weights
 from federation.model import SASRec, SASRecConfig
 from federation.registry import ModelRegistry, RegistryError
 from privacy.signing import key_fingerprint
+from serving.catalog_view import CatalogSource, CatalogView
 from serving.config import ServeError
+from serving.items import ItemIndex
 from serving.policy import HighWater, Requirements
 from serving.scoring import fast_scorer
+from serving.search import tower_space
+from serving.served_model import build_served_model, map_fallback
 
 __all__ = ["Snapshot", "VersionKeeper", "FALLBACK_WHAT", "fallback_scores"]
 
@@ -47,7 +58,7 @@ FALLBACK_WHAT = {
 
 @dataclass
 class Snapshot:
-    """A verified model version, on its device, with its cold-start ranking. Never mutated."""
+    """A verified model version on a served catalog, on its device, with its cold-start ranking. Never mutated."""
 
     version: str
     metadata: dict[str, Any]
@@ -59,18 +70,27 @@ class Snapshot:
     promotion: dict[str, Any]
     infer: Callable[[torch.Tensor], torch.Tensor]  # (b, max_len) left-padded -> (b, n + 1) scores
     inference: str  # "traced, trimmed" or "eager": which path infer takes
+    view: CatalogView  # the served catalog: lookups, department masks, its signed version
+    mapping: dict[str, Any] = field(default_factory=dict)  # trained_on, items, added, removed, new_items_scored
+    tower_space: tuple | None = None  # a text tower's (unit item rows, projection), for /search
     loaded_at: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
 
+    @property
+    def items(self) -> ItemIndex:
+        return self.view.items
 
-def _sasrec_config(model_config: dict[str, Any], catalog: Catalog) -> SASRecConfig:
-    """The metadata's ``model_config`` is ``SASRecConfig.to_dict()``; a Hydra model group plus
-    ``max_len`` is accepted too."""
-    known = set(SASRecConfig.__dataclass_fields__)
-    if "num_items" in model_config:
-        return SASRecConfig(**{k: v for k, v in model_config.items() if k in known})
-    from federation.globalmodel import model_config as from_hydra
+    @property
+    def catalog(self) -> Catalog:
+        return self.view.catalog
 
-    return from_hydra(catalog, model_config, int(model_config.get("max_len", 50)))
+
+def _masked(infer: Callable[[torch.Tensor], torch.Tensor], unscored: torch.Tensor) -> Callable:
+    """``infer`` with the items the model has no learned score for at ``-inf`` (never above a learned one)."""
+
+    def run(seq: torch.Tensor) -> torch.Tensor:
+        return infer(seq).masked_fill_(unscored, -math.inf)
+
+    return run
 
 
 def fallback_scores(
@@ -80,8 +100,8 @@ def fallback_scores(
     weights: dict[str, np.ndarray],
     num_items: int,
 ) -> tuple[str, np.ndarray]:
-    """The cold-start ranking of ``version`` -> (kind, ``(n + 1,)`` scores): its signed popularity,
-    else the model's output bias, else catalog order."""
+    """The cold-start ranking of ``version`` on its training catalog -> (kind, ``(n + 1,)`` scores): its signed
+    popularity, else the model's output bias, else catalog order."""
     n = num_items
     pop = registry.load_popularity(version, public_key)
     if pop is not None:
@@ -100,28 +120,32 @@ def fallback_scores(
 
 
 class VersionKeeper:
-    """Holds the served :class:`Snapshot` (``current``) and swaps in newly promoted, verified versions.
+    """Holds the served :class:`Snapshot` (``current``) and swaps in newly promoted versions and catalogs.
 
-    ``text_embeddings`` gives the catalog's title embeddings, for models trained with them.
-    ``requirements``: ``--require``; ``high_water``: the promotion counter served so far.
+    ``catalogs`` selects the served catalog and finds training catalogs. ``text_rows(cfg, catalog)``
+    gives the frozen text rows a text model is built with for ``catalog``; ``prepare_catalog(new,
+    old)`` runs before a catalog swap (the title index embeds the new titles). ``requirements``:
+    ``--require``; ``high_water``: the promotion counter served so far.
     """
 
     def __init__(
         self,
         registry: ModelRegistry,
         public_key: Ed25519PublicKey,
-        catalog: Catalog,
+        catalogs: CatalogSource,
         device: torch.device,
         *,
-        text_embeddings: Callable[[], torch.Tensor],
+        text_rows: Callable[[SASRecConfig, Catalog], torch.Tensor],
+        prepare_catalog: Callable[[Catalog, Catalog | None], None] | None = None,
         requirements: Requirements | None = None,
         high_water: HighWater | None = None,
     ) -> None:
         self.registry = registry
         self.public_key = public_key
-        self.catalog = catalog
+        self.catalogs = catalogs
         self.device = device
-        self._text_embeddings = text_embeddings
+        self._text_rows = text_rows
+        self._prepare_catalog = prepare_catalog
         self.requirements = requirements or Requirements()
         self.high_water = high_water or HighWater(None, key_fingerprint(public_key))
         self.current: Snapshot | None = None
@@ -175,64 +199,118 @@ class VersionKeeper:
         self._selected = record
         return version
 
-    def load(self, version: str) -> Snapshot:
-        """Verify, load, warm up; raises RegistryError/ServeError on anything wrong."""
+    def load(self, version: str, view: CatalogView) -> Snapshot:
+        """Verify, load, map onto ``view``'s catalog, warm up; raises RegistryError/ServeError on anything wrong."""
         weights, meta = self.registry.load(version, self.public_key)
         unmet = self.requirements.unmet(meta)  # again, on the bytes just verified and loaded
         if unmet:
             raise ServeError(f"{version}: {unmet}")
-        if meta.get("catalog_version") != self.catalog.version:
-            raise ServeError(
-                f"{version} was trained on catalog {meta.get('catalog_version')}, "
-                f"but --catalog is {self.catalog.version}: serve it with its own catalog"
-            )
-        cfg = _sasrec_config(dict(meta.get("model_config") or {}), self.catalog)
-        if cfg.num_items != self.catalog.num_items:
-            raise ServeError(f"{version}: model has {cfg.num_items} items, the catalog {self.catalog.num_items}")
-        text = self._text_embeddings() if cfg.text_dim else None
-        model = SASRec(cfg, text_embeddings=text)
+        trained_on = str(meta.get("catalog_version") or "")
         try:
-            set_weights(model, weights)
-        except ValueError as exc:
-            raise ServeError(f"{version}: {exc}") from exc
-        model = model.to(self.device).eval()
+            training = self.catalogs.training_catalog(trained_on, view.catalog)
+            served = build_served_model(
+                weights, dict(meta.get("model_config") or {}), training, view.catalog, self._text_rows
+            )
+        except (ServeError, ValueError) as exc:
+            raise ServeError(f"{version} {exc}" if str(exc).startswith("trained on") else f"{version}: {exc}") from exc
+        model = served.model.to(self.device)
         infer, inference = fast_scorer(model, self.device)
-        kind, scores = fallback_scores(self.registry, version, self.public_key, weights, self.catalog.num_items)
+        if served.unscored is not None:
+            infer = _masked(infer, torch.from_numpy(served.unscored).to(self.device))
+        kind, scores = fallback_scores(self.registry, version, self.public_key, weights, training.num_items)
+        scores = map_fallback(scores, served.alignment)
         order = np.argsort(-scores[1:], kind="stable") + 1
         promotion = self._selected if self._selected.get("version") == version else {}
-        log.info("%s: inference path %s on %s", version, inference, self.device)
-        return Snapshot(version, meta, model, cfg.max_len, kind, scores, order, promotion, infer, inference)
+        log.info("%s on catalog %s: inference path %s on %s", version, view.version, inference, self.device)
+        return Snapshot(
+            version,
+            meta,
+            model,
+            served.config.max_len,
+            kind,
+            scores,
+            order,
+            promotion,
+            infer,
+            inference,
+            view,
+            served.summary(trained_on),
+            tower_space(model),
+        )
 
     def maybe_reload(self, force: bool = False) -> str | None:
-        """Swap in a newly promoted verified version; returns it, or None if nothing changed."""
+        """Swap in a newly promoted verified version and/or a newer signed catalog.
+
+        Returns what was swapped in (the version id, or ``catalog <name>`` when only the catalog
+        changed), or None if nothing changed. A new catalog is tried with the current model
+        first, then a new version on the resulting catalog, so each refusal names its cause.
+        """
         assert self.current is not None, "load a first version before reloading"
         with self._swap_lock:
-            stamp = self._stamp()
-            if not force and stamp == self._promotions_stamp:
-                return None
-            version = self.select()
-            if version is None:
-                return None
-            counter = int(self._selected["counter"])
-            if version == self.current.version:  # promoted again: nothing to load, the counter moves on
-                self.high_water.advance(counter, version)
-                return None
-            try:
-                snap = self.load(version)
-            except (RegistryError, ServeError, ValueError) as exc:
-                self._refuse(version, str(exc).removeprefix(f"{version}: "))
-                return None
-            self.refused.pop(version, None)
-            old, self.current = self.current, snap  # the swap: one reference assignment
+            swapped = None
+            if force or self.catalogs.changed():
+                swapped = self._reload_catalog()
+            if force or self._stamp() != self._promotions_stamp:
+                swapped = self._reload_version() or swapped
+            return swapped
+
+    def _reload_catalog(self) -> str | None:
+        current = self.current
+        assert current is not None
+        chosen, why = self.catalogs.select()
+        if chosen is None or chosen.name == current.view.name:
+            if why:
+                log.debug("no catalog to swap in: %s", why)
+            return None
+        view = self.catalogs.view(chosen)
+        try:
+            if self._prepare_catalog is not None:
+                self._prepare_catalog(view.catalog, current.view.catalog)  # new titles embedded, off the request path
+            snap = self.load(current.version, view)
+        except (RegistryError, ServeError, ValueError) as exc:
+            self.catalogs.refuse(chosen.name, f"cannot serve {current.version} on it: {exc}")
+            return None
+        self.current = snap  # the swap: one reference assignment
+        self.catalogs.served(view)
+        log.info(
+            "now serving catalog %s (#%d: %d items, %d new, %d removed against the model's) with %s",
+            chosen.name,
+            chosen.counter,
+            view.catalog.num_items,
+            snap.mapping.get("added", 0),
+            snap.mapping.get("removed", 0),
+            snap.version,
+        )
+        return f"catalog {chosen.name}"
+
+    def _reload_version(self) -> str | None:
+        current = self.current
+        assert current is not None
+        version = self.select()
+        if version is None:
+            return None
+        counter = int(self._selected["counter"])
+        if version == current.version:  # promoted again: nothing to load, the counter moves on
             self.high_water.advance(counter, version)
-            log.info("now serving %s (promotion #%d; was %s)", version, counter, old.version)
-            return version
+            return None
+        try:
+            snap = self.load(version, current.view)
+        except (RegistryError, ServeError, ValueError) as exc:
+            self._refuse(version, str(exc).removeprefix(f"{version}: "))
+            return None
+        self.refused.pop(version, None)
+        self.current = snap  # the swap: one reference assignment
+        self.high_water.advance(counter, version)
+        log.info("now serving %s (promotion #%d; was %s)", version, counter, current.version)
+        return version
 
     def start(self) -> Snapshot:
-        """Select and load the first version (raises :class:`ServeError` with the reason when there is none)."""
+        """Select the catalog and the first version and load them (:class:`ServeError` with the reason when none)."""
+        view = self.catalogs.first_view()
         version = self.select()
         if version is None:
             raise ServeError(self.last_refusal or "no signed promotion")
-        self.current = self.load(version)
+        self.current = self.load(version, view)
+        self.catalogs.served(view)
         self.high_water.advance(int(self._selected["counter"]), version)
         return self.current

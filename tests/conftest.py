@@ -151,6 +151,22 @@ def make_world(root: Path, *, num_items: int = 300, promote: bool = True) -> Wor
     return world
 
 
+def edit_catalog(catalog: Catalog, *, add: tuple[tuple[str, str], ...] = (), remove: tuple[str, ...] = ()) -> Catalog:
+    """``catalog`` without the items ``remove`` and with new items ``add`` ((item_id, title) pairs) at the end.
+
+    New items take the first item's department and merchant, and price 1.0.
+    """
+    keep = ~np.isin(catalog.item_id, list(remove))
+    ids, titles = [i for i, _ in add], [t for _, t in add]
+    return Catalog(
+        item_id=np.concatenate([catalog.item_id[keep], np.asarray(ids, dtype=str)]),
+        title=np.concatenate([catalog.title[keep], np.asarray(titles, dtype=str)]),
+        department=np.concatenate([catalog.department[keep], np.repeat(catalog.department[0], len(add))]),
+        merchant=np.concatenate([catalog.merchant[keep], np.repeat(catalog.merchant[0], len(add))]),
+        price=np.concatenate([catalog.price[keep], np.ones(len(add))]),
+    )
+
+
 def flip_byte(path: Path, offset: int = -1) -> None:
     data = bytearray(path.read_bytes())
     data[offset] ^= 0x01
@@ -179,6 +195,7 @@ def support() -> SimpleNamespace:
         publish=publish,
         random_weights=random_weights,
         flip_byte=flip_byte,
+        edit_catalog=edit_catalog,
         running_server=_serve_in_thread,
         wait_until=wait_until,
     )

@@ -19,11 +19,11 @@ def executor():
 
 
 def _echo(calls: list[list]):
-    """A batch runner that records each batch and answers every job with ``(job, job)``."""
+    """A batch runner that records each batch and answers every job with ``("v1", (job, job))``."""
 
-    def run(jobs: list) -> tuple[str, list]:
+    def run(jobs: list) -> list:
         calls.append(list(jobs))
-        return "v1", [(j, j) for j in jobs]
+        return [("v1", (j, j)) for j in jobs]
 
     return run
 
@@ -62,10 +62,10 @@ def test_a_batch_never_exceeds_max_batch(executor):
 
 
 def test_a_failing_batch_fails_each_of_its_jobs_and_the_worker_goes_on(executor):
-    def run(jobs: list) -> tuple[str, list]:
+    def run(jobs: list) -> list:
         if "bad" in jobs:
             raise RuntimeError("forward failed")
-        return "v1", [(j, j) for j in jobs]
+        return [("v1", (j, j)) for j in jobs]
 
     async def scenario():
         batcher = MicroBatcher(run, executor, max_batch=64)
@@ -87,7 +87,7 @@ def test_a_job_whose_caller_went_away_is_not_run(executor):
     release = threading.Event()
     echo = _echo(calls)
 
-    def run(jobs: list) -> tuple[str, list]:
+    def run(jobs: list) -> list:
         if jobs == ["first"]:
             release.wait(timeout=10)  # hold the inference thread while more jobs queue
         return echo(jobs)

@@ -13,13 +13,15 @@ from serving.search import TitleSearch
 CPU = torch.device("cpu")
 
 
-def test_the_embedding_cache_is_the_configured_file_or_one_per_catalog_version(tiny_catalog, tmp_path, monkeypatch):
+def test_the_embedding_cache_is_one_file_per_catalog_version_beside_the_configured_one(
+    tiny_catalog, tmp_path, monkeypatch
+):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
 
     configured = TitleSearch(tiny_catalog, CPU, cache=tmp_path / "t.npy", blend=0.3)
     default = TitleSearch(tiny_catalog, CPU, cache=None, blend=0.3)
 
-    assert configured.cache_path() == tmp_path / "t.npy"
+    assert configured.cache_path() == tmp_path / f"t-{tiny_catalog.version}.npy"
     assert default.cache_path() == tmp_path / "xdg" / "fedmart" / f"title-emb-{tiny_catalog.version}.npy"
     assert default.state == "disabled"  # until the app asks for an index
 
