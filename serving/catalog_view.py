@@ -24,11 +24,11 @@ from federation.catalog import Catalog
 from federation.catalogs import CatalogStore, CatalogVersion
 from serving.config import ServeError
 from serving.items import ItemIndex
-
-START_HINT = "pass --catalog outputs/<run>/catalog.parquet (fedmart simulate and fedmart coordinate write it)"
 from serving.policy import HighWater
 
 __all__ = ["CatalogView", "CatalogSource"]
+
+START_HINT = "pass --catalog outputs/<run>/catalog.parquet (fedmart simulate and fedmart coordinate write it)"
 
 log = logging.getLogger(__name__)
 
