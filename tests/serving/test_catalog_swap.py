@@ -214,3 +214,49 @@ def test_a_catalog_reload_under_load_fails_no_request_and_search_finds_the_new_i
     assert statuses and set(statuses) == {200}, f"failed requests: {sorted(set(statuses) - {200})}"
     assert model["catalog"]["added"] == 2
     assert "new-1" in _ids(found)[:10]
+
+
+def test_a_text_tower_version_ranks_a_new_item_by_its_text_at_once(signed, support):
+    """``model=sasrec_text``: a new item's score is the tower's own (its text, a zero residual and bias)."""
+    from federation.globalmodel import get_weights, set_weights
+    from federation.model import SASRecConfig, create
+    from federation.text import TEXT_DIM, item_text_embeddings
+
+    tiny = {"hidden": 16, "layers": 1, "heads": 1, "max_len": 12, "dropout": 0.0, "attn_dropout": 0.0}
+    cfg = SASRecConfig(num_items=signed.catalog.num_items, text_dim=TEXT_DIM, tower=True, **tiny)
+    torch.manual_seed(3)
+    model = create(cfg, text_embeddings=item_text_embeddings(signed.catalog, signed.root))
+    with torch.no_grad():  # as if trained: every known item has a learned residual and bias
+        model.tower.residual[1:].normal_(std=0.05)
+        model.tower.bias[1:].normal_(std=0.05)
+    weights = get_weights(model)
+    version = signed.registry.publish(
+        weights, run="tower", round=9, config_hash="cfg", catalog_version=signed.catalog.version,
+        model_config=cfg.to_dict(), metrics={}, privacy={"epsilon": 2.0, "delta": 1e-5}, parent=signed.versions[-1],
+    )  # fmt: skip
+    signed.registry.promote(version, by="pytest")
+    history = signed.ids([1, 2, 3])
+    with TestClient(create_app(signed.serve_config(text_cache=signed.root / "cache" / "t.npy"))) as c:
+        c.app.state.server.maybe_reload()
+        grown_name = _grow(signed, support)
+        assert c.app.state.server.maybe_reload() == f"catalog {grown_name}"
+        model_info = c.get("/model").json()
+        ranked = c.post("/recommend", json={"history": history, "k": 62, "exclude_seen": False}).json()
+
+    assert model_info["version"] == version and model_info["catalog"]["new_items_scored"] is True
+    scores = {it["item_id"]: it["score"] for it in ranked["items"]}
+    assert {"new-1", "new-2"} <= set(scores)  # ranked among the learned items, not after them
+    # The reference: the same weights on the grown catalog, the new items' residual and bias zero.
+    grown = support.edit_catalog(signed.catalog, add=NEW)
+    ref = create(
+        SASRecConfig(num_items=grown.num_items, text_dim=TEXT_DIM, tower=True, **tiny),
+        text_embeddings=item_text_embeddings(grown, signed.root),
+    ).eval()
+    padded = dict(weights)
+    padded["tower.residual"] = np.concatenate([weights["tower.residual"], np.zeros((2, 16), np.float32)])
+    padded["tower.bias"] = np.concatenate([weights["tower.bias"], np.zeros(2, np.float32)])
+    set_weights(ref, padded)
+    idx = [int(np.flatnonzero(grown.item_id == i)[0]) + 1 for i in history]
+    expected = ref.score_last(torch.tensor([[0] * (12 - len(idx)) + idx]))[0]  # left-padded to max_len, as served
+    for k, item in enumerate(("new-1", "new-2")):
+        assert abs(scores[item] - float(expected[grown.num_items - 1 + k])) < 1e-4, (item, scores[item])
