@@ -3,11 +3,13 @@ smallest simulated federation.
 
 The signed world (a catalog, a registry with one signed version, its keys) serves the
 registry, command and serving tests. Tests run with ``--import-mode=importlib``, so
-helpers cannot be imported from a sibling module; the ``support`` fixture hands them over.
+helpers cannot be imported from a sibling module; the ``support`` fixture hands them over,
+and the ``runbook`` fixture ``tests/runbook.py`` (the docs' marked commands, run as processes).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,3 +201,12 @@ def support() -> SimpleNamespace:
         running_server=_serve_in_thread,
         wait_until=wait_until,
     )
+
+
+@pytest.fixture(scope="session")
+def runbook():
+    """``tests/runbook.py``: the runbooks' marked commands, read from the docs and run as real processes."""
+    spec = importlib.util.spec_from_file_location("fedmart_tests_runbook", Path(__file__).with_name("runbook.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
