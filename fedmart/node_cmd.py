@@ -144,8 +144,10 @@ def _node_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--join-timeout",
         type=float,
-        default=60.0,
-        help="seconds to keep asking while the SuperLink does not know this node's key (it may be registering it)",
+        default=120.0,
+        help="seconds to keep asking while the SuperLink refuses to activate this node: its key may still be being "
+        "registered, or, after a crash, the SuperLink still holds this node's previous session (it expires in about "
+        "a minute)",
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--fault", default="", help=argparse.SUPPRESS)  # test-only fault injection (clients/guard.py)
@@ -382,9 +384,14 @@ def run_supernode(
             stop.wait(5.0)
             continue
         if _exit_code(text) == "305" and time.monotonic() - joining_since < join_timeout:
-            # The key is unknown: perhaps the coordinator is still registering it. Ask again
-            # until --join-timeout; after that the refusal is final.
-            log.warning("the SuperLink does not know this node's key (yet); retrying for up to %.0fs", join_timeout)
+            # Flower answers 305 both for a key it does not know (the coordinator may still be
+            # registering it) and, after this node crashed, while its previous session is still
+            # live there (about 30 s). Ask again until --join-timeout; then the refusal is final.
+            log.warning(
+                "the SuperLink does not activate this node yet (its key is not registered yet, or it still holds "
+                "this node's session from before a restart); retrying for up to %.0fs",
+                join_timeout,
+            )
             stop.wait(5.0)
             continue
         raise UserError(explain(text))
