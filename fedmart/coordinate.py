@@ -98,8 +98,16 @@ class Deployment:
 
     @property
     def node_address(self) -> str:
-        """What nodes dial: the Fleet gate."""
+        """Where the Fleet gate listens."""
         return f"{self.host}:{self.port}"
+
+    @property
+    def dial_hint(self) -> str:
+        """What nodes dial, as the start-up line says it: a wildcard host is no address to dial."""
+        if self.host in ("0.0.0.0", "::", ""):
+            name = "<a host name of the TLS certificate (fedmart certs --hosts)>"
+            return f"https://{name}:{self.port} (the gate listens on all interfaces)"
+        return f"https://{self.node_address}"
 
     @classmethod
     def from_settings(cls, d: DeploySettings) -> Deployment:
@@ -228,7 +236,7 @@ def coordinate(cfg: dict[str, Any], run_dir: Path) -> Path:
                 registered = register_node_keys(control, pubs)
             console.print(
                 f"SuperLink on https://{deploy.control_address} (TLS, node auth, Control API on this machine only); "
-                f"nodes connect to https://{deploy.node_address} (Fleet API only); {len(registered)} node keys: "
+                f"nodes connect to {deploy.dial_hint} (Fleet API only); {len(registered)} node keys: "
                 + ", ".join(f"{r.name} ({r.status}, node id {r.node_id})" for r in registered),
                 markup=False,
                 highlight=False,

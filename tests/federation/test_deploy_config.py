@@ -264,3 +264,22 @@ def test_two_nodes_that_give_the_same_name_are_told_apart_by_their_node_ids(capl
     named = _distinct_names(nodes)
     assert sorted(n.name for n in named.values()) == ["books@11", "books@12", "toys"]
     assert "2 nodes call themselves books" in caplog.text
+
+
+def test_the_start_up_line_never_tells_nodes_to_dial_a_wildcard_address():
+    from fedmart.coordinate import Deployment
+
+    def dep(host: str) -> Deployment:
+        return Deployment(**{**_deployment_fields(), "host": host})
+
+    assert dep("10.0.0.5").dial_hint == "https://10.0.0.5:9092"
+    wild = dep("0.0.0.0").dial_hint
+    assert "0.0.0.0" not in wild and ":9092" in wild and "fedmart certs --hosts" in wild
+
+
+def _deployment_fields() -> dict:
+    from conf.settings import DeploySettings
+    from fedmart.coordinate import Deployment
+
+    d = Deployment.from_settings(DeploySettings())
+    return {f: getattr(d, f) for f in d.__dataclass_fields__}
