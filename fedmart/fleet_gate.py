@@ -185,7 +185,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--upstream", required=True, help="the SuperLink, HOST:PORT (127.0.0.1:deploy.control_port)")
     p.add_argument("--certs", type=Path, required=True, help="the deployment's certs directory (fedmart certs)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from fedmart.console import setup_logging
+
+    setup_logging(logging.INFO)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per forwarded request is too many
     layout = PkiLayout(args.certs)
     app = create_gate(args.upstream, layout.ca_cert)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmart.cli import command
+from fedmart.console import setup_logging
 from fedmart.errors import UserError, exit_on_user_error
 from fedmart.staging import FAB_ID
 from fedmart.supervise import Child, GracefulStop, ReplyDelivery, StopNow, flwr_env, free_port
@@ -223,7 +224,7 @@ def node_cmd(args: argparse.Namespace) -> int:
         ssh_fingerprint,
     )
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.log_level)
     for noisy in ("httpx", "httpcore", "flwr"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     data_dir = args.data.resolve()

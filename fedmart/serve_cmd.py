@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 from pathlib import Path
 
 from fedmart.cli import command
+from fedmart.console import setup_logging
 from fedmart.errors import UserError, exit_on_user_error
 from fedmart.registry_cmds import default_registry_root, need_public_key, public_key_arg
 
@@ -60,7 +60,7 @@ def serve_cmd(args: argparse.Namespace) -> int:
     from serving.http import run_http
     from serving.policy import default_state_path
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.log_level)
     try:
         registry = Path(args.registry) if args.registry else default_registry_root()
         config = ServeConfig(

@@ -210,3 +210,20 @@ def runbook():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging():
+    """Put the root logger's handlers back after each test.
+
+    A command run in-process (Hydra's entry points configure logging) binds a handler to the
+    stderr pytest captured for that test, which is closed afterwards: a later test's log
+    record would then print "--- Logging error ---" into its own captured stderr.
+    """
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers = handlers
+    root.setLevel(level)

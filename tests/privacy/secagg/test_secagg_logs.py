@@ -37,6 +37,7 @@ def _app() -> ClientApp:
 def run_two_rounds(grid_factory, caplog, monkeypatch):
     monkeypatch.setattr(node_mod, "_WEIGHT_CAP", WeightCapNotice())  # this test's run starts untold
     caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="flwr")  # an in-process CLI run earlier may have quietened Flower
     strategy = SecAggStrategy(FedAvg(min_available_nodes=4), config=CFG)
     strategy.start(grid_factory(_app(), 4), ArrayRecord({"w": Array(np.zeros(3, np.float32))}), num_rounds=2)
     return strategy, [r.getMessage() for r in caplog.records]  # (the records of this fixture's setup phase)
