@@ -43,27 +43,15 @@ def _eps_by_node(record: RoundRecord) -> dict[str, float]:
     return {n: m["epsilon"] for n, m in record.node_metrics.items() if "epsilon" in m}
 
 
-def _parent_epsilon_max(registry: ModelRegistry, parent: str | None, run: str) -> float | None:
-    """The running max ε recorded by ``parent`` when it belongs to this run (a resumed run goes on from it)."""
+def _parent_meta(registry: ModelRegistry, parent: str | None, run: str) -> dict[str, Any]:
+    """``parent``'s metadata when it belongs to this run (a resumed run goes on from it), else {}."""
     if parent is None:
-        return None
+        return {}
     try:
         meta = registry.show(parent)
     except ValueError:
-        return None
-    value = (meta.get("privacy") or {}).get("epsilon_max")
-    return float(value) if meta.get("run") == run and value is not None else None
-
-
-def _parent_origin(registry: ModelRegistry, parent: str | None, run: str) -> dict[str, Any] | None:
-    """The ``origin`` recorded by ``parent`` when it belongs to this run (a resumed run started from it too)."""
-    if parent is None:
-        return None
-    try:
-        meta = registry.show(parent)
-    except ValueError:
-        return None
-    return meta.get("origin") if meta.get("run") == run else None
+        return {}
+    return meta if meta.get("run") == run else {}
 
 
 class RegistryPublisher:
@@ -100,8 +88,10 @@ class RegistryPublisher:
         versions = registry.versions()
         self.parent: str | None = versions[-1] if versions else None
         self.last_version: str | None = self.parent
-        self.epsilon_max = _parent_epsilon_max(registry, self.parent, run)
-        self.origin = origin if origin is not None else _parent_origin(registry, self.parent, run)
+        parent_meta = _parent_meta(registry, self.parent, run)  # read once: the running ε max, the origin
+        eps = (parent_meta.get("privacy") or {}).get("epsilon_max")
+        self.epsilon_max = float(eps) if eps is not None else None
+        self.origin = origin if origin is not None else parent_meta.get("origin")
 
     def on_round_end(self, record: RoundRecord, arrays: ArrayRecord, strategy: Strategy) -> None:
         if not record.aggregated:
