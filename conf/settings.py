@@ -50,11 +50,8 @@ __all__ = [
     "Settings",
     "RunSettings",
     "SimulateSettings",
-    "DeploySettings",
-    "CoordinateSettings",
     "CentralSettings",
     "NodeSettings",
-    "SCHEMAS",
 ]
 
 
@@ -412,42 +409,6 @@ class SimulateSettings(Settings):
 
 
 @dataclass(frozen=True)
-class DeploySettings:
-    """``fedmart coordinate``'s own group (``conf/coordinate.yaml``): where the SuperLink runs."""
-
-    certs: str = "certs"
-    node_keys: str | None = None
-    host: str = "127.0.0.1"
-    port: int = 9092
-    control_port: int = 9093
-    num_nodes: int | None = None
-    catalog: str | None = None
-    isolation: str = "subprocess"
-    startup_timeout: float = 120.0
-    database: str = "outputs/superlink/state.db"
-    dry_run: bool = False  # greet every node (keys, TLS, data, catalog, budget) and train nothing
-
-    def __post_init__(self) -> None:
-        for name in ("port", "control_port"):
-            if not 0 < getattr(self, name) < 65536:
-                raise SettingsError(f"deploy.{name} must be a TCP port, got {getattr(self, name)}")
-        if self.control_port == self.port:
-            raise SettingsError(f"deploy.control_port must differ from deploy.port ({self.port})")
-        _choice("deploy.isolation", self.isolation, ("subprocess", "process"))
-
-
-@dataclass(frozen=True)
-class CoordinateSettings(SimulateSettings):
-    """``conf/coordinate.yaml``: the run config plus the deployment group (which never reaches Flower).
-
-    ``node`` is composed too but unused: in a deployment every node reads its own policy file.
-    """
-
-    deploy: DeploySettings = field(default_factory=DeploySettings)
-    registry: RegistrySettings = field(default_factory=lambda: RegistrySettings(create_key=False))
-
-
-@dataclass(frozen=True)
 class CentralSettings:
     """``conf/central.yaml``: the centralized baseline (``fedmart train-central``)."""
 
@@ -508,11 +469,3 @@ class NodeSettings:
     def from_node_config(cls, node_config: dict[str, Any]) -> NodeSettings:
         values = {k: (None if v in ("", "inf") and k == "max-epsilon" else v) for k, v in node_config.items()}
         return build(cls, {k: v for k, v in values.items() if v != ""}, ignore_unknown=True)
-
-
-# The options of the ``schema`` config group, stored in Hydra's ConfigStore (conf/typed.register).
-SCHEMAS: dict[str, type] = {
-    "settings": SimulateSettings,  # conf/config.yaml
-    "coordinate": CoordinateSettings,  # conf/coordinate.yaml (overrides config.yaml's choice)
-    "central": CentralSettings,  # conf/central.yaml
-}

@@ -140,7 +140,7 @@ def register() -> None:
                 OmegaConf.set_readonly(child, False)
         return node
 
-    from conf.settings import SCHEMAS
+    from conf.deploy_settings import SCHEMAS
 
     store = ConfigStore.instance()
     for name, schema in SCHEMAS.items():

@@ -42,7 +42,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from conf.settings import CoordinateSettings, DeploySettings, SimSettings
+from conf.deploy_settings import CoordinateSettings, DeploySettings
+from conf.settings import SimSettings
 from federation.catalog import Catalog
 from federation.runconfig import flatten
 from fedmart.errors import UserError
@@ -78,7 +79,7 @@ CONTROL_HOST = "127.0.0.1"  # the SuperLink's own address: the coordinator's flw
 
 @dataclass(frozen=True)
 class Deployment:
-    """The ``deploy`` group (:class:`conf.settings.DeploySettings`) with its paths resolved."""
+    """The ``deploy`` group (:class:`conf.deploy_settings.DeploySettings`) with its paths resolved."""
 
     certs: Path
     node_keys: Path

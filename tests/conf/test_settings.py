@@ -10,10 +10,9 @@ import pytest
 from omegaconf import OmegaConf
 
 import conf
+from conf.deploy_settings import CoordinateSettings, DeploySettings
 from conf.settings import (
     CentralSettings,
-    CoordinateSettings,
-    DeploySettings,
     NodeSettings,
     RunSettings,
     Settings,

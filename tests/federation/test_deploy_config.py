@@ -278,7 +278,7 @@ def test_the_start_up_line_never_tells_nodes_to_dial_a_wildcard_address():
 
 
 def _deployment_fields() -> dict:
-    from conf.settings import DeploySettings
+    from conf.deploy_settings import DeploySettings
     from fedmart.coordinate import Deployment
 
     d = Deployment.from_settings(DeploySettings())

@@ -20,7 +20,7 @@ import httpx
 import pytest
 import tomli_w
 
-from conf.settings import DeploySettings
+from conf.deploy_settings import DeploySettings
 from fedmart.coordinate import Deployment, start_link
 from fedmart.nodes_admin import ControlClient, register_node_keys
 from fedmart.staging import stage_app

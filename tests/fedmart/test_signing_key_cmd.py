@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from conf.settings import CoordinateSettings, RegistrySettings, SimulateSettings
+from conf.deploy_settings import CoordinateSettings
+from conf.settings import RegistrySettings, SimulateSettings
 from fedmart.errors import UserError
 from fedmart.simulate import check_signing_key
 from privacy.signing import load_or_create_keypair
