@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -51,13 +52,15 @@ from clients.datasets import load_dataset
 from clients.sequences import Split, TrainDataset, build_sequences, leave_one_out
 from clients.trainer import evaluate, make_loader, make_optimizer, seed_everything, train_epoch
 from conf.settings import CentralSettings
+from federation.catalog import Catalog
+from federation.catalog_map import item_keys, map_item_rows, rows_from
 from federation.globalmodel import build_model, get_weights, set_weights
 from federation.metrics import RankingMetrics, popularity_scores, ranks
 from federation.text import item_text_embeddings
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
-ARMS = ("tower", "tower_trained_rows", "id_only", "popularity", "content")
+ARMS = ("tower", "tower_mean_bias", "tower_new_only", "id_only", "popularity", "content")
 
 
 def compose(overrides: list[str]) -> CentralSettings:
@@ -121,6 +124,29 @@ def batches(hists, targets, max_len: int, size: int = 256):
         yield torch.from_numpy(x), torch.from_numpy(targets[s : s + size]), h
 
 
+def sub_catalog(catalog: Catalog, keep: np.ndarray) -> tuple[Catalog, np.ndarray]:
+    """The catalog of the items ``keep`` marks ((n + 1,) bool, row 0 ignored), and old index -> new index (0: gone)."""
+    rows = np.flatnonzero(keep[1:])
+    sub = Catalog(*(getattr(catalog, c)[rows] for c in ("item_id", "title", "department", "merchant", "price")))
+    new_index = np.zeros(catalog.num_items + 1, dtype=np.int64)
+    new_index[rows + 1] = np.arange(1, len(rows) + 1)
+    return sub, new_index
+
+
+def onto_full_catalog(model, cfg: CentralSettings, old: Catalog, full: Catalog, seed: int, cache_dir: Path):
+    """``model`` (trained on ``old``) moved onto ``full`` as ``federation.init`` moves a version.
+
+    Kept items keep their rows; the new items get the rows of a freshly built model of ``full``:
+    for the tower a zero ID residual and bias (a new item is its text alone), for the ID-only
+    model its random initial rows (it knows nothing of them).
+    """
+    fresh = build_model(full, cfg.model, cfg.data.max_len, seed=seed, text_cache=cache_dir / "title_emb.npy")
+    state = get_weights(model)
+    mapped = map_item_rows(state, old, full, item_keys(state), rows_from(get_weights(fresh)))
+    set_weights(fresh, mapped)
+    return fresh.eval()
+
+
 def cold_seed(seed: int, holdout: float, args: argparse.Namespace, out_dir: Path, log: list) -> dict[str, Any]:
     base = ["experiment=ml100k", f"max_epochs={args.max_epochs}", f"patience={args.patience}"]
     cfg_id, cfg_text = compose([*base, "model=sasrec"]), compose([*base, "model=sasrec_text"])
@@ -130,30 +156,42 @@ def cold_seed(seed: int, holdout: float, args: argparse.Namespace, out_dir: Path
     rng = np.random.default_rng(seed)
     cold = np.zeros(n + 1, dtype=bool)
     cold[rng.choice(np.arange(1, n + 1), size=round(holdout * n), replace=False)] = True
-    split = leave_one_out(build_sequences(inter.take(np.flatnonzero(~cold[inter.item]))))
-    assert not cold[split.train.items].any() and not cold[split.valid_target].any()
+    # Training knows only the warm catalog: the held-out items do not exist yet (they are
+    # neither targets nor negatives of its softmax), as items added to the catalog later.
+    warm_catalog, new_index = sub_catalog(catalog, ~cold)
+    warm_inter = inter.take(np.flatnonzero(~cold[inter.item]))
+    warm_inter = dataclasses.replace(warm_inter, item=new_index[warm_inter.item])
+    split = leave_one_out(build_sequences(warm_inter))
     hists, targets = cold_cases(build_sequences(inter), cold, cfg_id.data.max_len)
     print(f"seed {seed}: {int(cold.sum())} held-out items, {len(targets)} cold test positions", flush=True)
 
-    tower = train(cfg_text, catalog, split, seed, out_dir, log)
-    fresh = copy.deepcopy(tower)
-    with torch.no_grad():  # a new item: text only (zero ID residual and bias), as federation.init maps it
-        fresh.tower.residual[torch.from_numpy(cold)] = 0.0
-        if fresh.tower.bias is not None:
-            fresh.tower.bias[torch.from_numpy(cold)] = 0.0
-    id_only = train(cfg_id, catalog, split, seed, out_dir, log)
+    models = {}
+    for arm, cfg in (("tower", cfg_text), ("id_only", cfg_id)):
+        trained = train(cfg, warm_catalog, split, seed, out_dir, log)
+        models[arm] = onto_full_catalog(trained, cfg, warm_catalog, catalog, seed, out_dir)
+        models[arm].best_epoch = trained.best_epoch
+        models[arm + "_warm"] = trained
+    tower = models["tower"]
+    with torch.no_grad():  # a new item's bias: the mean of the known items' instead of zero
+        mean_bias = copy.deepcopy(tower)
+        warm_rows = torch.from_numpy(~cold)
+        warm_rows[0] = False
+        mean_bias.tower.bias[torch.from_numpy(cold)] = tower.tower.bias[warm_rows].mean()
     text = item_text_embeddings(catalog, out_dir)  # (n + 1, 384), unit rows
-    counts = split.item_counts(n)
+    counts = np.zeros(n + 1, dtype=np.int64)
+    counts[np.flatnonzero(~cold)] = split.item_counts(warm_catalog.num_items)[new_index[~cold]]
     cold_t = torch.from_numpy(cold)
+    only_new = torch.where(cold_t, 0.0, float("-inf"))
 
     def content(x: torch.Tensor) -> torch.Tensor:
         user = torch.nn.functional.normalize(text[x].sum(1), dim=-1)  # mean of the history's (pads are 0)
-        return torch.where(cold_t, user @ text.T, torch.tensor(float("-inf")))
+        return user @ text.T + only_new
 
     scorers = {
-        "tower": fresh.score_last,
-        "tower_trained_rows": tower.score_last,
-        "id_only": id_only.score_last,
+        "tower": tower.score_last,
+        "tower_mean_bias": mean_bias.score_last,
+        "tower_new_only": lambda x: tower.score_last(x) + only_new,
+        "id_only": models["id_only"].score_last,
         "popularity": lambda x: popularity_scores(counts, len(x)),
         "content": content,
     }
@@ -165,10 +203,10 @@ def cold_seed(seed: int, holdout: float, args: argparse.Namespace, out_dir: Path
                 m.update(ranks(score(x), y, seen))
         result[arm] = m.compute()
     result["warm_test_of_the_filtered_split"] = {
-        "tower": evaluate(tower, split, "test", CPU),
-        "id_only": evaluate(id_only, split, "test", CPU),
+        "tower": evaluate(models["tower_warm"], split, "test", CPU),
+        "id_only": evaluate(models["id_only_warm"], split, "test", CPU),
     }
-    result["best_epoch"] = {"tower": tower.best_epoch, "id_only": id_only.best_epoch}
+    result["best_epoch"] = {"tower": tower.best_epoch, "id_only": models["id_only"].best_epoch}
     return result
 
 
