@@ -60,7 +60,7 @@ from federation.text import item_text_embeddings
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
-ARMS = ("tower", "tower_mean_bias", "tower_new_only", "id_only", "popularity", "content")
+ARMS = ("tower", "tower_mean_bias", "tower_new_only", "tower_id_dropout", "id_only", "popularity", "content")
 
 
 def compose(overrides: list[str]) -> CentralSettings:
@@ -149,7 +149,8 @@ def onto_full_catalog(model, cfg: CentralSettings, old: Catalog, full: Catalog, 
 
 def cold_seed(seed: int, holdout: float, args: argparse.Namespace, out_dir: Path, log: list) -> dict[str, Any]:
     base = ["experiment=ml100k", f"max_epochs={args.max_epochs}", f"patience={args.patience}"]
-    cfg_id, cfg_text = compose([*base, "model=sasrec"]), compose([*base, "model=sasrec_text"])
+    cfg_id, cfg_text = compose([*base, "model=sasrec"]), compose([*base, "model=sasrec_text", "model.id_dropout=0"])
+    cfg_idd = compose([*base, "model=sasrec_text", f"model.id_dropout={args.id_dropout}"])
     data = load_dataset(cfg_id.data)
     catalog, inter = data.catalog, data.interactions
     n = catalog.num_items
@@ -166,7 +167,8 @@ def cold_seed(seed: int, holdout: float, args: argparse.Namespace, out_dir: Path
     print(f"seed {seed}: {int(cold.sum())} held-out items, {len(targets)} cold test positions", flush=True)
 
     models = {}
-    for arm, cfg in (("tower", cfg_text), ("id_only", cfg_id)):
+    arms = [("tower", cfg_text), ("id_only", cfg_id)] + ([("tower_id_dropout", cfg_idd)] if args.id_dropout else [])
+    for arm, cfg in arms:
         trained = train(cfg, warm_catalog, split, seed, out_dir, log)
         models[arm] = onto_full_catalog(trained, cfg, warm_catalog, catalog, seed, out_dir)
         models[arm].best_epoch = trained.best_epoch
@@ -192,6 +194,7 @@ def cold_seed(seed: int, holdout: float, args: argparse.Namespace, out_dir: Path
         "tower_mean_bias": mean_bias.score_last,
         "tower_new_only": lambda x: tower.score_last(x) + only_new,
         "id_only": models["id_only"].score_last,
+        **({"tower_id_dropout": models["tower_id_dropout"].score_last} if args.id_dropout else {}),
         "popularity": lambda x: popularity_scores(counts, len(x)),
         "content": content,
     }
@@ -202,11 +205,9 @@ def cold_seed(seed: int, holdout: float, args: argparse.Namespace, out_dir: Path
             for x, y, seen in batches(hists, targets, cfg_id.data.max_len):
                 m.update(ranks(score(x), y, seen))
         result[arm] = m.compute()
-    result["warm_test_of_the_filtered_split"] = {
-        "tower": evaluate(models["tower_warm"], split, "test", CPU),
-        "id_only": evaluate(models["id_only_warm"], split, "test", CPU),
-    }
-    result["best_epoch"] = {"tower": tower.best_epoch, "id_only": models["id_only"].best_epoch}
+    warm_test = {arm: evaluate(models[arm + "_warm"], split, "test", CPU) for arm, _ in arms}
+    result["warm_test_of_the_filtered_split"] = warm_test
+    result["best_epoch"] = {arm: models[arm].best_epoch for arm, _ in arms}
     return result
 
 
@@ -221,12 +222,13 @@ def summarise(runs: list[dict], arms, key: str) -> dict[str, dict[str, float]]:
 def warm(seeds: list[int], args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     """``fedmart train-central experiment=ml100k`` with each model, as a subprocess (the BENCHMARKS protocol)."""
     out = {}
-    for name in ("sasrec", "sasrec_text"):
+    for name in args.warm_models.split(","):
         run_dir = out_dir / f"warm-{name}"
         cmd = [
             sys.executable, "-m", "fedmart", "train-central", "experiment=ml100k", f"model={name}",
             f"seeds=[{','.join(map(str, seeds))}]", f"hydra.run.dir={run_dir}",
         ]  # fmt: skip
+        cmd += args.warm_overrides.split()
         if args.max_epochs != 200:
             cmd.append(f"max_epochs={args.max_epochs}")
         if args.patience != 20:
@@ -243,6 +245,9 @@ def main() -> None:
     p.add_argument("--mode", choices=("cold", "warm", "both"), default="both")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
     p.add_argument("--holdout", type=float, default=0.1, help="share of the catalog held out of training")
+    p.add_argument("--id-dropout", type=float, default=0.5, help="a third arm: the tower with model.id_dropout=P")
+    p.add_argument("--warm-models", default="sasrec,sasrec_text", help="warm mode's models, comma-separated")
+    p.add_argument("--warm-overrides", default="", help="extra train-central overrides for warm mode, space-separated")
     p.add_argument("--max-epochs", type=int, default=200)
     p.add_argument("--patience", type=int, default=20)
     p.add_argument("--out", type=Path, default=Path("outputs/cold_start/results.json"))
@@ -267,12 +272,13 @@ def main() -> None:
         runs = [cold_seed(s, args.holdout, args, out_dir, log) for s in seeds]
         result["cold"] = {
             "runs": runs,
-            "ndcg@10": summarise(runs, ARMS, "ndcg@10"),
-            "hr@10": summarise(runs, ARMS, "hr@10"),
+            "ndcg@10": summarise(runs, [a for a in ARMS if a in runs[0]], "ndcg@10"),
+            "hr@10": summarise(runs, [a for a in ARMS if a in runs[0]], "hr@10"),
+            "mrr": summarise(runs, [a for a in ARMS if a in runs[0]], "mrr"),
             "epochs": log,
         }
         print("\ncold start (targets held out of training), mean ± std over seeds:")
-        for arm in ARMS:
+        for arm in [a for a in ARMS if a in runs[0]]:
             nd, hr = result["cold"]["ndcg@10"][arm], result["cold"]["hr@10"][arm]
             print(f"  {arm:20s} NDCG@10 {nd['mean']:.4f} ± {nd['std']:.4f}  HR@10 {hr['mean']:.4f} ± {hr['std']:.4f}")
     if args.mode in ("warm", "both"):

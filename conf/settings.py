@@ -149,6 +149,7 @@ class ModelSettings:
     text: bool = False  # frozen all-MiniLM-L6-v2 title embeddings, projected and added
     label_smoothing: float = 0.0  # of the training cross-entropy; 0 = plain CE
     item_bias: bool = True  # sasrec_text: a per-item score bias (item-indexed: follows the holder rule)
+    id_dropout: float = 0.0  # sasrec_text: share of items a training step ranks by text alone (cold start)
 
     def __post_init__(self) -> None:
         _choice("model.name", self.name, ("sasrec", "sasrec_text"))
@@ -158,6 +159,10 @@ class ModelSettings:
             raise SettingsError(f"model.hidden ({self.hidden}) must be a positive multiple of model.heads")
         if not (0 <= self.dropout < 1 and 0 <= self.attn_dropout < 1 and 0 <= self.label_smoothing < 1):
             raise SettingsError("model.dropout, model.attn_dropout and model.label_smoothing must be in [0, 1)")
+        if not 0 <= self.id_dropout < 1:
+            raise SettingsError(f"model.id_dropout must be in [0, 1), not {self.id_dropout}")
+        if self.id_dropout and self.name != "sasrec_text":
+            raise SettingsError("model.id_dropout is model=sasrec_text's option (the text tower): drop it")
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ def model_config(catalog: Catalog, model: ModelSettings | Mapping[str, Any], max
         label_smoothing=model.label_smoothing,
         tower=tower,
         item_bias=model.item_bias,
+        id_dropout=model.id_dropout,
     )
 
 

@@ -47,6 +47,7 @@ class SASRecConfig:
     label_smoothing: float = 0.0  # of the training cross-entropy (0 = plain CE)
     tower: bool = False  # TextTowerSASRec: tied text tower items (needs text_dim)
     item_bias: bool = True  # the tower's per-item score bias
+    id_dropout: float = 0.0  # the tower's ID dropout: share of items trained on their text alone each step
 
     def __post_init__(self) -> None:
         if self.num_items < 1:
@@ -59,6 +60,8 @@ class SASRecConfig:
             raise ValueError(f"label_smoothing must be in [0, 1), not {self.label_smoothing}")
         if self.tower and not self.text_dim:
             raise ValueError("tower=True needs text_dim > 0 (the width of the frozen text embeddings)")
+        if not 0.0 <= self.id_dropout < 1.0:
+            raise ValueError(f"id_dropout must be in [0, 1), not {self.id_dropout}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -242,7 +245,9 @@ class TextTowerSASRec(SASRec):
     learned ID residual that starts at zero. The encoder's input is ``e`` of each history
     item, and the score of item ``i`` is ``h . e_i + b_i`` (``b_i`` a per-item bias, zero at
     the start, with ``item_bias``), so an item no one has interacted with is ranked by its text
-    alone. The padding row is zero and never scored. All of it is one
+    alone. With ``id_dropout`` a training step ranks a random share of the items by their text alone
+(their residual and bias dropped at both ends), so that the text path stands on its own for
+the items that have no residual yet. The padding row is zero and never scored. All of it is one
     :class:`privacy.tied.TiedEmbedding` (``tower``), which DP-SGD clips exactly in mode ``bk``.
     """
 
@@ -252,12 +257,17 @@ class TextTowerSASRec(SASRec):
         if not c.text_dim:
             raise ValueError("the text tower needs text_dim > 0 (the width of the frozen text embeddings)")
         _check_text(c, text_embeddings)
-        self.tower = TiedEmbedding(text_embeddings, c.hidden, padding_idx=0, bias=c.item_bias)
+        self.tower = TiedEmbedding(
+            text_embeddings, c.hidden, padding_idx=0, bias=c.item_bias, id_dropout=c.id_dropout
+        )
 
     def _init_output(self, c: SASRecConfig) -> None:
         """Tied: the output is the tower itself."""
 
     def embed(self, seq: torch.Tensor) -> torch.Tensor:
+        # Every forward embeds once, before it scores: the step's ID-dropout mask is drawn here,
+        # so the lookups and the scores of one step drop the same items.
+        self.tower.sample_keep()
         return self.tower(seq)  # (b, t, d)
 
     def item_scores(self, h: torch.Tensor) -> torch.Tensor:

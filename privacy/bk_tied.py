@@ -21,6 +21,12 @@ gather, ``G_r`` against ``G_r'`` a dot product), and ``||D^T F||^2`` is the same
 ``a_j`` replaced by ``F^T a_j`` (a feature row, or ``G_r F``), or the explicit d x f product
 when that is cheaper. The clipped sum ``sum_b c_b D_b`` is one scatter plus one product, the
 cost of an ordinary gradient; ``P``'s and the bias's follow from it.
+
+With ID dropout (the layer's ``keep`` mask ``k`` of this step, ``K = diag(k)``) the rows are
+``F P^T + K R`` and the bias enters as ``K bias``: ``dL/dR = K D`` and ``dL/dbias = K sum_r G_r``,
+while ``dL/dP = D^T F`` is unchanged. ``||K D||^2`` is the same Gram identity with every
+``a_j`` replaced by ``K a_j`` (a dropped row's one-hot becomes zero, ``G_r`` loses the dropped
+columns).
 """
 
 from __future__ import annotations
@@ -99,10 +105,16 @@ class TiedGradients:
         n2 = self.l_g.new_zeros(b)
         hp = padded(self.h, self.owner, b)  # (b, K, d)
         gp = padded(self.g, self.owner, b)  # (b, K, N - first)
+        keep = m.keep
+        if keep is not None:  # ID dropout: the residual's and bias's gradients lose the dropped rows
+            gk = gp * keep[m.first :]
+            lk = self.l_g * keep[self.l_idx].unsqueeze(-1)
+        else:
+            gk, lk = gp, self.l_g
         if m.bias is not None and m.bias.requires_grad:
-            n2 = n2 + gp.sum(1).pow(2).sum(1)  # sum_r G_r per example
+            n2 = n2 + gk.sum(1).pow(2).sum(1)  # sum_r G_r per example
         if m.residual.requires_grad:
-            n2 = n2 + self._table_norm2(hp, gp)
+            n2 = n2 + self._table_norm2(hp, gk, lk)
         if m.proj.requires_grad:
             f = m.features
             u_look = f[self.l_idx]  # (b, T, f): F^T of a one-hot row
@@ -110,20 +122,23 @@ class TiedGradients:
             n2 = n2 + gram_norm2(torch.cat([u_look, u_score], 1), torch.cat([self.l_g, hp], 1))
         return n2
 
-    def _table_norm2(self, hp: torch.Tensor, gp: torch.Tensor) -> torch.Tensor:
-        """||D||_F^2 per example from the Gram identities (module docstring); D is never formed."""
+    def _table_norm2(self, hp: torch.Tensor, gp: torch.Tensor, l_g: torch.Tensor) -> torch.Tensor:
+        """||D||_F^2 per example from the Gram identities (module docstring); D is never formed.
+
+        ``gp`` and ``l_g`` are the score and lookup gradients (masked by ID dropout when it is on).
+        """
         b, k, t = self.b, hp.shape[1], self.l_idx.shape[1]
         ss = (torch.bmm(gp, gp.transpose(1, 2)) * torch.bmm(hp, hp.transpose(1, 2))).sum((1, 2))
         if t == 0:
             return ss
         same = (self.l_idx.unsqueeze(2) == self.l_idx.unsqueeze(1)).to(hp.dtype)  # (b, T, T)
-        ll = (same * torch.bmm(self.l_g, self.l_g.transpose(1, 2))).sum((1, 2))
+        ll = (same * torch.bmm(l_g, l_g.transpose(1, 2))).sum((1, 2))
         if k == 0:
             return ll
         # G_r at the looked-up row s_t; padding positions carry g_t = 0, so any column does
         col = (self.l_idx - self.m.first).clamp(min=0)  # (b, T)
         g_at = gp.gather(2, col.unsqueeze(1).expand(b, k, t))  # (b, K, T)
-        ls = (g_at * torch.bmm(hp, self.l_g.transpose(1, 2))).sum((1, 2))
+        ls = (g_at * torch.bmm(hp, l_g.transpose(1, 2))).sum((1, 2))
         return ss + 2 * ls + ll
 
     def accumulate(self, coef: torch.Tensor) -> None:
@@ -136,9 +151,11 @@ class TiedGradients:
         if self.l_idx.numel():
             lc = self.l_g * coef[:, None, None]
             table.index_add_(0, self.l_idx.reshape(-1), lc.reshape(-1, lc.shape[-1]))
+        keep = m.keep
         if m.residual.requires_grad:
-            m.residual.grad += table
+            m.residual.grad += table if keep is None else table * keep.unsqueeze(1)
         if m.proj.requires_grad:
             m.proj.grad += table.T @ m.features
         if m.bias is not None and m.bias.requires_grad:
-            m.bias.grad[m.first :] += gc.sum(0)
+            gb = gc.sum(0)
+            m.bias.grad[m.first :] += gb if keep is None else gb * keep[m.first :]

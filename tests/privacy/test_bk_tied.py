@@ -104,6 +104,47 @@ def test_tied_norms_and_clipped_sum_equal_brute_force(batch, clip, scale, seed, 
         torch.testing.assert_close(p.grad, w, rtol=1e-4, atol=atol)
 
 
+@settings(max_examples=15, deadline=None)
+@given(
+    batch=st.integers(1, 6),
+    clip=st.floats(1e-3, 5.0),
+    seed=st.integers(0, 2**16),
+    bias=st.booleans(),
+    packed=st.booleans(),
+)
+def test_id_dropout_norms_and_clipped_sum_equal_brute_force(batch, clip, seed, bias, packed):
+    """ID dropout drops a step's rows' residual and bias at both ends: bk must clip what autograd sees."""
+    model = _model(seed, 1.0, bias=bias, packed=packed)
+    x, y = _data(batch, seed)
+    model.table.id_dropout = 0.5
+    model.table.sample_keep()
+    keep = model.table.keep
+    keep[x[0, 1]] = 0.0  # the row example 0 looks up twice and is scored against: dropped
+    keep[int(y[-1, -1])] = 1.0  # and some target kept
+    want_norms, want = _brute_force(copy.deepcopy(model), x, y, clip)
+    bk = BookKeeping(model, max_grad_norm=clip)
+    norms = bk.clip_and_sum(model(x, y))
+    torch.testing.assert_close(norms, want_norms.float(), rtol=1e-4, atol=1e-6)
+    atol = max(1e-6, 8 * torch.finfo(torch.float32).eps * clip * batch)
+    for p, w in zip([p for p in model.parameters() if p.requires_grad], want, strict=True):
+        torch.testing.assert_close(p.grad, w, rtol=1e-4, atol=atol)
+    assert torch.all(model.table.residual.grad[keep == 0] == 0)  # a dropped row's residual learns nothing
+
+
+def test_id_dropout_is_drawn_per_step_in_training_only():
+    table = TiedEmbedding(torch.randn(200, FEAT), D, id_dropout=0.3)
+    table.sample_keep()
+    first = table.keep.clone()
+    assert 0.15 < 1 - first.mean().item() < 0.45  # about 30% dropped
+    table.sample_keep()
+    assert not torch.equal(first, table.keep)  # a new mask each step
+    table.eval()
+    table.sample_keep()
+    assert table.keep is None  # evaluation and serving use every row's residual and bias
+    with pytest.raises(ValueError, match="id_dropout"):
+        TiedEmbedding(torch.randn(5, FEAT), D, id_dropout=1.0)
+
+
 def _one_use_grads(model: TiedSeq, x: torch.Tensor, y: torch.Tensor, use: str) -> list[torch.Tensor]:
     """The table's parameter gradients through one use only (the other use's rows detached)."""
     t = model.table
