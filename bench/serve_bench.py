@@ -2,6 +2,10 @@
 
 For each catalog size: a synthetic catalog, a randomly initialised model published
 as a signed version and promoted, then ``fedmart serve`` started as a subprocess.
+``--model sasrec`` (the default) is the ID-only SASRec; ``--model sasrec_text`` the tied
+text tower (``conf/model/sasrec_text.yaml``), whose frozen MiniLM rows of the catalog's
+item texts are embedded once into ``--text-cache`` (kept across runs) and read from there
+by both this process and the server (``fedmart serve --text-cache``).
 The load generator is this process: a minimal HTTP/1.1 keep-alive client on asyncio
 (one connection per concurrent user, closed loop), so the client's own overhead
 stays far below the server's. The bare model forward (``score_last`` + top-k, batch
@@ -9,6 +13,7 @@ stays far below the server's. The bare model forward (``score_last`` + top-k, ba
 
     python bench/serve_bench.py                        # 10k and 100k items, concurrency 1/16/64
     python bench/serve_bench.py --items 10000 --duration 5 --concurrency 1 16
+    python bench/serve_bench.py --items 10000 --model sasrec_text   # the text tower
 
 Prints a Markdown table and writes JSON next to it (``--out``).
 """
@@ -28,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,12 +43,32 @@ from conf.settings import SyntheticSettings
 from federation.globalmodel import build_model, get_weights
 from federation.registry import ModelRegistry
 
+# The model group each --model is built with (conf/model/*.yaml; the rest are ModelSettings defaults).
+MODELS: dict[str, dict[str, Any]] = {
+    "sasrec": {"hidden": 64, "layers": 2, "heads": 2},
+    "sasrec_text": {"name": "sasrec_text", "hidden": 64, "layers": 2, "heads": 2, "item_bias": True},
+}
 
-def make_registry(root: Path, num_items: int, *, seed: int = 0) -> tuple[Path, Path, Path, torch.nn.Module]:
-    """Catalog, signed + promoted random model; returns (registry, public key, catalog, model)."""
+
+def text_cache_file(cache_dir: Path) -> Path:
+    """The ``--text-cache`` file for ``cache_dir``: the tower's item-text rows are cached beside it, one
+    ``item_text_emb-<catalog version>.npy`` per catalog, by ``build_model`` and the server alike."""
+    return cache_dir / "title_emb.npy"
+
+
+def make_registry(
+    root: Path, num_items: int, *, seed: int = 0, model_name: str = "sasrec", text_cache: Path | None = None
+) -> tuple[Path, Path, Path, torch.nn.Module]:
+    """Catalog, signed + promoted random model; returns (registry, public key, catalog, model).
+
+    ``text_cache``: the directory of the text tower's embeddings (``model_name="sasrec_text"``).
+    The synthetic catalog is deterministic in ``num_items`` and ``seed``, so its version, and
+    the cached rows, are the same on every run.
+    """
     catalog, inter = generate(SyntheticSettings(num_users=2_000, num_items=num_items, seed=seed))
     catalog_path = catalog.save(root / "catalog.parquet")
-    model = build_model(catalog, {"hidden": 64, "layers": 2, "heads": 2}, 50, seed=seed).eval()
+    cache = text_cache_file(text_cache) if text_cache is not None else None
+    model = build_model(catalog, MODELS[model_name], 50, seed=seed, text_cache=cache).eval()
     reg = ModelRegistry(root / "registry", private_key_path=root / "keys" / "signing.pem", create_key=True)
     version = reg.publish(
         get_weights(model),
@@ -194,6 +220,13 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None, help="torch threads, in the server and the bare forward")
     ap.add_argument("--max-batch", type=int, default=64)
+    ap.add_argument("--model", choices=sorted(MODELS), default="sasrec", help="ID-only SASRec or the text tower")
+    ap.add_argument(
+        "--text-cache",
+        type=Path,
+        default=Path("outputs/bench/text-cache"),
+        help="directory of the text tower's MiniLM rows, per catalog version (sasrec_text; kept across runs)",
+    )
     ap.add_argument("--out", type=Path, default=Path("outputs/bench/serve_bench.json"))
     args = ap.parse_args()
 
@@ -207,17 +240,24 @@ def main() -> None:
 
     torch.set_num_threads(args.threads or default_threads())  # what the server will use
     extra = ["--max-batch", str(args.max_batch)] + (["--threads", str(args.threads)] if args.threads else [])
+    tower = args.model == "sasrec_text"
+    if tower:  # the server reads the rows this process embedded (serving/engine.py, Server._text_rows)
+        extra += ["--text-cache", str(text_cache_file(args.text_cache))]
     results = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "torch_threads": torch.get_num_threads(),
+        "model": args.model,
         "args": {k: str(v) for k, v in vars(args).items()},
         "runs": [],
     }
+    print(f"model: {args.model}", flush=True)
     rng = random.Random(0)
     for n in args.items:
         with tempfile.TemporaryDirectory(prefix="fedmart-bench-") as tmp:
-            registry, pub, catalog_path, model = make_registry(Path(tmp), n)
+            registry, pub, catalog_path, model = make_registry(
+                Path(tmp), n, model_name=args.model, text_cache=args.text_cache if tower else None
+            )
             from serving.scoring import fast_scorer
 
             fast, path = fast_scorer(model, torch.device("cpu"))
@@ -250,6 +290,7 @@ def main() -> None:
                     after = server_stats(port)
                     jobs, batches = after["requests"] - before["requests"], after["batches"] - before["batches"]
                     r.update(
+                        model=args.model,
                         items=n,
                         bare_forward_ms=fwd1 * 1e3,
                         bare_forward_b16_ms=fwd16 * 1e3,
@@ -276,14 +317,15 @@ def main() -> None:
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print()
     print(
-        "| items | concurrency | req/s | p50 ms | p99 ms | errors | mean batch | forward b=1 ms "
+        "| model | items | concurrency | req/s | p50 ms | p99 ms | errors | mean batch | forward b=1 ms "
         "(eager / served path) | p50 / eager forward | server CPU ms/req | load avg |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results["runs"]:
         print(
-            f"| {r['items']:,} | {r['concurrency']} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-            f"{r['errors']} | {r['mean_batch']:.1f} | {r['bare_forward_ms']:.2f} / {r['served_forward_ms']:.2f} | "
+            f"| {r['model']} | {r['items']:,} | {r['concurrency']} | {r['rps']:.0f} | {r['p50_ms']:.2f} | "
+            f"{r['p99_ms']:.2f} | {r['errors']} | {r['mean_batch']:.1f} | "
+            f"{r['bare_forward_ms']:.2f} / {r['served_forward_ms']:.2f} | "
             f"{r['p50_ms'] / r['bare_forward_ms']:.2f}x | {r['server_cpu_ms_per_req']:.2f} | {r['loadavg_1min']:.1f} |"
         )
 

@@ -105,30 +105,58 @@ class _LastScores(torch.nn.Module):
 
     Cutting them is exact: pads neither attend nor are attended, and each real item
     keeps the position id it had in the full-length (training) layout.
+
+    For the text tower (``TextTowerSASRec``) the item table ``features @ proj.T + residual``
+    is precomputed here, once, as buffers (``table`` (n + 1, d) with a zero padding row, and
+    ``bias`` (n + 1,)): eager ``score_last`` rebuilds it on every request (n x 384 x d
+    multiply-adds, more than the rest of a forward at 10k items). A served model is frozen,
+    so the table is exact for as long as this scorer serves it; it is stale for any other
+    weights or catalog, which is why a new snapshot always builds a new scorer
+    (``serving/snapshot.py``, ``VersionKeeper.load``). Build it under ``no_grad``, not
+    ``inference_mode``: the buffers stay ordinary tensors, usable outside inference mode.
     """
 
     def __init__(self, model: SASRec) -> None:
         super().__init__()
         self.model = model
+        tower = getattr(model, "tower", None) if model.config.tower else None
+        self.tied = tower is not None
+        self.has_bias = False
+        if tower is not None:
+            with torch.no_grad():
+                table = tower.rows().detach().clone()  # (n + 1, d), padding row zero as in tower.forward
+                bias = tower.bias
+            self.register_buffer("table", table, persistent=False)
+            if bias is not None:
+                self.has_bias = True
+                self.register_buffer("bias", bias.detach().clone(), persistent=False)  # (n + 1,)
 
     def forward(self, seq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         m = self.model
-        x = m.item_emb(seq)  # (b, t, d)
-        if m.config.text_dim:
-            x = x + m.text_proj(m.text_emb[seq])
+        if self.tied:
+            x = self.table[seq]  # (b, t, d): a zero row at padding, as TiedEmbedding.forward
+        else:
+            x = m.item_emb(seq)  # (b, t, d)
+            if m.config.text_dim:
+                x = x + m.text_proj(m.text_emb[seq])
         h = m.encoder(
             inputs_embeds=x, attention_mask=(seq > 0).long(), position_ids=pos, token_type_ids=torch.zeros_like(seq)
         ).last_hidden_state[:, -1]  # (b, d)
-        return m.head(h)  # (b, n + 1)
+        if not self.tied:
+            return m.head(h)  # (b, n + 1)
+        scores = h @ self.table.T  # (b, n + 1); column 0 (padding) is set to -inf by the caller
+        return scores + self.bias if self.has_bias else scores
 
 
 def fast_scorer(model: SASRec, device: torch.device) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
     """A faster ``model.score_last``: TorchScript-traced, with the batch's leading padding cut.
 
     For a model this small the Python overhead of the HF layers costs more than the
-    arithmetic; tracing removes it (about 3x on a 2-core CPU). The traced scorer is
-    checked against ``score_last`` on random batches of several sizes and history
-    lengths; on any mismatch (or if tracing fails) the eager ``score_last`` is used.
+    arithmetic; tracing removes it (about 3x on a 2-core CPU). The text tower's item table
+    is computed once here instead of on every request (:class:`_LastScores`), so ``model``
+    must not change while the scorer serves it. The traced scorer is checked against
+    ``score_last`` on random batches of several sizes and history lengths; on any mismatch
+    (or if tracing fails) the eager ``score_last`` is used.
     """
     L = model.config.max_len
     n = model.config.num_items
@@ -142,10 +170,11 @@ def fast_scorer(model: SASRec, device: torch.device) -> tuple[Callable[[torch.Te
 
     eager = model.score_last
     try:
+        scorer = _LastScores(model).eval()  # outside inference_mode: see its docstring
         with torch.inference_mode(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the tracer's notes about Python values; checked below
             example = sample(3, [L, L // 2, 1])
-            traced = torch.jit.trace(_LastScores(model).eval(), (example, _positions(example, 0)), check_trace=False)
+            traced = torch.jit.trace(scorer, (example, _positions(example, 0)), check_trace=False)
 
             def infer(seq: torch.Tensor) -> torch.Tensor:
                 start = int((seq != 0).any(0).to(torch.int8).argmax())  # first column holding any item

@@ -214,6 +214,10 @@ class VersionKeeper:
         except (ServeError, ValueError) as exc:
             raise ServeError(f"{version} {exc}" if str(exc).startswith("trained on") else f"{version}: {exc}") from exc
         model = served.model.to(self.device)
+        # Every snapshot (a new version, or the current one on a new catalog) comes through here with
+        # a model built afresh, and gets its own scorer: the scorer precomputes the text tower's item
+        # table from these weights and this catalog (serving/scoring._LastScores), so it must never
+        # outlive them; nothing mutates a snapshot's model after this.
         infer, inference = fast_scorer(model, self.device)
         if served.unscored is not None:
             infer = _masked(infer, torch.from_numpy(served.unscored).to(self.device))

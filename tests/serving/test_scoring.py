@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from federation.model import SASRec, SASRecConfig
+from federation.model import SASRec, SASRecConfig, create
 from serving import scoring
 from serving.scoring import Job, fallback_top, fast_scorer, fit, left_pad, make_job, rank_batch
 
@@ -98,6 +98,66 @@ def test_the_traced_scorer_matches_score_last_on_padded_batches(model):
     assert path == "traced, trimmed"
     assert torch.allclose(got[:, 1:], want[:, 1:], rtol=1e-4, atol=1e-4)
     assert torch.isneginf(got[:, 0]).all()
+
+
+def test_the_id_only_model_with_title_text_takes_the_traced_path():
+    torch.manual_seed(0)
+    text = torch.nn.functional.normalize(torch.randn(31, 12), dim=-1)
+    text[0] = 0
+    cfg = SASRecConfig(
+        num_items=30, hidden=16, layers=1, heads=1, max_len=8, dropout=0.0, attn_dropout=0.0, text_dim=12
+    )
+    model = SASRec(cfg, text_embeddings=text).eval()
+
+    _, path = fast_scorer(model, CPU)
+
+    assert path == "traced, trimmed"
+
+
+def _tower(item_bias: bool) -> SASRec:
+    """A small text tower (``model=sasrec_text``): random unit text rows, residuals and biases off zero."""
+    torch.manual_seed(0)
+    n, f = 40, 24
+    text = torch.nn.functional.normalize(torch.randn(n + 1, f), dim=-1)
+    text[0] = 0  # the padding row, as federation.text gives it
+    dims = {"hidden": 16, "layers": 2, "heads": 2, "max_len": 8, "dropout": 0.0, "attn_dropout": 0.0}
+    cfg = SASRecConfig(num_items=n, **dims, text_dim=f, tower=True, item_bias=item_bias)
+    model = create(cfg, text)
+    with torch.no_grad():  # away from the zero start, so the residual and bias count in the check
+        model.tower.residual[1:].normal_(std=0.3)
+        if model.tower.bias is not None:
+            model.tower.bias[1:].normal_(std=0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("item_bias", [True, False])
+def test_the_text_tower_is_traced_with_its_item_table_precomputed(item_bias):
+    model = _tower(item_bias)
+
+    infer, path = fast_scorer(model, CPU)
+
+    assert path == "traced, trimmed"
+    g = torch.Generator().manual_seed(3)
+    for b, lengths in [(1, [8]), (1, [1]), (2, [3, 5]), (5, [1, 2, 4, 7, 8]), (32, [6] * 32)]:
+        seq = torch.zeros(b, 8, dtype=torch.long)
+        for i, k in enumerate(lengths):
+            seq[i, 8 - k :] = torch.randint(1, 41, (k,), generator=g)
+        with torch.inference_mode():
+            got, want = infer(seq), model.score_last(seq)
+        assert got.shape == want.shape == (b, 41)
+        assert torch.isneginf(got[:, 0]).all()
+        assert torch.allclose(got[:, 1:], want[:, 1:], rtol=1e-4, atol=1e-4)
+
+
+def test_the_traced_tower_scorer_works_outside_inference_mode():
+    model = _tower(True)
+    infer, _ = fast_scorer(model, CPU)
+    seq = torch.tensor([[0, 0, 0, 0, 0, 3, 9, 40]])
+
+    with torch.no_grad():
+        got, want = infer(seq), model.score_last(seq)
+
+    assert torch.allclose(got[:, 1:], want[:, 1:], rtol=1e-4, atol=1e-4)
 
 
 def test_a_scorer_that_cannot_be_traced_falls_back_to_the_eager_model(model, monkeypatch, caplog):
