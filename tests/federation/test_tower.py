@@ -123,6 +123,35 @@ def test_tied_output_ranks_an_item_with_no_interactions_by_its_text():
     torch.testing.assert_close(model.embed(torch.tensor([[cold]]))[0, 0], p_t)
 
 
+def test_id_dropout_drops_the_same_items_at_input_and_output_and_only_in_training():
+    """A step that drops every item's ID part is the text-only model at both ends; eval uses all rows."""
+    model = _tower(dropout=0.0, trained=True)
+    model.tower.id_dropout = 0.999999  # every row dropped (u >= p almost never)
+    text_only = copy.deepcopy(model)
+    with torch.no_grad():
+        text_only.tower.residual.zero_()
+        text_only.tower.bias.zero_()
+    x, y = _batch()
+    model.train(), text_only.train()
+    logits, loss = model(x, y)
+    want_logits, want_loss = text_only(x, y)
+    torch.testing.assert_close(logits, want_logits)
+    torch.testing.assert_close(loss, want_loss)
+    model.eval(), text_only.eval()
+    assert not torch.allclose(model.score_last(x), text_only.score_last(x))  # evaluation keeps the IDs
+
+
+def test_id_dropout_is_the_towers_setting_and_reaches_the_model_config(tiny_catalog):
+    from conf.settings import SettingsError
+    from federation.globalmodel import model_config
+
+    assert model_config(tiny_catalog, ModelSettings(name="sasrec_text", id_dropout=0.3), L).id_dropout == 0.3
+    with pytest.raises(SettingsError, match="model.id_dropout is model=sasrec_text's option"):
+        ModelSettings(name="sasrec", id_dropout=0.3)
+    with pytest.raises(SettingsError, match=r"model.id_dropout must be in \[0, 1\)"):
+        ModelSettings(name="sasrec_text", id_dropout=1.0)
+
+
 def test_an_id_model_config_cannot_build_a_tower_by_mistake():
     cfg = SASRecConfig(num_items=N, max_len=L, text_dim=F_DIM, tower=True)
     with pytest.raises(ValueError, match="federation.model.create"):
