@@ -4,25 +4,31 @@
                                [--holdout 0.1] [--max-epochs N] [--patience N]
 
 **cold** (per seed): a random ``--holdout`` share of the catalog's items is held out entirely
-from training: their events are dropped from the training sequences, the items stay in the
-catalog. Both models train centrally with the hyperparameters of ``experiment=ml100k``
-(``conf/experiment/ml100k.yaml``: max_len 50, 2 layers, 64 wide, dropout 0.5, label
-smoothing 0.1, AdamW 1e-3, batch 128), selected by early stopping on the *warm* validation
-NDCG@10 of the filtered data (leave-one-out; the held-out items are never looked at). Then
-every position of every user's full, time-ordered history whose target is a held-out item
-is a test case: the input is the history before it (its last 50 items, held-out ones
-included), the ranking is over all items with the history masked, as in
-``clients/trainer.evaluate``. Arms:
+from training: training knows only the *warm catalog* (the other items, reindexed), so the
+held-out items are neither targets nor negatives of its softmax, as items added to the
+catalog after training. Each model trains centrally with the hyperparameters of
+``experiment=ml100k`` (``conf/experiment/ml100k.yaml``: max_len 50, 2 layers, 64 wide, dropout
+0.5, label smoothing 0.1, AdamW 1e-3, batch 128), selected by early stopping on the warm
+validation NDCG@10 (leave-one-out on the warm data), and is then moved onto the full catalog
+as ``federation.init`` moves a version (``federation.catalog_map.map_item_rows``: known items
+keep their rows, the new ones get a fresh model's rows: for the tower a zero ID residual and
+bias, for the ID-only model random rows). Every position of every user's full, time-ordered
+history whose target is a held-out item is a test case: the input is the history before it
+(its last 50 items, held-out ones included), the ranking is over all items with the history
+masked, as in ``clients/trainer.evaluate``. Trained arms (``--train``):
 
-* ``tower``: the text tower, the held-out items' ID residual and bias reset to zero, as a
-  new item enters the catalog (text only);
-* ``tower_trained_rows``: the same model with those rows as training left them (full softmax
-  pushes an item that is never a target down through its residual and bias);
-* ``id_only``: SASRec on item IDs (``model=sasrec``), the held-out rows as trained;
-* ``popularity``: training counts (a held-out item has none);
-* ``content``: the held-out items ranked by cosine similarity of their text embedding (the
-  tower's frozen MiniLM embedding of title and genre) to the mean of the history's, every
-  other item below them. It knows which items are new; the others do not.
+* ``tower``: ``model=sasrec_text`` with ``model.id_dropout=0``;
+* ``tower_id_dropout``: the same with ``model.id_dropout=--id-dropout`` (each training step
+  ranks that share of the items by their text alone);
+* ``id_only``: SASRec on item IDs (``model=sasrec``).
+
+Each tower is scored four ways: as moved (``tower``), with the new items' bias set to the known
+items' mean (``_mean_bias``), ranking only the new items (``_new_only``: the content baseline's
+privilege), and with every item's residual and bias dropped (``_text_only``). Baselines:
+``popularity`` (training counts: a held-out item has none) and ``content`` (the held-out items
+ranked by cosine similarity of their text embedding, the tower's frozen MiniLM embedding of
+title and genre, to the mean of the history's; every other item below them: it is told which
+items are new).
 
 **warm**: ``fedmart train-central experiment=ml100k`` (the command of the ID-only 0.0715 in
 BENCHMARKS.md, "Centralized baseline: MovieLens-100K") with ``model=sasrec`` and with
@@ -60,7 +66,14 @@ from federation.text import item_text_embeddings
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
-ARMS = ("tower", "tower_mean_bias", "tower_new_only", "tower_id_dropout", "id_only", "popularity", "content")
+TOWER_VIEWS = ("", "_mean_bias", "_new_only", "_text_only")
+ARMS = (
+    *(f"tower{v}" for v in TOWER_VIEWS),
+    *(f"tower_id_dropout{v}" for v in TOWER_VIEWS),
+    "id_only",
+    "popularity",
+    "content",
+)
 
 
 def compose(overrides: list[str]) -> CentralSettings:
@@ -167,18 +180,13 @@ def cold_seed(seed: int, holdout: float, args: argparse.Namespace, out_dir: Path
     print(f"seed {seed}: {int(cold.sum())} held-out items, {len(targets)} cold test positions", flush=True)
 
     models = {}
-    arms = [("tower", cfg_text), ("id_only", cfg_id)] + ([("tower_id_dropout", cfg_idd)] if args.id_dropout else [])
+    cfgs = {"tower": cfg_text, "id_only": cfg_id, "tower_id_dropout": cfg_idd}
+    arms = [(arm, cfgs[arm]) for arm in args.train.split(",")]
     for arm, cfg in arms:
         trained = train(cfg, warm_catalog, split, seed, out_dir, log)
         models[arm] = onto_full_catalog(trained, cfg, warm_catalog, catalog, seed, out_dir)
         models[arm].best_epoch = trained.best_epoch
         models[arm + "_warm"] = trained
-    tower = models["tower"]
-    with torch.no_grad():  # a new item's bias: the mean of the known items' instead of zero
-        mean_bias = copy.deepcopy(tower)
-        warm_rows = torch.from_numpy(~cold)
-        warm_rows[0] = False
-        mean_bias.tower.bias[torch.from_numpy(cold)] = tower.tower.bias[warm_rows].mean()
     text = item_text_embeddings(catalog, out_dir)  # (n + 1, 384), unit rows
     counts = np.zeros(n + 1, dtype=np.int64)
     counts[np.flatnonzero(~cold)] = split.item_counts(warm_catalog.num_items)[new_index[~cold]]
@@ -190,14 +198,27 @@ def cold_seed(seed: int, holdout: float, args: argparse.Namespace, out_dir: Path
         return user @ text.T + only_new
 
     scorers = {
-        "tower": tower.score_last,
-        "tower_mean_bias": mean_bias.score_last,
-        "tower_new_only": lambda x: tower.score_last(x) + only_new,
-        "id_only": models["id_only"].score_last,
-        **({"tower_id_dropout": models["tower_id_dropout"].score_last} if args.id_dropout else {}),
         "popularity": lambda x: popularity_scores(counts, len(x)),
         "content": content,
     }
+    if "id_only" in models:
+        scorers["id_only"] = models["id_only"].score_last
+    for arm in ("tower", "tower_id_dropout"):
+        if arm not in models:
+            continue
+        m = models[arm]
+        with torch.no_grad():
+            mean_bias = copy.deepcopy(m)  # a new item's bias: the mean of the known items' instead of zero
+            warm_rows = torch.from_numpy(~cold)
+            warm_rows[0] = False
+            mean_bias.tower.bias[cold_t] = m.tower.bias[warm_rows].mean()
+            text_only = copy.deepcopy(m)  # every item by its text alone: known items lose their ID part too
+            text_only.tower.residual.zero_()
+            text_only.tower.bias.zero_()
+        scorers[arm] = m.score_last
+        scorers[arm + "_mean_bias"] = mean_bias.score_last
+        scorers[arm + "_new_only"] = lambda x, m=m: m.score_last(x) + only_new
+        scorers[arm + "_text_only"] = text_only.score_last
     result: dict[str, Any] = {"seed": seed, "held_out_items": int(cold.sum()), "cold_positions": len(targets)}
     for arm, score in scorers.items():
         m = RankingMetrics((10,))
@@ -206,6 +227,13 @@ def cold_seed(seed: int, holdout: float, args: argparse.Namespace, out_dir: Path
                 m.update(ranks(score(x), y, seen))
         result[arm] = m.compute()
     warm_test = {arm: evaluate(models[arm + "_warm"], split, "test", CPU) for arm, _ in arms}
+    for arm, _ in arms:  # the text-only view's warm quality: what dropping every ID part costs
+        if arm.startswith("tower"):
+            view = copy.deepcopy(models[arm + "_warm"])
+            with torch.no_grad():
+                view.tower.residual.zero_()
+                view.tower.bias.zero_()
+            warm_test[arm + "_text_only"] = evaluate(view, split, "test", CPU)
     result["warm_test_of_the_filtered_split"] = warm_test
     result["best_epoch"] = {arm: models[arm].best_epoch for arm, _ in arms}
     return result
@@ -246,6 +274,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
     p.add_argument("--holdout", type=float, default=0.1, help="share of the catalog held out of training")
     p.add_argument("--id-dropout", type=float, default=0.5, help="a third arm: the tower with model.id_dropout=P")
+    p.add_argument("--train", default="tower,id_only,tower_id_dropout", help="cold mode's trained arms")
     p.add_argument("--warm-models", default="sasrec,sasrec_text", help="warm mode's models, comma-separated")
     p.add_argument("--warm-overrides", default="", help="extra train-central overrides for warm mode, space-separated")
     p.add_argument("--max-epochs", type=int, default=200)
@@ -280,7 +309,7 @@ def main() -> None:
         print("\ncold start (targets held out of training), mean ± std over seeds:")
         for arm in [a for a in ARMS if a in runs[0]]:
             nd, hr = result["cold"]["ndcg@10"][arm], result["cold"]["hr@10"][arm]
-            print(f"  {arm:20s} NDCG@10 {nd['mean']:.4f} ± {nd['std']:.4f}  HR@10 {hr['mean']:.4f} ± {hr['std']:.4f}")
+            print(f"  {arm:28s} NDCG@10 {nd['mean']:.4f} ± {nd['std']:.4f}  HR@10 {hr['mean']:.4f} ± {hr['std']:.4f}")
     if args.mode in ("warm", "both"):
         result["warm"] = warm(seeds, args, out_dir)
         for name, s in result["warm"].items():
