@@ -52,7 +52,7 @@ NAMED = {
         "evaluation": "exact metrics for research",
     },
     "secagg/off.yaml": {"enabled": "the option itself"},
-    "model/sasrec_text.yaml": {"name": "the option itself"},
+    "model/sasrec_text.yaml": {"name": "the option itself", "id_dropout": "the tower trains text alone (cold start)"},
 }
 DEFAULT_OPTIONS = {f"{g}/{o}.yaml" for g, o in [
     ("data", "synthetic"), ("partition", "department"), ("model", "sasrec"), ("train", "federated"),
